@@ -1,0 +1,5 @@
+"""`python -m mnemo` is the same as the `mnemo` console script."""
+
+from mnemo.cli import main
+
+raise SystemExit(main())

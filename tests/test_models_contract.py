@@ -1,0 +1,98 @@
+"""The scoring contract, checked on every registered model: shapes, gradients, determinism, export."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+import models
+from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
+from training.export import check_close, export_onnx, export_torchscript
+
+EXPECTED = {"ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem"}
+
+
+def test_registry_lists_every_model_with_a_description():
+    assert set(models.list_models()) >= EXPECTED
+    for name in models.list_models():
+        assert models.get_entry(name).description
+
+
+def test_every_model_has_a_tiny_test_config():
+    assert set(models.list_models()) <= set(TINY_CONFIGS)
+
+
+def test_create_rejects_unknown_names_and_fields():
+    with pytest.raises(KeyError, match="unknown model 'nope'"):
+        models.create("nope")
+    with pytest.raises(TypeError, match="unknown config field"):
+        models.create("memae", memory_sise=3)
+
+
+def test_create_applies_overrides_and_keeps_a_typed_config():
+    model = models.create("memorizer", memory_size=8, hidden_dims=[32, 16])
+    assert model.config.memory_size == 8 and model.config.hidden_dims == (32, 16)
+    assert dataclasses.asdict(model.config)["rounds"] == 8
+    assert model.model_name == "memorizer"
+
+
+def test_score_shapes(model_name):
+    model = tiny_model(model_name).eval()
+    x = batch_for(model, 3)
+    with torch.no_grad():
+        score, heat = model.score(x)
+    assert score.shape == (3,)
+    assert heat.shape == (3, 1, x.shape[2], x.shape[3])
+    assert torch.isfinite(score).all() and torch.isfinite(heat).all()
+
+
+def test_training_loss_is_finite_and_reaches_the_encoder_through_the_memory(model_name):
+    model = tiny_model(model_name).train()
+    losses = model.loss(batch_for(model, 4))
+    assert torch.isfinite(losses["loss"])
+    losses["loss"].backward()
+    first = next(p for n, p in model.named_parameters() if "enc" in n or "backbone" in n or "stem" in n)
+    assert first.grad is not None and first.grad.abs().sum() > 0, "no gradient reached the encoder"
+
+
+def test_same_seed_gives_the_same_model_and_scores(model_name):
+    a, b = tiny_model(model_name, seed=7).eval(), tiny_model(model_name, seed=7).eval()
+    x = batch_for(a)
+    with torch.no_grad():
+        for ta, tb in zip(a.score(x), b.score(x)):
+            torch.testing.assert_close(ta, tb)
+    c = tiny_model(model_name, seed=8).eval()
+    with torch.no_grad():
+        assert not torch.allclose(a.score(x)[0], c.score(x)[0])
+
+
+def test_eval_scores_do_not_depend_on_batch_mates(model_name):
+    model = tiny_model(model_name).eval()
+    x = batch_for(model, 4)
+    with torch.no_grad():
+        full, _ = model.score(x)
+        alone, _ = model.score(x[:1])
+    torch.testing.assert_close(full[:1], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_scoring_exports_to_torchscript_and_onnx_with_dynamic_batch(model_name, tmp_path):
+    model = tiny_model(model_name).eval()
+    export_batch, run_batch = batch_for(model, 2), batch_for(model, 3, seed=5)
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in model.score(run_batch))
+
+    traced = export_torchscript(model, tmp_path / "model.ts", export_batch)
+    loaded = torch.jit.load(str(tmp_path / "model.ts"))
+    with torch.no_grad():
+        check_close("torchscript", reference, tuple(t.numpy() for t in loaded(run_batch)))
+        check_close("traced", reference, tuple(t.numpy() for t in traced(run_batch)))
+
+    export_onnx(model, tmp_path / "model.onnx", export_batch)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    outputs = session.run(None, {"image": run_batch.numpy()})
+    assert [o.name for o in session.get_outputs()] == ["score", "heatmap"]
+    check_close("onnx", reference, tuple(np.asarray(o) for o in outputs))

@@ -1,0 +1,172 @@
+"""The training loop: Adam, early stopping on validation loss, checkpoints and resume.
+
+Kept nanoGPT-short on purpose. A model trains through ``model.loss(x)["loss"]``; a model with a
+discriminator (DAAD+) also exposes ``discriminator_loss(x)`` plus ``generator_parameters()`` /
+``discriminator_parameters()``, and the loop alternates a D step and a G step per batch (paper 003 §3.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from training.config import OptimConfig
+
+CHECKPOINT_LAST = "last.pt"
+CHECKPOINT_BEST = "best.pt"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """``auto`` → the first CUDA device when one is present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def images_of(batch) -> torch.Tensor:
+    """Loaders yield a tensor, a tuple whose first item is the image, or a dict with an "image" key."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, dict):
+        return batch["image"]
+    return batch[0]
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_val: float = math.inf
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def make_optimizers(model: torch.nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+    """One Adam for the model; with a discriminator, [generator Adam, discriminator Adam]."""
+    if not hasattr(model, "discriminator_loss"):
+        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
+    mcfg = model.config
+    return [
+        torch.optim.Adam(model.generator_parameters(), lr=mcfg.lr_generator, betas=(0.5, 0.999)),
+        torch.optim.Adam(model.discriminator_parameters(), lr=mcfg.lr_discriminator, betas=(0.5, 0.999)),
+    ]
+
+
+def train_step(model: torch.nn.Module, x: torch.Tensor, optimizers: list) -> dict[str, float]:
+    logs = {}
+    if len(optimizers) == 2:  # D step first, on the current generator's reconstructions
+        d_loss = model.discriminator_loss(x)
+        optimizers[1].zero_grad(set_to_none=True)
+        d_loss.backward()
+        optimizers[1].step()
+        logs["d_loss"] = d_loss.item()
+    losses = model.loss(x)
+    optimizers[0].zero_grad(set_to_none=True)
+    losses["loss"].backward()
+    optimizers[0].step()
+    return {**{k: v.item() for k, v in losses.items()}, **logs}
+
+
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+    """Mean training objective on held-out good images, in eval mode (no forgetting, no sampling)."""
+    model.eval()
+    total, count = 0.0, 0
+    for batch in loader:
+        x = images_of(batch).to(device)
+        total += model.loss(x)["loss"].item() * len(x)
+        count += len(x)
+    return total / max(count, 1)
+
+
+def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config: dict) -> None:
+    torch.save(
+        {
+            "model_name": model.model_name,
+            "model_config": dataclasses.asdict(model.config),
+            "model": model.state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "state": state.__dict__,
+            "run_config": run_config,
+        },
+        path,
+    )
+
+
+def fit(
+    model: torch.nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    cfg: OptimConfig,
+    device: torch.device,
+    out_dir: Path,
+    run_config: dict,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainState:
+    """Train until ``max_epochs`` or early stopping; leaves the best weights loaded in ``model``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.to(device)
+    optimizers = make_optimizers(model, cfg)
+    state = TrainState()
+    if resume and (out_dir / CHECKPOINT_LAST).exists():
+        state = load_training_state(out_dir / CHECKPOINT_LAST, model, optimizers, device)
+    while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience:
+        model.train()
+        desc = f"epoch {state.epoch + 1}/{cfg.max_epochs}"
+        bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False)
+        sums: dict[str, float] = {}
+        steps = 0
+        for steps, batch in enumerate(bar, start=1):
+            logs = train_step(model, images_of(batch).to(device), optimizers)
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0.0) + v
+            bar.set_postfix(loss=f"{logs['loss']:.4g}")
+            if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
+                break
+        val = validation_loss(model, val_loader, device)
+        state.epoch += 1
+        record = {"epoch": state.epoch, "val_loss": val, **{k: v / max(steps, 1) for k, v in sums.items()}}
+        state.history.append(record)
+        if val < state.best_val:
+            state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
+            save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
+        else:
+            state.bad_epochs += 1
+        save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
+        if progress:
+            tqdm.write(
+                f"epoch {state.epoch}: train loss {record.get('loss', math.nan):.5g}  val loss {val:.5g}"
+            )
+    best = torch.load(out_dir / CHECKPOINT_BEST, map_location=device, weights_only=False)
+    model.load_state_dict(best["model"])
+    return state
+
+
+def load_training_state(path: Path, model, optimizers, device) -> TrainState:
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    if ckpt["model_name"] != model.model_name:
+        raise ValueError(
+            f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
+        )
+    model.load_state_dict(ckpt["model"])
+    for opt, sd in zip(optimizers, ckpt["optimizers"]):
+        opt.load_state_dict(sd)
+    return TrainState(**ckpt["state"])
