@@ -1,0 +1,108 @@
+"""``mnemo export``: write a verified model bundle (see ``mnemo.bundle`` for the format).
+
+The export checks itself before it is kept: ONNX Runtime and the reloaded TorchScript file must both
+match PyTorch within ``atol`` on real samples, or nothing is written and the error says by how much.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import platform
+import shutil
+import tempfile
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
+from training.export import check_close, export_onnx, export_torchscript
+
+LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def score_scaling_of(model: torch.nn.Module) -> dict[str, float] | None:
+    """DAAD+'s min-max constants (already traced into the graph; recorded for people and audits)."""
+    constants = getattr(model, "score_scaling_constants", None)
+    return constants() if callable(constants) else None
+
+
+def verify(model: torch.nn.Module, bundle_dir: Path, samples: torch.Tensor, atol: float) -> dict[str, float]:
+    """Max |difference| of each exported copy against PyTorch on ``samples``; raises on a mismatch."""
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in model(samples))
+        loaded = torch.jit.load(str(bundle_dir / TORCHSCRIPT_FILE), map_location="cpu")
+        ts_out = tuple(t.numpy() for t in loaded(samples))
+    session = ort.InferenceSession(str(bundle_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    onnx_out = tuple(
+        np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: samples.numpy()})
+    )
+    return {
+        "onnxruntime": check_close("ONNX Runtime", reference, onnx_out, atol),
+        "torchscript": check_close("TorchScript", reference, ts_out, atol),
+    }
+
+
+def export_bundle(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    preprocessing: dict[str, Any],
+    calibration: dict[str, Any],
+    samples: torch.Tensor,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    atol: float = 1e-4,
+) -> Manifest:
+    """Export, verify, and only then move the finished bundle into ``out_dir`` (replacing an old one)."""
+    fitted = getattr(model, "score_scaling_fitted", None)  # DAAD+ only: a bool or a 0-d tensor
+    if fitted is not None and not bool(fitted):
+        raise ValueError(
+            f"{model.model_name}: score scaling is not fitted on training data; refusing to export"
+        )
+    model = model.eval().cpu()
+    samples = samples.detach().cpu().float()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        export_onnx(model, staging / ONNX_FILE, samples[:2])
+        export_torchscript(model, staging / TORCHSCRIPT_FILE, samples[:2])
+        diffs = verify(model, staging, samples, atol)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            architecture=model.model_name,
+            model_config=dataclasses.asdict(model.config),
+            preprocessing=preprocessing,
+            calibration=calibration,
+            files={f: sha256_of(staging / f) for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            score_scaling=score_scaling_of(model),
+            training={**(training or {}), "export_max_abs_diff": diffs},
+            metrics=metrics or {},
+            libraries=library_versions(),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.rename(out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

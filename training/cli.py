@@ -1,0 +1,123 @@
+"""Subcommands of the offline package: ``mnemo train``, ``evaluate``, ``export``, ``data synth``, ``demo``.
+
+Only argparse lives here (nothing heavy is imported until a command runs), so ``mnemo --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+CONFIG_HELP = (
+    "a run config file (YAML or TOML; see docs/training.md). Without one, the defaults are the papers' "
+    "(Adam 1e-3, batch 256, early stopping with patience 10)."
+)
+SET_HELP = (
+    "override one config value, e.g. --set optim.lr=1e-4 --set model_config.memory_size=8 "
+    "(repeatable; values are read as YAML)"
+)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    _train(subparsers)
+    _evaluate(subparsers)
+    _export(subparsers)
+    _data(subparsers)
+    _demo(subparsers)
+
+
+def _train(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a model on good images",
+        description="Train a model on normal (good) images, calibrate its threshold on held-out good images, "
+        "evaluate it on the labelled test split when there is one, and write everything to the run "
+        "directory: config.yaml, best.pt/last.pt checkpoints, history.json, calibration.json, report.json, "
+        "plots/.",
+    )
+    p.add_argument("config", nargs="?", help=CONFIG_HELP)
+    p.add_argument("--model", help="model name (see `mnemo models`); overrides the config's `model`")
+    p.add_argument("--data", help="dataset directory; overrides data.path")
+    p.add_argument("--out", help="run directory; overrides out_dir (default runs/<model>)")
+    p.add_argument("--epochs", type=int, help="maximum epochs; overrides optim.max_epochs")
+    p.add_argument("--device", help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--seed", type=int, help="random seed for weights, shuffling and training randomness")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
+    p.set_defaults(func=lambda args: _run("train", args))
+
+
+def _evaluate(subparsers) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="score a labelled test set and write metrics and plots",
+        description="Score the test split of a run's dataset (or of --data) with a trained run and write "
+        "report.json (AUROC, AUPRC, best F1; pixel AUROC and PRO where masks exist) and PNG plots.",
+    )
+    p.add_argument("run", help="a run directory written by `mnemo train`")
+    p.add_argument("--data", help="evaluate on this dataset directory instead of the run's")
+    p.add_argument("--out", help="where to write the report (default: <run>/eval)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda args: _run("evaluate", args))
+
+
+def _export(subparsers) -> None:
+    p = subparsers.add_parser(
+        "export",
+        help="write a deployable model bundle (ONNX + TorchScript + manifest)",
+        description="Export a trained run to a bundle directory the service loads: model.onnx (dynamic "
+        "batch), model.ts (TorchScript) and manifest.json (architecture, preprocessing, threshold, normal-score "
+        "quantiles, metrics, library versions, sha256 of each file). The export verifies itself against "
+        "PyTorch and fails if ONNX Runtime or TorchScript differ by more than --atol.",
+    )
+    p.add_argument("run", help="a run directory written by `mnemo train`")
+    p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
+    p.add_argument("--name", help="model name clients use (default: the run's model name)")
+    p.add_argument("--version", default=None, help="bundle version string (default: a UTC timestamp)")
+    p.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    p.set_defaults(func=lambda args: _run("export", args))
+
+
+def _data(subparsers) -> None:
+    p = subparsers.add_parser("data", help="dataset tools", description="Dataset tools.")
+    sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    s = sub.add_parser(
+        "synth",
+        help="generate the synthetic-defect texture dataset (MVTec AD layout)",
+        description="Generate good images and defects with exact pixel masks (scratches, holes, stains, "
+        "cut-paste patches, Perlin blotches) on scikit-image's real textures, in the MVTec AD folder layout.",
+    )
+    s.add_argument("out", help="output directory")
+    s.add_argument(
+        "--texture", default="brick", choices=["brick", "grass", "gravel"], help="background texture"
+    )
+    s.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    s.add_argument("--train", type=int, default=200, help="good training images (default 200)")
+    s.add_argument("--test-good", type=int, default=40, help="good test images (default 40)")
+    s.add_argument("--test-defect", type=int, default=10, help="test images per defect type (default 10)")
+    s.add_argument("--rgb", action="store_true", help="tinted RGB images instead of grayscale")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.set_defaults(func=lambda args: _run("synth", args))
+
+
+def _demo(subparsers) -> None:
+    p = subparsers.add_parser(
+        "demo",
+        help="build the default demo bundle end to end (synthetic data → train → evaluate → export)",
+        description="Generate the synthetic-defect textures, train the default model on them for a short "
+        "CPU schedule, evaluate it and export the bundle the service ships with.",
+    )
+    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
+    p.add_argument("--bundle", default=None, help="bundle directory (default <out>/bundle)")
+    p.add_argument("--model", default="memae", help="architecture (default memae)")
+    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=lambda args: _run("demo", args))
+
+
+def _run(command: str, args: argparse.Namespace) -> int:
+    from training import pipeline  # heavy imports (torch) only once a command runs
+
+    return getattr(pipeline, f"cmd_{command}")(args)
