@@ -67,8 +67,9 @@ def _export(subparsers) -> None:
         "export",
         help="write a deployable model bundle (ONNX + TorchScript + manifest)",
         description="Export a trained run to a bundle directory the service loads: model.onnx (dynamic "
-        "batch), model.ts (TorchScript) and manifest.json (architecture, preprocessing, threshold, normal-score "
-        "quantiles, metrics, library versions, sha256 of each file). The export verifies itself against "
+        "batch), model.ts (TorchScript) and manifest.json (architecture, preprocessing, threshold, "
+        "normal-score quantiles, metrics, library versions, sha256 of each file). The export verifies "
+        "itself against "
         "PyTorch and fails if ONNX Runtime or TorchScript differ by more than --atol.",
     )
     p.add_argument("run", help="a run directory written by `mnemo train`")

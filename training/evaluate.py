@@ -7,7 +7,6 @@ PRO integrated to FPR 0.3. The report is JSON (``report.json``) plus PNG plots (
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -34,7 +33,7 @@ def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | Non
         return batch, None, None
     if isinstance(batch, dict):
         return batch["image"], batch.get("label"), batch.get("mask")
-    items = list(batch) + [None, None]
+    items = [*batch, None, None]
     return items[0], items[1], items[2]
 
 
@@ -63,7 +62,7 @@ def score_dataset(
 def compute_metrics(scored: ScoredSet) -> dict[str, Any]:
     """Image metrics when both classes are present; pixel metrics when anomalous masks exist too."""
     report: dict[str, Any] = {
-        "n_images": int(len(scored.scores)),
+        "n_images": len(scored.scores),
         "n_anomalous": int(scored.labels.sum()),
     }
     if 0 < scored.labels.sum() < len(scored.labels):
