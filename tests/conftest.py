@@ -13,6 +13,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "memae": dict(hidden_dims=(64, 32, 16), memory_size=20),
     "memorizer": dict(hidden_dims=(64, 32, 16), memory_size=8, rounds=3),
     "rftm": dict(hidden_dims=(64, 32, 16), hippocampus=(20, 5, 0.1), cortex=(40, 3, 0.5)),
+    "daad": dict(image_size=32, widths=(8, 16, 16), memory_size=10),
+    "daad_plus": dict(image_size=32, widths=(8, 16, 16), memory_size=10, disc_widths=(8, 16)),
     "anomem": dict(
         image_size=32, stage_widths=(8, 16, 16, 32), stage_depths=(1, 1, 1, 1), memory_sizes=(16, 8), oe_hidden=16
     ),
