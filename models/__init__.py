@@ -1,8 +1,8 @@
 """The Mnemo model zoo: memory-augmented autoencoders behind one scoring contract.
 
-    import models
-    model = models.create("memorizer", memory_size=8)
-    score, heatmap = model.eval().score(x)      # x: [B, C, H, W] in the model's normalisation
+import models
+model = models.create("memorizer", memory_size=8)
+score, heatmap = model.eval().score(x)      # x: [B, C, H, W] in the model's normalisation
 """
 
 from models import anomem, autoencoder, daad  # noqa: F401  (registers the models)

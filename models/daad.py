@@ -40,6 +40,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -57,8 +58,11 @@ SCALING_BUFFERS = ("rec_min", "rec_max", "ali_min", "ali_max")  # min-max consta
 class DAADConfig(ModelConfig):
     """Paper defaults: 256×256 RGB scaled to [-1, 1], (r_h, r_w, r_c) = (8, 8, 1), N = 500 per scale.
 
-    The paper trains DAAD with Adam, lr 1e-4, betas (0.9, 0.999), batch 8 (set in the run's optim config).
+    The paper trains DAAD with Adam, lr 1e-4, betas (0.9, 0.999), batch 8: ``paper_optim`` hands these to
+    the trainer as defaults, and a run's optim config overrides them.
     """
+
+    paper_optim: ClassVar[dict[str, float]] = {"lr": 1e-4, "batch_size": 8}
 
     in_channels: int = 3
     image_size: int = 256

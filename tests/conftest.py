@@ -16,7 +16,11 @@ TINY_CONFIGS: dict[str, dict] = {
     "daad": dict(image_size=32, widths=(8, 16, 16), memory_size=10),
     "daad_plus": dict(image_size=32, widths=(8, 16, 16), memory_size=10, disc_widths=(8, 16)),
     "anomem": dict(
-        image_size=32, stage_widths=(8, 16, 16, 32), stage_depths=(1, 1, 1, 1), memory_sizes=(16, 8), oe_hidden=16
+        image_size=32,
+        stage_widths=(8, 16, 16, 32),
+        stage_depths=(1, 1, 1, 1),
+        memory_sizes=(16, 8),
+        oe_hidden=16,
     ),
 }
 

@@ -6,7 +6,8 @@
     optim: {lr: 0.001, batch_size: 256, max_epochs: 100, patience: 10}
 
 Defaults are the papers' (000/001 §4): Adam 1e-3, batch 256, early stopping with patience 10 on the
-validation loss, a 10 % validation split drawn with seed 2022.
+validation loss, a 10 % validation split drawn with seed 2022. A model whose paper trains differently
+declares ``paper_optim`` on its config class (DAAD: lr 1e-4, batch 8); those fill the fields left unset.
 """
 
 from __future__ import annotations
@@ -35,12 +36,22 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # Adam learning rate (the discriminator's comes from the model config, DAAD+)
-    batch_size: int = 256
+    lr: float | None = None  # Adam learning rate; None = the model's paper default (1e-3; DAAD 1e-4)
+    batch_size: int | None = None  # None = the model's paper default (256; DAAD 8)
     max_epochs: int = 100
     patience: int = 10  # early stopping: epochs without a better validation loss
     weight_decay: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps an epoch (quick runs, smoke tests)
+
+
+FALLBACK_OPTIM = {"lr": 1e-3, "batch_size": 256}  # papers 000/001 §4
+
+
+def resolve_optim(optim: OptimConfig, model_config: Any) -> OptimConfig:
+    """Fill unset learning rate / batch size from the model's ``paper_optim``, then the papers 000/001."""
+    paper = {**FALLBACK_OPTIM, **getattr(model_config, "paper_optim", {})}
+    filled = {k: paper[k] for k in FALLBACK_OPTIM if getattr(optim, k) is None}
+    return dataclasses.replace(optim, **filled)
 
 
 @dataclass
@@ -87,7 +98,9 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
 
 def _coerce(value: Any, type_name: str, where: str) -> Any:
     """Numbers written as strings (YAML reads ``1e-4`` as text) become the field's type."""
-    cast = {"float": float, "int": int}.get(type_name)
+    cast = {"float": float, "int": int}.get(type_name.removesuffix(" | None"))
+    if value is None and type_name.endswith("| None"):
+        return None
     if cast is None or (isinstance(value, cast) and not isinstance(value, bool)):
         return value
     try:

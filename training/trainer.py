@@ -62,10 +62,10 @@ def make_optimizers(model: torch.nn.Module, cfg: OptimConfig) -> list[torch.opti
     """One Adam for the model; with a discriminator, [generator Adam, discriminator Adam]."""
     if not hasattr(model, "discriminator_loss"):
         return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
-    mcfg = model.config
+    mcfg = model.config  # paper 003: Adam with its default betas, 2e-4 once the adversarial losses are on
     return [
-        torch.optim.Adam(model.generator_parameters(), lr=mcfg.lr_generator, betas=(0.5, 0.999)),
-        torch.optim.Adam(model.discriminator_parameters(), lr=mcfg.lr_discriminator, betas=(0.5, 0.999)),
+        torch.optim.Adam(model.generator_parameters(), lr=mcfg.lr_generator),
+        torch.optim.Adam(model.discriminator_parameters(), lr=mcfg.lr_discriminator),
     ]
 
 
@@ -86,12 +86,17 @@ def train_step(model: torch.nn.Module, x: torch.Tensor, optimizers: list) -> dic
 
 @torch.no_grad()
 def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
-    """Mean training objective on held-out good images, in eval mode (no forgetting, no sampling)."""
+    """Mean objective on held-out good images, in eval mode (no forgetting, no sampling).
+
+    Where the loss has a reconstruction part it alone decides (DAAD+'s adversarial term is a noisy
+    early-stopping signal); otherwise the whole training objective does.
+    """
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
         x = images_of(batch).to(device)
-        total += model.loss(x)["loss"].item() * len(x)
+        losses = model.loss(x)
+        total += losses.get("reconstruction", losses["loss"]).item() * len(x)
         count += len(x)
     return total / max(count, 1)
 
