@@ -25,6 +25,7 @@ class ScoredSet:
     labels: np.ndarray  # [N] 0 = good, 1 = anomalous (all 0 for unlabelled sets)
     heatmaps: np.ndarray  # [N, H, W] float32
     masks: np.ndarray | None  # [N, H, W] bool, when the dataset has pixel masks
+    has_mask: np.ndarray | None = None  # [N] bool: False for a defect image whose mask file is missing
 
 
 def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -42,7 +43,7 @@ def score_dataset(
     model: torch.nn.Module, loader: DataLoader, device: torch.device, progress: bool = True
 ) -> ScoredSet:
     model.eval().to(device)
-    scores, labels, heats, masks = [], [], [], []
+    scores, labels, heats, masks, has_mask = [], [], [], [], []
     for batch in tqdm(loader, desc="scoring", disable=not progress, leave=False):
         x, y, m = unpack(batch)
         score, heat = model.score(x.to(device))
@@ -51,11 +52,14 @@ def score_dataset(
         labels.append(np.zeros(len(x), np.int64) if y is None else np.asarray(y).astype(np.int64))
         if m is not None:
             masks.append(np.asarray(m).reshape(len(x), *heat.shape[-2:]) > 0.5)
+            known = batch.get("has_mask") if isinstance(batch, dict) else None
+            has_mask.append(np.ones(len(x), bool) if known is None else np.asarray(known, bool))
     return ScoredSet(
         scores=np.concatenate(scores),
         labels=np.concatenate(labels),
         heatmaps=np.concatenate(heats),
         masks=np.concatenate(masks) if masks and len(masks) == len(heats) else None,
+        has_mask=np.concatenate(has_mask) if has_mask and len(has_mask) == len(heats) else None,
     )
 
 
@@ -68,8 +72,12 @@ def compute_metrics(scored: ScoredSet) -> dict[str, Any]:
     if 0 < scored.labels.sum() < len(scored.labels):
         report["image"] = metrics.image_metrics(scored.scores, scored.labels)
     if scored.masks is not None and scored.masks.any():
+        # Defect images whose mask file is missing would count as all-good pixels: leave them out.
+        keep = np.ones(len(scored.scores), bool) if scored.has_mask is None else scored.has_mask
+        heat, masks = scored.heatmaps[keep], scored.masks[keep]
         report["pixel"] = {
-            "auroc": metrics.pixel_auroc(scored.heatmaps, scored.masks),
-            "pro": metrics.pro_score(scored.heatmaps, scored.masks),
+            "auroc": metrics.pixel_auroc(heat, masks),
+            "pro": metrics.pro_score(heat, masks),
+            "n_images": int(keep.sum()),
         }
     return report

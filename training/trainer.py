@@ -156,10 +156,7 @@ def fit(
         else:
             state.bad_epochs += 1
         save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
-        if progress:
-            tqdm.write(
-                f"epoch {state.epoch}: train loss {record.get('loss', math.nan):.5g}  val loss {val:.5g}"
-            )
+        tqdm.write(f"epoch {state.epoch}: train loss {record.get('loss', math.nan):.5g}  val loss {val:.5g}")
     best = torch.load(out_dir / CHECKPOINT_BEST, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     return state

@@ -1,0 +1,131 @@
+"""Decision threshold and p-values from held-out normal scores (numpy only: the service imports it).
+
+The decision rule everywhere in Mnemo: an image is **anomalous iff score > threshold**.
+
+* Threshold for a target false-alarm rate α: the (1-α) empirical quantile by the *inverted CDF* rule, i.e.
+  the order statistic s₍ₖ₎ with k = ⌈(1-α)·n⌉ (1-based) of the n held-out normal scores. No interpolation:
+  the threshold is an observed score, and because the rule is strict, at most ⌊α·n⌋ held-out normal
+  scores exceed it (ties at the threshold are never flagged), so the held-out false-alarm rate is ≤ α.
+* Stored distribution: the sorted scores themselves when n ≤ ``N_QUANTILES`` (exact), otherwise
+  ``N_QUANTILES`` evenly spaced quantiles (numpy's default linear rule) — a fixed-size manifest entry.
+* p-value of a new score s: (k + 1) / (n + 1) with k = #{held-out normal scores ≥ s}. The +1 is the
+  conformal correction: under exchangeability P(p ≤ u) ≤ u for a new normal image, and p is never 0
+  (a score above every normal one gets 1/(n+1), not an impossible "0 % chance"). From compressed
+  quantiles k is estimated by inverting the stored quantile function linearly (see ``p_value``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+N_QUANTILES = 1001
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What the bundle manifest stores about thresholding. ``method`` says how ``threshold`` was chosen:
+    ``"false_alarm_rate"`` with ``target`` = α. ``best_f1_threshold`` (same strict ``>`` rule) is set when
+    labelled anomalies were available, with the F1 it reached."""
+
+    threshold: float
+    method: str
+    target: float
+    quantiles: tuple[float, ...]
+    n: int
+    best_f1_threshold: float | None = None
+    best_f1: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
+        if self.n < 1 or not self.quantiles:
+            raise ValueError("a calibration needs at least one normal score")
+        if any(b < a for a, b in zip(self.quantiles, self.quantiles[1:])):
+            raise ValueError("quantiles must be sorted ascending")
+
+    def is_anomalous(self, score: float) -> bool:
+        return bool(score > self.threshold)
+
+    def p_value(self, score: float | np.ndarray) -> float | np.ndarray:
+        return p_value(score, self.quantiles, self.n)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": float(self.threshold),
+            "method": self.method,
+            "target": float(self.target),
+            "quantiles": list(self.quantiles),
+            "n": int(self.n),
+            "best_f1_threshold": self.best_f1_threshold,
+            "best_f1": self.best_f1,
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Calibration:
+        known = {f for f in cls.__dataclass_fields__}
+        missing = sorted({"threshold", "method", "target", "quantiles", "n"} - set(raw))
+        if missing:
+            raise ValueError(f"calibration is missing key(s) {missing}")
+        return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def threshold_for_false_alarm_rate(normal_scores: np.ndarray, rate: float) -> float:
+    """s₍ₖ₎ with k = ⌈(1 - rate)·n⌉ (inverted-CDF quantile); with ``score > threshold`` at most
+    ⌊rate·n⌋ of these scores are flagged. ``rate`` = 0 gives the maximum normal score."""
+    scores = _clean(normal_scores)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"false-alarm rate must be in [0, 1), got {rate}")
+    n = scores.size
+    k = max(1, math.ceil(round((1.0 - rate) * n, 9)))  # round: 0.99·100 must be 99, not 99.00000000000001
+    return float(np.sort(scores)[k - 1])
+
+
+def normal_quantiles(normal_scores: np.ndarray, n_points: int = N_QUANTILES) -> np.ndarray:
+    """Sorted scores when there are at most ``n_points`` of them, else quantiles at i/(n_points-1)."""
+    scores = np.sort(_clean(normal_scores))
+    if scores.size <= n_points:
+        return scores
+    return np.quantile(scores, np.linspace(0.0, 1.0, n_points))
+
+
+def p_value(
+    score: float | np.ndarray, quantiles: np.ndarray | tuple[float, ...], n: int
+) -> float | np.ndarray:
+    """(k + 1) / (n + 1), k = number of the n held-out normal scores ≥ ``score``; in (0, 1], non-increasing.
+
+    Exact when ``len(quantiles) == n`` (the sorted scores were stored). Otherwise the fraction of normal
+    scores strictly below ``score`` is read off the stored quantile function q(pᵢ), pᵢ = i/(m-1): linearly
+    interpolated between neighbouring quantiles, and at a run of tied quantiles the smallest pᵢ of the run;
+    then k = n · (1 - fraction), which need not be an integer.
+    """
+    q = np.asarray(quantiles, np.float64)
+    s = np.asarray(score, np.float64)
+    k = n - np.searchsorted(q, s, side="left") if q.size == n else n * (1.0 - _fraction_below(q, s))
+    result = (k + 1.0) / (n + 1.0)
+    return float(result) if result.ndim == 0 else result
+
+
+def _fraction_below(q: np.ndarray, s: np.ndarray) -> np.ndarray:
+    probs = np.linspace(0.0, 1.0, q.size)
+    left = np.searchsorted(q, s, side="left")
+    right = np.searchsorted(q, s, side="right")
+    lo = np.clip(left - 1, 0, q.size - 1)
+    hi = np.clip(left, 0, q.size - 1)
+    span = np.where(q[hi] > q[lo], q[hi] - q[lo], 1.0)
+    between = probs[lo] + (probs[hi] - probs[lo]) * np.clip((s - q[lo]) / span, 0.0, 1.0)
+    tied = probs[np.clip(left, 0, q.size - 1)]
+    frac = np.where(right > left, tied, between)
+    frac = np.where(s < q[0], 0.0, frac)
+    return np.where(s > q[-1], 1.0, frac)
+
+
+def _clean(scores: np.ndarray) -> np.ndarray:
+    arr = np.asarray(scores, np.float64).ravel()
+    if arr.size == 0:
+        raise ValueError("no normal scores to calibrate on")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError("normal scores contain NaN or infinity")
+    return arr

@@ -1,0 +1,72 @@
+"""mnemo.calibration (numpy-only) and training.calibration on known distributions and small hand cases."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from mnemo.calibration import Calibration, normal_quantiles, p_value, threshold_for_false_alarm_rate
+from training.calibration import calibrate
+
+
+def test_threshold_at_one_percent_on_uniform():
+    scores = np.random.default_rng(0).uniform(size=10_000)
+    threshold = threshold_for_false_alarm_rate(scores, 0.01)
+    assert threshold == pytest.approx(0.99, abs=0.005)
+    assert (scores > threshold).mean() <= 0.01
+    assert threshold == np.sort(scores)[9899]  # s₍₉₉₀₀₎: an observed score, no interpolation
+
+
+def test_threshold_rule_on_small_cases():
+    scores = np.arange(1.0, 11.0)  # 1…10
+    assert threshold_for_false_alarm_rate(scores, 0.1) == 9.0  # k = ⌈.9·10⌉ = 9 → only 10 is flagged
+    assert threshold_for_false_alarm_rate(scores, 0.15) == 9.0  # k = ⌈8.5⌉ = 9: never above the target
+    assert threshold_for_false_alarm_rate(scores, 0.0) == 10.0
+    assert threshold_for_false_alarm_rate([5.0, 5.0, 5.0, 1.0], 0.25) == 5.0  # ties at t are not flagged
+    with pytest.raises(ValueError, match="no normal scores"):
+        threshold_for_false_alarm_rate([], 0.01)
+
+
+def test_p_values_exact_by_hand():
+    q = normal_quantiles(np.array([3.0, 1.0, 2.0]))
+    assert q.tolist() == [1.0, 2.0, 3.0]
+    # k = #{normal ≥ s}; p = (k + 1) / 4
+    assert p_value(0.0, q, 3) == 1.0
+    assert p_value(2.0, q, 3) == pytest.approx(3 / 4)
+    assert p_value(2.5, q, 3) == pytest.approx(2 / 4)
+    assert p_value(9.0, q, 3) == pytest.approx(1 / 4)
+
+
+def test_p_values_monotone_in_range_and_close_to_the_tail_when_compressed():
+    scores = np.random.default_rng(1).normal(size=20_000)
+    cal = calibrate(scores, false_alarm_rate=0.05)
+    assert len(cal.quantiles) == 1001 and cal.n == 20_000
+    grid = np.linspace(-6, 6, 2001)
+    p = cal.p_value(grid)
+    assert np.all(np.diff(p) <= 1e-12) and p.min() > 0 and p.max() <= 1.0
+    assert p[0] == 1.0 and p[-1] == pytest.approx(1 / 20_001)
+    for s in (-1.0, 0.0, 1.0, 2.0):  # matches the exact tail fraction it compresses
+        exact = ((scores >= s).sum() + 1) / 20_001
+        assert cal.p_value(s) == pytest.approx(exact, abs=2e-3)
+    assert cal.p_value(cal.threshold) == pytest.approx(0.05, abs=2e-3)
+
+
+def test_calibrate_with_labelled_anomalies_uses_strict_rule():
+    normal = np.linspace(0.0, 1.0, 101)
+    scores, labels = np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])
+    cal = calibrate(normal, scores=scores, labels=labels)
+    assert cal.best_f1 == pytest.approx(0.8)  # best F1 at "score ≥ 0.35"
+    assert cal.best_f1_threshold == pytest.approx(0.1)  # same decisions as "score > 0.1"
+    assert ((scores > cal.best_f1_threshold) == (scores >= 0.35)).all()
+    assert calibrate(normal, scores=scores, labels=np.zeros(4)).best_f1_threshold is None
+
+
+def test_round_trip_through_json():
+    cal = calibrate(np.random.default_rng(2).gamma(2.0, size=500), false_alarm_rate=0.02)
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back == cal and back.method == "false_alarm_rate" and back.target == 0.02
+    assert back.is_anomalous(cal.threshold + 1e-9) and not back.is_anomalous(cal.threshold)
+    with pytest.raises(ValueError, match="missing"):
+        Calibration.from_dict({"threshold": 1.0})

@@ -1,0 +1,197 @@
+"""training.datasets: MVTec-layout and plain folders, IDX files and the ROCO / one-class protocols."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from mnemo.imaging import Preprocessing
+from training import datasets
+from training.datasets import DatasetError
+
+PREP = Preprocessing(channels=1, size=8)
+
+
+def save(path, array) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+@pytest.fixture
+def mvtec(tmp_path):
+    """train/good ×10, test/good ×2, test/crack ×2 (one without a mask), 16×16 grayscale."""
+    for i in range(10):
+        save(tmp_path / "train" / "good" / f"{i:03d}.png", np.full((16, 16), 10 * i))
+    for i in range(2):
+        save(tmp_path / "test" / "good" / f"{i:03d}.png", np.full((16, 16), 100))
+        save(tmp_path / "test" / "crack" / f"{i:03d}.png", np.full((16, 16), 200))
+    mask = np.zeros((16, 16))
+    mask[:8, :4] = 255  # top-left 8×4 → 4×2 at size 8
+    save(tmp_path / "ground_truth" / "crack" / "000_mask.png", mask)
+    return tmp_path
+
+
+def test_mvtec_folder_items_labels_masks_paths(mvtec):
+    splits = datasets.folder_splits(mvtec, PREP)
+    assert len(splits.train) == 9 and len(splits.val) == 1 and len(splits.test) == 4
+    items = [splits.test[i] for i in range(4)]
+    assert [it["label"] for it in items] == [1, 1, 0, 0]  # test/crack sorts before test/good
+    assert items[0]["path"].endswith("test/crack/000.png")
+    assert items[0]["image"].shape == (1, 8, 8) and items[0]["image"].dtype == torch.float32
+    assert items[0]["image"].max().item() == pytest.approx(200 / 255)
+    mask = items[0]["mask"]
+    assert mask.shape == (1, 8, 8) and mask.sum().item() == 8 and mask[0, :4, :2].min().item() == 1
+    assert items[1]["has_mask"] is False and items[1]["mask"].sum().item() == 0  # flagged, no crash
+    assert items[2]["has_mask"] is True and items[2]["mask"].sum().item() == 0
+    assert splits.test.missing_masks == [mvtec / "test" / "crack" / "001.png"]
+    assert splits.summary["counts"] == {"train": 9, "val": 1, "test": 4, "test_anomalous": 2}
+    assert splits.summary["missing_masks"] == [str(mvtec / "test" / "crack" / "001.png")]
+
+
+def test_folder_loader_batches_and_val_is_reproducible(mvtec):
+    a = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)
+    b = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)
+    assert [s.path for s in a.val.samples] == [s.path for s in b.val.samples] and len(a.val) == 2
+    assert not {s.path for s in a.val.samples} & {s.path for s in a.train.samples}
+    batch = next(iter(DataLoader(a.test, batch_size=4)))
+    assert batch["image"].shape == (4, 1, 8, 8) and batch["mask"].shape == (4, 1, 8, 8)
+    assert batch["label"].tolist() == [1, 1, 0, 0] and len(batch["path"]) == 4
+
+
+def test_preprocessing_controls_size_channels_and_crop(mvtec):
+    prep = Preprocessing(channels=3, size=4, mean=(0.5,), std=(0.5,), resize="center_crop")
+    item = datasets.folder_splits(mvtec, prep).test[0]
+    assert item["image"].shape == (3, 4, 4) and item["mask"].shape == (1, 4, 4)
+    assert item["image"].max().item() == pytest.approx(200 / 255 * 2 - 1, abs=1e-5)
+
+
+def test_flips_move_image_and_mask_together(mvtec):
+    sample = datasets.mvtec_samples(mvtec, "test")[0]
+    plain = datasets.ImageFolderDataset([sample], PREP)[0]
+    flipping = datasets.ImageFolderDataset([sample], PREP, flips=True)
+    torch.manual_seed(0)
+    seen = {tuple(flipping[0]["mask"][0].nonzero()[0].tolist()) for _ in range(20)}
+    assert len(seen) > 1  # the defect corner moves
+    assert plain["mask"][0, 0, 0] == 1
+
+
+def test_plain_folder_of_good_images(tmp_path):
+    for i in range(5):
+        save(tmp_path / f"img{i}.jpg", np.full((12, 20), 50))
+    (tmp_path / "notes.txt").write_text("ignored")
+    splits = datasets.folder_splits(tmp_path, PREP)
+    assert splits.test is None and splits.summary["layout"] == "plain"
+    assert len(splits.train) == 4 and len(splits.val) == 1 and splits.train[0]["label"] == 0
+
+
+def test_folder_errors_are_clear(tmp_path):
+    with pytest.raises(DatasetError, match="not found"):
+        datasets.folder_splits(tmp_path / "nowhere", PREP)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"is empty; looked for \.png"):
+        datasets.folder_splits(tmp_path / "empty", PREP)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("x")
+    with pytest.raises(DatasetError, match=r"has no image files; looked for .png, .jpg"):
+        datasets.folder_splits(tmp_path / "texts", PREP)
+    (tmp_path / "bad" / "train" / "good").mkdir(parents=True)
+    (tmp_path / "bad" / "train" / "good" / "broken.png").write_bytes(b"not a png")
+    splits = datasets.folder_splits(tmp_path / "bad", PREP, val_fraction=0.0)
+    with pytest.raises(DatasetError, match=r"broken\.png"):
+        splits.train[0]
+
+
+def write_idx(directory, split, images, labels, gz: bool) -> None:
+    prefix = "train" if split == "train" else "t10k"
+    opener = gzip.open if gz else open
+    suffix = ".gz" if gz else ""
+    n, h, w = images.shape
+    with opener(directory / f"{prefix}-images-idx3-ubyte{suffix}", "wb") as fh:
+        fh.write((2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (n, h, w)))
+        fh.write(images.astype(np.uint8).tobytes())
+    with opener(directory / f"{prefix}-labels-idx1-ubyte{suffix}", "wb") as fh:
+        fh.write((2049).to_bytes(4, "big") + n.to_bytes(4, "big") + labels.astype(np.uint8).tobytes())
+
+
+@pytest.fixture(params=[True, False], ids=["gz", "plain"])
+def idx_dir(tmp_path, request):
+    rng = np.random.default_rng(0)
+    train_labels = np.repeat(np.arange(4), 50)  # 4 classes × 50
+    test_labels = np.repeat(np.arange(4), 5)
+    # pixel value encodes the class, so the tests can see which class an image came from
+    write_idx(
+        tmp_path,
+        "train",
+        train_labels[:, None, None] * 60 + rng.integers(0, 5, (200, 6, 6)),
+        train_labels,
+        request.param,
+    )
+    write_idx(tmp_path, "test", np.repeat(test_labels * 60, 36).reshape(20, 6, 6), test_labels, request.param)
+    return tmp_path
+
+
+def test_load_idx_reads_both_encodings(idx_dir):
+    images, labels = datasets.load_idx(idx_dir, "train")
+    assert images.shape == (200, 6, 6) and images.dtype == np.uint8 and labels.tolist()[:3] == [0, 0, 0]
+    images, labels = datasets.load_idx(idx_dir, "test")
+    assert images.shape == (20, 6, 6) and np.bincount(labels).tolist() == [5, 5, 5, 5]
+
+
+def test_idx_errors(tmp_path, idx_dir):
+    with pytest.raises(DatasetError, match=r"looked for train-images-idx3-ubyte\.gz"):
+        datasets.load_idx(tmp_path / "..", "train")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "train-images-idx3-ubyte").write_bytes((2049).to_bytes(4, "big") + bytes(12))
+    (bad / "train-labels-idx1-ubyte").write_bytes((2049).to_bytes(4, "big") + bytes(4))
+    with pytest.raises(DatasetError, match="magic number 0x00000801, expected 0x00000803"):
+        datasets.load_idx(bad, "train")
+
+
+def class_of(dataset, i: int) -> int:
+    return round(dataset[i]["image"].max().item() * 255 / 60)
+
+
+def test_roco_protocol(idx_dir):
+    splits = datasets.idx_splits(idx_dir, "roco", target_class=2)
+    train_classes = {class_of(splits.train, i) for i in range(len(splits.train))}
+    val_classes = {class_of(splits.val, i) for i in range(len(splits.val))}
+    assert 2 not in train_classes | val_classes and train_classes == {0, 1, 3}
+    assert len(splits.val) == 15 and len(splits.train) == 135  # 10 % of the 150 normal images
+    assert all(splits.train[i]["label"] == 0 for i in range(len(splits.train)))  # unlabelled normals
+    test_labels = [splits.test[i]["label"] for i in range(20)]
+    assert test_labels == [int(class_of(splits.test, i) == 2) for i in range(20)] and sum(test_labels) == 5
+    assert splits.train[0]["image"].shape == (1, 6, 6)
+    assert splits.train[0]["image"].min() >= 0.0 and splits.train[0]["image"].max() <= 1.0
+    tr, va, _ = datasets.idx_protocol(np.repeat(np.arange(4), 50), np.arange(4), "roco", 2)
+    tr2, va2, _ = datasets.idx_protocol(np.repeat(np.arange(4), 50), np.arange(4), "roco", 2)
+    assert np.array_equal(va, va2) and np.array_equal(tr, tr2)
+    _, va3, _ = datasets.idx_protocol(np.repeat(np.arange(4), 50), np.arange(4), "roco", 2, split_seed=7)
+    assert not np.array_equal(va, va3)
+
+
+def test_one_class_protocol(idx_dir):
+    splits = datasets.idx_splits(idx_dir, "one_class", target_class=1)
+    assert {class_of(splits.train, i) for i in range(len(splits.train))} == {1}
+    assert len(splits.train) == 45 and len(splits.val) == 5
+    test_labels = [splits.test[i]["label"] for i in range(20)]
+    assert test_labels == [int(class_of(splits.test, i) != 1) for i in range(20)] and sum(test_labels) == 15
+    with pytest.raises(DatasetError, match="class 9"):
+        datasets.idx_splits(idx_dir, "one_class", target_class=9)
+    with pytest.raises(ValueError, match="protocol"):
+        datasets.idx_splits(idx_dir, "leave_two_out", target_class=1)
+
+
+def test_synthetic_set_reads_back(tmp_path):
+    from training import synthetic
+
+    synthetic.generate(tmp_path, size=16, n_train=10, n_test_good=2, n_test_defect=1, seed=1)
+    splits = datasets.folder_splits(tmp_path, Preprocessing(channels=1, size=16))
+    assert len(splits.test) == 2 + len(synthetic.DEFECT_TYPES) and not splits.test.missing_masks
+    defects = [splits.test[i] for i in range(len(splits.test)) if splits.test[i]["label"] == 1]
+    assert all(item["mask"].sum() > 0 for item in defects)

@@ -1,0 +1,204 @@
+"""mnemo.imaging: decoding every mode, safety limits, resize policies, normalisation, overlays."""
+
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnemo import imaging
+from mnemo.imaging import ImageDecodeError, Preprocessing
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose header declares width×height 8-bit gray (a decompression bomb's shape)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_module_does_not_import_torch():
+    code = "import sys, mnemo.imaging, mnemo.calibration; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+RNG = np.random.default_rng(0)
+GRAY = (RNG.random((6, 8)) * 255).astype(np.uint8)
+RGB = (RNG.random((6, 8, 3)) * 255).astype(np.uint8)
+PNG = encode(Image.fromarray(RGB))
+
+
+@pytest.mark.parametrize(
+    ("image", "channels", "expected_max"),
+    [
+        (Image.fromarray(GRAY), 1, GRAY.max()),
+        (Image.fromarray(RGB), 3, RGB.max()),
+        (Image.fromarray(RGB).convert("P"), 3, None),
+        (Image.fromarray(RGB).convert("CMYK"), 3, None),
+        (Image.fromarray(RGB).convert("YCbCr"), 3, None),
+        (Image.fromarray(GRAY).convert("1"), 1, 255),
+        (Image.fromarray(np.full((4, 4), 65535, np.uint16)), 1, 255),
+        (Image.fromarray(np.full((4, 4), 4095, np.int32)), 1, 4095 * 255 / 65535),
+        (Image.fromarray(np.full((4, 4), 0.5, np.float32)), 1, 127.5),
+    ],
+    ids=["L", "RGB", "P", "CMYK", "YCbCr", "1", "I;16", "I", "F"],
+)
+def test_every_mode_gives_channels_on_the_8bit_scale(image, channels, expected_max):
+    pixels = imaging.image_to_pixels(image)
+    assert pixels.dtype == np.float32
+    assert pixels.shape == (image.height, image.width, channels)
+    assert pixels.min() >= 0.0 and pixels.max() <= 255.0
+    if expected_max is not None:
+        assert pixels.max() == pytest.approx(expected_max, abs=1e-3)
+
+
+def test_sixteen_bit_png_scales_by_bit_depth_not_clipping():
+    arr = np.array([[0, 256, 32768, 65535]], np.uint16)
+    pixels = imaging.decode_image(encode(Image.fromarray(arr)))
+    assert pixels[0, :, 0] == pytest.approx(arr[0] * 255.0 / 65535.0, abs=1e-3)
+    x = imaging.preprocess(encode(Image.fromarray(arr)), Preprocessing(channels=1, size=4))
+    assert x[0, 0, -1] == pytest.approx(1.0, abs=1e-6)  # 65535 → 255 → 1.0 after /255
+    assert x[0, 0, 1] < 0.01  # 256 in 16 bits is dark, not clipped to white
+
+
+def test_alpha_is_composited_on_black():
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[..., :3] = 200
+    rgba[0, 0, 3], rgba[0, 1, 3], rgba[1, :, 3] = 0, 255, 51
+    pixels = imaging.decode_image(encode(Image.fromarray(rgba, "RGBA")))
+    assert pixels.shape == (2, 2, 3)
+    assert pixels[0, 0] == pytest.approx([0, 0, 0])
+    assert pixels[0, 1] == pytest.approx([200, 200, 200])
+    assert pixels[1, 0] == pytest.approx([40, 40, 40])
+    la = imaging.decode_image(encode(Image.fromarray(rgba, "RGBA").convert("LA")))
+    assert la.shape == (2, 2, 1) and la[0, 0, 0] == 0 and la[0, 1, 0] == pytest.approx(200)
+
+
+def test_channel_conversion_both_ways():
+    rgb = imaging.decode_image(encode(Image.fromarray(RGB)))
+    gray = imaging.to_channels(rgb, 1)
+    expected = RGB @ np.array([0.299, 0.587, 0.114])
+    assert gray[..., 0] == pytest.approx(expected, abs=1e-3)
+    three = imaging.to_channels(gray, 3)
+    assert three.shape == (6, 8, 3) and np.array_equal(three[..., 0], three[..., 2])
+
+
+def test_bomb_is_refused_before_allocation_and_fast():
+    start = time.perf_counter()
+    for side in (30_000, 7_000):  # above Pillow's own guard, and above only ours
+        with pytest.raises(ImageDecodeError) as err:
+            imaging.decode_image(png_declaring(side, side))
+        assert err.value.reason == "too_large"
+    assert time.perf_counter() - start < 1.0
+    small = encode(Image.fromarray(GRAY))  # 6×8 = 48 pixels
+    assert imaging.decode_image(small, max_pixels=48).shape == (6, 8, 1)
+    with pytest.raises(ImageDecodeError, match="limit is 47") as err:
+        imaging.decode_image(small, max_pixels=47)
+    assert err.value.reason == "too_large"
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty"),
+        (b"definitely not an image, just text" * 3, "not_an_image"),
+        (bytes(range(256)) * 4, "not_an_image"),
+        (PNG[: len(PNG) // 2], "truncated"),
+        (PNG[:20], "truncated"),
+        (
+            encode(Image.fromarray((RNG.random((64, 64, 3)) * 255).astype(np.uint8)), "JPEG")[:300],
+            "truncated",
+        ),
+    ],
+    ids=["zero-bytes", "text", "garbage", "png-cut-late", "png-cut-in-header", "jpeg-cut"],
+)
+def test_bad_bytes_raise_with_reason(data, reason):
+    with pytest.raises(ImageDecodeError) as err:
+        imaging.decode_image(data)
+    assert err.value.reason == reason
+    assert isinstance(err.value, ValueError)
+
+
+def test_path_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"nope")
+    with pytest.raises(ImageDecodeError, match=r"broken\.png"):
+        imaging.decode_image(bad)
+    with pytest.raises(FileNotFoundError):
+        imaging.decode_image(tmp_path / "missing.png")
+
+
+def test_resize_policies_shapes_and_crop_content():
+    pixels = np.zeros((40, 80, 1), np.float32)
+    pixels[:, :15] = 255.0  # a white band at the left edge
+    stretched = imaging.resize_pixels(pixels, 16, "resize")
+    cropped = imaging.resize_pixels(pixels, 16, "center_crop")
+    assert stretched.shape == cropped.shape == (16, 16, 1)
+    assert stretched[:, 0].min() > 250  # stretching keeps the band at the left edge
+    assert cropped.max() < 1  # the centred square never reaches the band
+    with pytest.raises(ValueError, match="resize policy"):
+        imaging.resize_pixels(pixels, 16, "squash")
+
+
+def test_preprocess_normalises_per_channel_and_batches():
+    prep = Preprocessing(channels=3, size=5, mean=(0.5, 0.0, 0.25), std=(0.5, 1.0, 0.25))
+    white = encode(Image.new("RGB", (9, 7), (255, 255, 255)))
+    x = imaging.preprocess(white, prep)
+    assert x.shape == (3, 5, 5) and x.dtype == np.float32
+    assert x[:, 0, 0] == pytest.approx([1.0, 1.0, 3.0])
+    batch = imaging.preprocess_batch([white, encode(Image.new("L", (3, 3), 0))], prep)
+    assert batch.shape == (2, 3, 5, 5)
+    assert batch[1, :, 2, 2] == pytest.approx([-1.0, 0.0, -1.0])
+    with pytest.raises(ImageDecodeError, match="image 1"):
+        imaging.preprocess_batch([white, b""], prep)
+
+
+def test_preprocessing_round_trip_and_validation():
+    prep = Preprocessing(channels=3, size=64, mean=(0.5,), std=(0.5,), resize="center_crop")
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    with pytest.raises(ValueError, match="channels"):
+        Preprocessing(channels=2)
+    with pytest.raises(ValueError, match="std"):
+        Preprocessing(std=(0.0,))
+    with pytest.raises(ValueError, match="unknown"):
+        Preprocessing.from_dict({"size": 8, "colour": "yes"})
+
+
+def test_overlay_and_heatmap_png_decode_back():
+    image = imaging.display_rgb(imaging.decode_image(encode(Image.fromarray(GRAY))), Preprocessing(size=16))
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    heat = np.zeros((8, 8), np.float32)
+    heat[:4] = 1.0  # hot top half, at another resolution than the image
+    overlay = Image.open(io.BytesIO(imaging.heatmap_overlay_png(image, heat)))
+    raw = Image.open(io.BytesIO(imaging.heatmap_png(heat)))
+    assert overlay.size == (16, 16) and overlay.mode == "RGB"
+    assert raw.size == (8, 8) and raw.mode == "L"
+    over = np.asarray(overlay).astype(int)
+    assert over[0, 0, 0] > over[0, 0, 2] and over[-1, 0, 2] > over[-1, 0, 0]  # red top, blue bottom
+    assert np.asarray(raw)[0, 0] == 255 and np.asarray(raw)[-1, 0] == 0
+
+
+def test_jet_endpoints():
+    lut = imaging.jet(np.array([0.0, 0.5, 1.0]))
+    assert (
+        lut[0].tolist() == [0, 0, 128]
+        and lut[1].tolist() == [128, 255, 128]
+        and lut[2].tolist() == [128, 0, 0]
+    )

@@ -1,0 +1,171 @@
+"""Unit tests of the service's settings and its dynamic batcher (no HTTP, no models: fast and exact)."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from service.batching import BatcherClosedError, BatchFailedError, DynamicBatcher, QueueFullError
+from service.scoring import heatmap_grid
+from service.settings import Settings
+
+
+class Recorder:
+    """A fake model: score = mean of the image, heatmap = the image; records every batch it ran."""
+
+    def __init__(self, fail_when: float | None = None, delay_s: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.threads: set[str] = set()
+        self.fail_when, self.delay_s = fail_when, delay_s
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.batches.append(len(batch))
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.delay_s)
+        if self.fail_when is not None and np.any(batch == self.fail_when):
+            raise RuntimeError("poisoned input")
+        return batch.mean(axis=(1, 2, 3)), batch[:, :1]
+
+
+class DepthLog:
+    def __init__(self) -> None:
+        self.depths: list[int] = []
+        self.sizes: list[int] = []
+
+    def queue_depth(self, depth: int) -> None:
+        self.depths.append(depth)
+
+    def batch_done(self, size: int, inference_s: float, queue_waits: list[float]) -> None:
+        self.sizes.append(size)
+
+
+def images(*values: float) -> np.ndarray:
+    return np.stack([np.full((1, 4, 4), v, np.float32) for v in values])
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=20))
+
+
+async def started(run_fn, **knobs) -> DynamicBatcher:
+    batcher = DynamicBatcher(run_fn, **{"max_batch_size": 8, "max_wait_s": 0.05, "max_queue": 64, **knobs})
+    batcher.start()
+    return batcher
+
+
+def test_settings_read_env_with_prefix_and_validate(monkeypatch):
+    monkeypatch.setenv("MNEMO_MAX_BATCH_SIZE", "4")
+    monkeypatch.setenv("MNEMO_API_KEY", "s3cret")
+    settings = Settings()
+    assert settings.max_batch_size == 4
+    assert settings.api_key.get_secret_value() == "s3cret" and "s3cret" not in repr(settings)
+    assert Settings(max_batch_size=2).max_batch_size == 2  # explicit values (CLI flags) win over env
+    with pytest.raises(ValidationError, match="max_queue"):
+        Settings(max_queue=2, max_files=4)
+    with pytest.raises(ValidationError):
+        Settings(backend="tensorflow")
+
+
+def test_concurrent_submissions_are_grouped_and_results_go_to_their_callers():
+    async def scenario():
+        model, log = Recorder(), DepthLog()
+        batcher = await started(model, observer=log)
+        results = await asyncio.gather(*(batcher.submit(images(float(i))) for i in range(12)))
+        await batcher.close()
+        return model, log, results
+
+    model, log, results = run(scenario())
+    assert [r[0].score for r in results] == [float(i) for i in range(12)]  # no mix-ups between callers
+    assert model.batches == [8, 4]  # full batch first, the rest after the wait
+    assert log.sizes == [8, 4] and log.depths[-1] == 0
+    assert all(r[0].batch_size in (8, 4) and r[0].heatmap.shape == (4, 4) for r in results)
+    assert all(name.startswith("infer-") for name in model.threads)  # never on the event loop's thread
+
+
+def test_a_lone_request_waits_at_most_max_wait():
+    async def scenario():
+        batcher = await started(Recorder(), max_wait_s=0.05)
+        t0 = time.perf_counter()
+        [result] = await batcher.submit(images(1.0))
+        elapsed = time.perf_counter() - t0
+        await batcher.close()
+        return result, elapsed
+
+    result, elapsed = run(scenario())
+    assert result.batch_size == 1 and result.queue_s >= 0.04 and elapsed < 1.0
+
+
+def test_failing_batch_fails_only_its_callers_and_the_next_batch_runs():
+    async def scenario():
+        model, log = Recorder(fail_when=-1.0), DepthLog()
+        batcher = await started(model, observer=log, max_batch_size=2, max_wait_s=0.01)
+        first = await asyncio.gather(
+            batcher.submit(images(-1.0)), batcher.submit(images(2.0)), return_exceptions=True
+        )
+        after = await batcher.submit(images(3.0))
+        await batcher.close()
+        return first, after, log
+
+    first, after, log = run(scenario())
+    assert all(isinstance(r, BatchFailedError) and "poisoned input" in str(r) for r in first)
+    assert after[0].score == 3.0
+    assert log.sizes == [2, 1]
+
+
+def test_queue_is_bounded_and_admission_is_all_or_nothing():
+    async def scenario():
+        batcher = await started(Recorder(), max_batch_size=8, max_wait_s=0.3, max_queue=3)
+        waiting = asyncio.ensure_future(batcher.submit(images(1.0, 2.0)))
+        await asyncio.sleep(0.05)
+        assert batcher.depth == 2
+        with pytest.raises(QueueFullError):
+            await batcher.submit(images(3.0, 4.0))  # 2 + 2 > 3: refused as a whole
+        accepted = await batcher.submit(images(5.0))  # 2 + 1 fits, and joins the same batch
+        done = await waiting
+        await batcher.close()
+        return accepted, done
+
+    accepted, done = run(scenario())
+    assert accepted[0].batch_size == 3 and [r.score for r in done] == [1.0, 2.0]
+
+
+def test_callers_that_gave_up_are_skipped_not_computed():
+    async def scenario():
+        model = Recorder()
+        batcher = await started(model, max_wait_s=0.2)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.submit(images(1.0)), 0.02)
+        [result] = await batcher.submit(images(2.0))
+        await batcher.close()
+        return model, result
+
+    model, result = run(scenario())
+    assert result.score == 2.0 and model.batches == [1]  # the abandoned image never reached the model
+
+
+def test_close_drains_admitted_work_then_refuses():
+    async def scenario():
+        batcher = await started(Recorder(delay_s=0.05), max_wait_s=0.01)
+        pending = asyncio.ensure_future(batcher.submit(images(7.0)))
+        await asyncio.sleep(0)
+        await batcher.close()
+        with pytest.raises(BatcherClosedError):
+            await batcher.submit(images(1.0))
+        return await pending
+
+    assert run(scenario())[0].score == 7.0
+
+
+def test_heatmap_grid_area_averages_and_never_upsamples():
+    heat = np.zeros((64, 64), np.float32)
+    heat[:32, :32] = 4.0
+    grid = heatmap_grid(heat, 8)
+    assert grid.shape == (8, 8)
+    assert np.allclose(grid[:4, :4], 4.0) and np.allclose(grid[4:, :], 0.0)
+    assert np.isclose(grid.mean(), heat.mean())
+    assert heatmap_grid(heat[:5, :5], 8).shape == (5, 5)

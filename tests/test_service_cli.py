@@ -1,0 +1,66 @@
+"""``mnemo serve`` as a user runs it: a subprocess on a loopback port, on the ONNX path without torch."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from tests.service_helpers import png_bytes, smooth_images
+
+pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
+
+# Runs `mnemo serve ...` and reports at exit whether anything imported torch.
+WRAPPER = (
+    "import atexit, sys; "
+    "atexit.register(lambda: print('TORCH_IMPORTED', 'torch' in sys.modules, flush=True)); "
+    "from mnemo.cli import main; sys.exit(main(sys.argv[1:]))"
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_serve_help_explains_every_flag():
+    out = subprocess.run(
+        [sys.executable, "-m", "mnemo", "serve", "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    from service.cli import FLAGS
+
+    for flag, (field, _, _) in FLAGS.items():
+        assert flag in out and f"MNEMO_{field.upper()}" in out
+    assert "MNEMO_API_KEY" in out and len(FLAGS) >= 10
+
+
+def test_mnemo_serve_scores_on_onnx_without_importing_torch(bundle_dir):
+    port = free_port()
+    command = [sys.executable, "-c", WRAPPER, "serve", "--model-dir", str(bundle_dir), "--port", str(port)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None and time.monotonic() < deadline, "mnemo serve did not get ready"
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        image = png_bytes(smooth_images(1, 1, 28)[0])
+        response = httpx.post(
+            f"{url}/v1/models/gray:score", content=image, headers={"content-type": "image/png"}
+        )
+        assert response.status_code == 200 and response.json()["results"][0]["verdict"] in ("ok", "anomalous")
+        assert httpx.get(f"{url}/v1/models/gray").json()["backend"] == "onnxruntime"
+    finally:
+        process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
+        output, _ = process.communicate(timeout=20)
+    assert "TORCH_IMPORTED False" in output, output

@@ -1,0 +1,129 @@
+"""Bundle loading: verification, refusal of bad bundles, reload semantics, and both backends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mnemo.bundle import ONNX_FILE
+from service.backends import OnnxRunner, TorchScriptRunner
+from service.metrics import ServiceMetrics
+from service.registry import ModelRegistry
+from tests.service_helpers import export_tiny_bundle, make_settings
+
+pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
+
+
+def in_loop(steps):
+    """Run ``steps()`` in one event loop: batchers belong to the loop that started them."""
+    return asyncio.run(asyncio.wait_for(steps(), timeout=60))
+
+
+def copy_bundles(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def edit_manifest(bundle: Path, **changes) -> None:
+    path = bundle / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+def test_good_bundles_load_and_bad_ones_are_refused_with_a_clear_log_line(bundle_dir, tmp_path, caplog):
+    root = copy_bundles(bundle_dir, tmp_path / "models")
+    shutil.copytree(root / "gray", root / "corrupt")
+    (root / "corrupt" / ONNX_FILE).write_bytes(b"\0" * 64)  # bytes no longer match the sha256
+    shutil.copytree(root / "gray", root / "mismatched")
+    edit_manifest(root / "mismatched", name="mismatched", preprocessing={"channels": 1, "size": 32})
+    shutil.copytree(root / "gray", root / "twin")  # same manifest name as "gray"
+    (root / "not_a_bundle").mkdir()
+    (root / ".staging-123").mkdir()  # export_bundle's hidden staging directories are ignored
+    registry = ModelRegistry(make_settings(root, max_batch_size=4), ServiceMetrics())
+
+    async def steps():
+        report = await registry.reload()
+        await registry.close()
+        return report
+
+    with caplog.at_level(logging.ERROR, logger="mnemo.service"):
+        report = in_loop(steps)
+    assert sorted(report.loaded) == ["color", "gray"]
+    reasons = {Path(path).name: reason for path, reason in report.failed.items()}
+    assert set(reasons) == {"corrupt", "mismatched", "twin", "not_a_bundle"}
+    assert "model.onnx is corrupt" in reasons["corrupt"]
+    assert "graph input [1, 28, 28] != manifest preprocessing [1, 32, 32]" in reasons["mismatched"]
+    assert "already served" in reasons["twin"] and "no manifest.json" in reasons["not_a_bundle"]
+    assert sum("refused model bundle" in r.getMessage() for r in caplog.records) == 4
+
+
+def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_removed(bundle_dir, tmp_path):
+    root = copy_bundles(bundle_dir, tmp_path / "models")
+    registry = ModelRegistry(make_settings(root), ServiceMetrics())
+
+    async def steps():
+        await registry.reload()
+        gray, color = registry.models["gray"], registry.models["color"]
+        (root / "gray" / ONNX_FILE).write_bytes(b"broken")
+        report = await registry.reload()
+        assert report.kept == ["gray"] and registry.models["gray"] is gray  # old version keeps serving
+        assert report.unchanged == ["color"] and registry.models["color"] is color  # no needless re-load
+        [still] = await gray.batcher.submit(np.zeros((1, 1, 28, 28), np.float32))
+        assert np.isfinite(still.score)
+
+        export_tiny_bundle(root, "gray", version="2", seed=3)
+        shutil.rmtree(root / "color")
+        report = await registry.reload()
+        assert report.loaded == ["gray"] and registry.models["gray"].manifest.version == "2"
+        assert report.removed == ["color"] and "color" not in registry.models
+        assert gray.batcher._task.done()  # the replaced version's batcher was stopped
+        await registry.close()
+
+    in_loop(steps)
+
+
+def test_missing_model_dir_is_a_reported_failure_not_a_crash(tmp_path):
+    registry = ModelRegistry(make_settings(tmp_path / "nowhere"), ServiceMetrics())
+    report = in_loop(registry.reload)
+    assert registry.models == {} and "does not exist" in next(iter(report.failed.values()))
+
+
+def test_a_single_bundle_directory_can_be_served_directly(bundle_dir):
+    registry = ModelRegistry(make_settings(bundle_dir / "color"), ServiceMetrics())
+
+    async def steps():
+        await registry.reload()
+        names = list(registry.models)
+        await registry.close()
+        return names
+
+    assert in_loop(steps) == ["color"]
+
+
+def test_torchscript_and_onnx_runners_agree(bundle_dir):
+    x = np.random.default_rng(0).normal(size=(3, 3, 16, 16)).astype(np.float32)
+    onnx = OnnxRunner(bundle_dir / "color" / "model.onnx", device="cpu")
+    ts = TorchScriptRunner(bundle_dir / "color" / "model.ts", device="cpu")
+    (s1, h1), (s2, h2) = onnx.run(x), ts.run(x)
+    assert s1.shape == (3,) and h1.shape == (3, 1, 16, 16) and onnx.input_shape == (3, 16, 16)
+    np.testing.assert_allclose(s1, s2, atol=1e-4)
+    np.testing.assert_allclose(h1, h2, atol=1e-4)
+    assert onnx.device == "cpu" and ts.device == "cpu"
+
+
+def test_onnx_provider_choice():
+    cpu_only = ["CPUExecutionProvider"]
+    with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert OnnxRunner._providers(cpu_only, "auto") == ["CPUExecutionProvider"]
+    assert OnnxRunner._providers(with_cuda, "cpu") == ["CPUExecutionProvider"]
+    assert OnnxRunner._providers(with_cuda, "cuda:1")[0] == ("CUDAExecutionProvider", {"device_id": 1})
+    assert OnnxRunner._providers(with_cuda, "auto")[-1] == "CPUExecutionProvider"  # CPU fallback kept
+    with pytest.raises(RuntimeError, match="no CUDA provider"):
+        OnnxRunner._providers(cpu_only, "cuda")
