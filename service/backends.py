@@ -1,0 +1,98 @@
+"""Inference runners: ONNX Runtime and TorchScript behind one tiny interface.
+
+A runner maps a float32 batch ``[B, C, H, W]`` (already normalised) to ``(score[B], heatmap[B, 1, H, W])``
+as numpy arrays. torch is imported only inside ``TorchScriptRunner`` so that the ONNX path, and the slim
+CPU image built for it, never needs torch.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from mnemo.bundle import ONNX_FILE, TORCHSCRIPT_FILE
+
+
+class Runner(Protocol):
+    backend: str
+    device: str
+    input_shape: tuple[int | None, ...]  # [C, H, W] the graph expects; None where it is dynamic
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class OnnxRunner:
+    """ONNX Runtime session; CUDA execution provider when asked for (or ``auto`` and present)."""
+
+    backend = "onnxruntime"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        providers = self._providers(ort.get_available_providers(), device)
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        graph_input = self.session.get_inputs()[0]
+        self.input_name = graph_input.name
+        self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape[1:])
+        self.output_names = ["score", "heatmap"]
+
+    @staticmethod
+    def _providers(available: list[str], device: str) -> list[str | tuple[str, dict]]:
+        if device == "cpu":
+            return ["CPUExecutionProvider"]
+        if "CUDAExecutionProvider" not in available:
+            if device.startswith("cuda"):
+                raise RuntimeError(f"device {device!r} asked for, but ONNX Runtime has no CUDA provider")
+            return ["CPUExecutionProvider"]
+        index = int(device.partition(":")[2] or 0)
+        return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        score, heatmap = self.session.run(self.output_names, {self.input_name: batch})
+        return np.asarray(score), np.asarray(heatmap)
+
+
+class TorchScriptRunner:
+    """A traced TorchScript module on CPU or CUDA, run under ``inference_mode``."""
+
+    backend = "torchscript"
+
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if threads:
+            torch.set_num_threads(threads)
+        self._torch = torch
+        self._device = torch.device(device)
+        self.device = str(self._device)
+        with warnings.catch_warnings():  # torch >= 2.9 flags TorchScript as deprecated; it is our format
+            warnings.simplefilter("ignore", DeprecationWarning)
+            self.module = torch.jit.load(str(path), map_location=self._device).eval()
+        self.input_shape = (None, None, None)  # traced graphs do not declare it
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        with self._torch.inference_mode():
+            score, heatmap = self.module(self._torch.from_numpy(batch).to(self._device))
+        return score.float().cpu().numpy(), heatmap.float().cpu().numpy()
+
+
+def resolve_backend(backend: str) -> str:
+    """``auto`` is ONNX Runtime: always installed, torch-free, and CUDA-capable when its GPU build is."""
+    return "onnxruntime" if backend == "auto" else backend
+
+
+def create_runner(bundle_dir: Path, backend: str, device: str, threads: int = 0) -> Runner:
+    backend = resolve_backend(backend)
+    if backend == "onnxruntime":
+        return OnnxRunner(bundle_dir / ONNX_FILE, device, threads)
+    if backend == "torchscript":
+        return TorchScriptRunner(bundle_dir / TORCHSCRIPT_FILE, device, threads)
+    raise ValueError(f"unknown backend {backend!r}; use auto, onnxruntime or torchscript")

@@ -1,0 +1,58 @@
+"""``mnemo serve``: run the scoring service under uvicorn.
+
+Settings come from ``MNEMO_*`` environment variables (see ``service/settings.py``); a flag given here wins
+over its variable. Only argparse is imported until the command runs, so ``mnemo --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> (settings field, type, help); each flag's variable MNEMO_<FIELD> is added to its help text.
+FLAGS = {
+    "--model-dir": ("model_dir", str, "directory of model bundles, or one bundle (default ./bundles)"),
+    "--host": ("host", str, "interface to listen on; 0.0.0.0 for all (default 127.0.0.1)"),
+    "--port": ("port", int, "TCP port (default 8000)"),
+    "--backend": ("backend", str, "auto (= onnxruntime), onnxruntime or torchscript (default auto)"),
+    "--device": ("device", str, "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"),
+    "--max-batch-size": ("max_batch_size", int, "most images per inference call (default 16)"),
+    "--max-wait-ms": ("max_wait_ms", float, "longest a queued image waits for batch mates (default 5)"),
+    "--max-queue": ("max_queue", int, "most images waiting per model before 503 (default 256)"),
+    "--request-timeout": ("request_timeout_s", float, "seconds of queue + inference before 504 (default 10)"),
+    "--max-upload-bytes": ("max_upload_bytes", int, "largest request body before 413 (default 20 MiB)"),
+    "--max-files": ("max_files", int, "most images in one request (default 16)"),
+    "--log-level": ("log_level", str, "critical, error, warning, info or debug (default info)"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "serve",
+        help="run the HTTP scoring service",
+        description="Serve every model bundle in a directory over HTTP: POST /v1/models/NAME:score, "
+        "GET /v1/models, /healthz, /readyz, /metrics, API docs at /docs, an upload page at /. Every setting "
+        "is also read from an environment variable MNEMO_<NAME> (flags win); MNEMO_API_KEY turns on "
+        "API-key auth (header MNEMO_API_KEY_HEADER, default X-API-Key), kept out of flags so it never shows "
+        "in the process list. Other variables: MNEMO_RETRY_AFTER_S, MNEMO_MAX_IMAGE_PIXELS, "
+        "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_DECODE_CONCURRENCY (service/settings.py).",
+    )
+    for flag, (field, kind, text) in FLAGS.items():
+        p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
+    settings = Settings(**{field: value for field, value in given.items() if value is not None})
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    return 0

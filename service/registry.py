@@ -1,0 +1,214 @@
+"""The loaded models: discover bundles in the model directory, verify, load, warm up, swap on reload.
+
+A bundle that fails (bad manifest, checksum mismatch, graph that does not match its manifest, duplicate
+name) is refused with one log line and the others keep serving. On reload, a bundle that now fails keeps
+its previously loaded version; a bundle whose files are unchanged keeps its running instance (no
+warm-up, no disruption); a bundle that disappeared is unloaded after its queued requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mnemo.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
+from mnemo.calibration import Calibration
+from mnemo.imaging import Preprocessing
+from service.backends import Runner, create_runner
+from service.batching import DynamicBatcher
+from service.metrics import ModelMetrics, ServiceMetrics
+from service.settings import Settings
+
+logger = logging.getLogger("mnemo.service")
+
+# Model names are URL path segments in `/v1/models/{name}:score`.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+@dataclass
+class LoadedModel:
+    manifest: Manifest
+    path: Path
+    runner: Runner
+    preprocessing: Preprocessing
+    calibration: Calibration
+    loaded_at: float = field(default_factory=time.time)
+    batcher: DynamicBatcher | None = None  # set when the registry starts serving it
+    metrics: ModelMetrics | None = None  # likewise
+    quantiles: np.ndarray = field(init=False)  # as an array once, not per request
+
+    def __post_init__(self) -> None:
+        self.quantiles = np.asarray(self.calibration.quantiles, np.float64)
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.threshold
+
+    def info_labels(self) -> dict[str, str]:
+        m = self.manifest
+        return dict(
+            model=m.name,
+            version=m.version,
+            architecture=m.architecture,
+            backend=self.runner.backend,
+            device=self.runner.device,
+        )
+
+    def same_files(self, manifest: Manifest) -> bool:
+        return manifest.version == self.manifest.version and manifest.files == self.manifest.files
+
+
+@dataclass
+class ReloadReport:
+    loaded: list[str] = field(default_factory=list)  # newly loaded or replaced by a new version
+    unchanged: list[str] = field(default_factory=list)
+    kept: list[str] = field(default_factory=list)  # reload failed, previous version still served
+    removed: list[str] = field(default_factory=list)
+    failed: dict[str, str] = field(default_factory=dict)  # bundle path -> reason
+
+
+def discover(model_dir: Path) -> list[Path]:
+    """The bundle directories: ``model_dir`` itself if it is one, else its non-hidden subdirectories."""
+    if (model_dir / MANIFEST_FILE).is_file():
+        return [model_dir]
+    if not model_dir.is_dir():
+        raise BundleError(f"model directory {model_dir} does not exist")
+    return sorted(p for p in model_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def check_outputs(runner: Runner, pre: Preprocessing, batch: int) -> None:
+    """Run a zero batch and check the scoring contract's shapes; doubles as the warm-up."""
+    x = np.zeros((batch, pre.channels, pre.size, pre.size), dtype=np.float32)
+    try:
+        score, heatmap = runner.run(x)
+    except Exception as exc:
+        raise BundleError(f"model does not run on {list(x.shape[1:])} input ({exc})") from None
+    if score.shape != (batch,) or heatmap.shape != (batch, 1, pre.size, pre.size):
+        raise BundleError(
+            f"model outputs score {list(score.shape)} and heatmap {list(heatmap.shape)} for a batch of "
+            f"{batch} × {list(x.shape[1:])}; expected [{batch}] and [{batch}, 1, {pre.size}, {pre.size}]"
+        )
+
+
+def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = None) -> LoadedModel:
+    """Verify and load one bundle; reuse ``previous`` when its files are unchanged."""
+    manifest = read_manifest(path)
+    if previous is not None and previous.path == path and previous.same_files(manifest):
+        return previous
+    if not NAME_PATTERN.match(manifest.name):
+        raise BundleError(f"model name {manifest.name!r} must match {NAME_PATTERN.pattern}")
+    try:
+        pre = Preprocessing.from_dict(manifest.preprocessing)
+        calibration = Calibration.from_dict(manifest.calibration)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleError(f"manifest preprocessing/calibration invalid ({exc})") from None
+    runner = create_runner(path, settings.backend, settings.device, settings.intra_op_threads)
+    declared = (pre.channels, pre.size, pre.size)
+    if any(g is not None and g != d for g, d in zip(runner.input_shape, declared)):
+        raise BundleError(
+            f"graph input {list(runner.input_shape)} != manifest preprocessing {list(declared)}"
+        )
+    for batch in sorted({1, settings.max_batch_size}):
+        check_outputs(runner, pre, batch)
+    return LoadedModel(manifest, path, runner, pre, calibration)
+
+
+def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[str, LoadedModel], dict]:
+    """Load every bundle; returns the new name -> model map and path -> failure reason."""
+    by_path = {m.path: m for m in current.values()}
+    models: dict[str, LoadedModel] = {}
+    failed: dict[str, str] = {}
+    try:
+        paths = discover(Path(settings.model_dir))
+    except BundleError as exc:
+        return {}, {str(settings.model_dir): str(exc)}
+    for path in paths:
+        try:
+            model = load_bundle(path, settings, by_path.get(path))
+            if model.name in models:
+                raise BundleError(
+                    f"model name {model.name!r} is already served from {models[model.name].path}"
+                )
+        except Exception as exc:  # one bad bundle must never stop the others
+            failed[str(path)] = str(exc)
+            logger.error("refused model bundle %s: %s", path, exc)
+            continue
+        models[model.name] = model
+    return models, failed
+
+
+class ModelRegistry:
+    """The served models; reloads are serialised and swap the whole map at once."""
+
+    def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, LoadedModel] = {}
+        self.last_report = ReloadReport()
+        self._lock = asyncio.Lock()
+
+    def get(self, name: str) -> LoadedModel | None:
+        return self.models.get(name)
+
+    async def reload(self) -> ReloadReport:
+        async with self._lock:
+            fresh, failed = await asyncio.to_thread(load_all, self.settings, dict(self.models))
+            old = self.models
+            kept = {n: m for n, m in old.items() if str(m.path) in failed and n not in fresh}
+            self.models = {**kept, **fresh}
+            retired = [m for n, m in old.items() if self.models.get(n) is not m]
+            for model in retired:  # before the new versions register theirs, which may carry the same labels
+                self.metrics.drop_model(model.info_labels())
+            report = ReloadReport(failed=failed, kept=sorted(kept))
+            for name, model in fresh.items():
+                if old.get(name) is model:
+                    report.unchanged.append(name)
+                else:
+                    self._start(model)
+                    report.loaded.append(name)
+            report.removed = sorted(m.name for m in retired if m.name not in self.models)
+            self.last_report = report
+        self.metrics.errors.labels("bundle_load").inc(len(failed))
+        for name in report.kept:
+            logger.warning("reload of %s failed; still serving version %s", name, kept[name].manifest.version)
+        for model in retired:
+            await self._stop(model)
+        return report
+
+    async def close(self) -> None:
+        models, self.models = list(self.models.values()), {}
+        for model in models:
+            self.metrics.drop_model(model.info_labels())
+            await self._stop(model)
+
+    def _start(self, model: LoadedModel) -> None:
+        s = self.settings
+        model.metrics = self.metrics.for_model(model.name)
+        model.batcher = DynamicBatcher(
+            model.runner.run,
+            max_batch_size=s.max_batch_size,
+            max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue,
+            observer=model.metrics,
+            name=model.name,
+        )
+        model.batcher.start()
+        self.metrics.set_model(model.info_labels(), model.loaded_at)
+        logger.info(
+            "loaded model %s version %s from %s (%s on %s)",
+            model.name, model.manifest.version, model.path, model.runner.backend, model.runner.device,
+        )  # fmt: skip
+
+    async def _stop(self, model: LoadedModel) -> None:
+        if model.batcher is not None:
+            await model.batcher.close()

@@ -1,0 +1,92 @@
+"""Response bodies of the HTTP API, as pydantic models so the OpenAPI document describes them."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+HeatmapFormat = Literal["none", "overlay", "gray", "grid"]
+
+
+class Heatmap(BaseModel):
+    format: Literal["overlay", "gray", "grid"]
+    width: int
+    height: int
+    png_base64: str | None = Field(None, description="overlay/gray: a PNG at the model's input size")
+    values: list[list[float]] | None = Field(None, description="grid: rows of per-cell mean heatmap values")
+
+
+class ImageScore(BaseModel):
+    filename: str | None = None
+    score: float = Field(description="anomaly score; higher is more anomalous")
+    p_value: float = Field(description="share of held-out normal images scoring at least this high")
+    verdict: Literal["ok", "anomalous"]
+    threshold: float = Field(description="the threshold used: the model's, or the request's override")
+    heatmap: Heatmap | None = None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class Timings(BaseModel):
+    decode_ms: float
+    queue_ms: float = Field(description="longest wait of this request's images for their batch")
+    inference_ms: float = Field(description="longest inference call among this request's batches")
+    total_ms: float
+
+
+class ScoreResponse(BaseModel):
+    model: ModelRef
+    results: list[ImageScore]
+    timings_ms: Timings
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    backend: str
+    device: str
+    input_channels: int
+    input_size: int
+    preprocessing: dict[str, Any]
+    threshold: float
+    calibration_method: str | None = None
+    metrics: dict[str, Any]
+    created: str
+    loaded_at: float
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="stable machine-readable code, e.g. not_an_image, queue_full")
+    message: str
+    file: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    ready: bool
+    models: list[str]
+    failed: dict[str, str] = Field(description="bundle path -> why it was refused, from the last (re)load")
+
+
+class ReloadResult(BaseModel):
+    loaded: list[str]
+    unchanged: list[str]
+    kept: list[str] = Field(description="failed to reload; the previous version is still served")
+    removed: list[str]
+    failed: dict[str, str]

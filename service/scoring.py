@@ -1,0 +1,105 @@
+"""From uploaded bytes to per-image results for one model: decode, (batcher runs the model), judge, draw.
+
+Decoding and PNG drawing are CPU work, so the app runs ``decode_uploads`` and ``judge`` in a worker
+thread. The decision rule is the calibration's: anomalous iff score > threshold (``mnemo.calibration``).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from mnemo.calibration import p_value
+from mnemo.imaging import (
+    ImageDecodeError,
+    decode_image,
+    display_rgb,
+    heatmap_overlay_png,
+    heatmap_png,
+    prepare_pixels,
+)
+from service.batching import ImageResult
+from service.errors import ApiError
+from service.registry import LoadedModel
+from service.schemas import Heatmap, HeatmapFormat, ImageScore
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Decoded:
+    inputs: np.ndarray  # [N, C, H, W], the model's normalisation
+    displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
+
+
+def decode_uploads(uploads: list[Upload], model: LoadedModel, max_pixels: int, overlay: bool) -> Decoded:
+    """Decode every upload or fail the request on the first bad one, naming it."""
+    pre = model.preprocessing
+    inputs = np.empty((len(uploads), pre.channels, pre.size, pre.size), np.float32)
+    displays = [] if overlay else None
+    for i, upload in enumerate(uploads):
+        name = upload.filename or f"image {i}"
+        try:
+            pixels = decode_image(upload.data, max_pixels=max_pixels)
+        except ImageDecodeError as exc:
+            raise ApiError(400, exc.reason, f"{name}: {exc}", file=upload.filename) from None
+        inputs[i] = prepare_pixels(pixels, pre)
+        if displays is not None:
+            displays.append(display_rgb(pixels, pre))
+    return Decoded(inputs, displays)
+
+
+def judge(
+    model: LoadedModel,
+    uploads: list[Upload],
+    results: list[ImageResult],
+    decoded: Decoded,
+    threshold: float,
+    heatmap: HeatmapFormat,
+    grid_size: int,
+) -> list[ImageScore]:
+    scores = np.array([r.score for r in results], np.float64)
+    p_values = np.atleast_1d(p_value(scores, model.quantiles, model.calibration.n))
+    return [
+        ImageScore(
+            filename=upload.filename,
+            score=float(score),
+            p_value=float(p),
+            verdict="anomalous" if score > threshold else "ok",
+            threshold=threshold,
+            heatmap=render_heatmap(result.heatmap, heatmap, decoded.displays, i, grid_size),
+        )
+        for i, (upload, result, score, p) in enumerate(zip(uploads, results, scores, p_values))
+    ]
+
+
+def render_heatmap(
+    heat: np.ndarray, fmt: HeatmapFormat, displays: list[np.ndarray] | None, index: int, grid_size: int
+) -> Heatmap | None:
+    """Colours stretch each heatmap's own min…max: bundles carry no calibrated pixel-level scale yet."""
+    height, width = heat.shape
+    if fmt == "none":
+        return None
+    if fmt == "grid":
+        grid = heatmap_grid(heat, grid_size)
+        return Heatmap(format="grid", width=grid.shape[1], height=grid.shape[0], values=grid.tolist())
+    png = heatmap_overlay_png(displays[index], heat) if fmt == "overlay" else heatmap_png(heat)
+    return Heatmap(format=fmt, width=width, height=height, png_base64=base64.b64encode(png).decode("ascii"))
+
+
+def heatmap_grid(heat: np.ndarray, size: int) -> np.ndarray:
+    """Area-average the heatmap down to at most ``size``×``size`` cells (never upsampled)."""
+    height, width = heat.shape
+    if height <= size and width <= size:
+        return heat.astype(np.float64)
+    shape = (min(size, width), min(size, height))
+    return np.asarray(
+        Image.fromarray(heat.astype(np.float32)).resize(shape, Image.Resampling.BOX), np.float64
+    )

@@ -1,0 +1,67 @@
+"""Every knob of the scoring service, read from ``MNEMO_*`` environment variables (or ``mnemo serve`` flags).
+
+Defaults favour a single line camera on a small CPU box: requests wait at most 5 ms to be grouped into
+batches of up to 16 images, at most 256 images may wait per model, and a request gives up after 10 s.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from mnemo.imaging import DEFAULT_MAX_PIXELS
+
+Backend = Literal["auto", "onnxruntime", "torchscript"]
+
+
+class Settings(BaseSettings):
+    """Service settings; each field is also the env var ``MNEMO_<FIELD>`` (e.g. ``MNEMO_MAX_BATCH_SIZE``)."""
+
+    model_config = SettingsConfigDict(env_prefix="MNEMO_", frozen=True, extra="ignore")
+
+    model_dir: Path = Field(
+        Path("bundles"),
+        description="directory of model bundles (one per subdirectory), or a single bundle directory",
+    )
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    backend: Backend = Field(
+        "auto", description="auto (= onnxruntime), onnxruntime or torchscript (needs torch installed)"
+    )
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    intra_op_threads: int = Field(0, ge=0, description="threads per inference call; 0 lets the runtime pick")
+    max_batch_size: int = Field(16, ge=1, description="most images run together in one inference call")
+    max_wait_ms: float = Field(5.0, ge=0, description="longest a queued image waits for batch mates")
+    max_queue: int = Field(
+        256, ge=1, description="most images waiting per model; beyond it requests get 503 + Retry-After"
+    )
+    retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a queue-full 503")
+    request_timeout_s: float = Field(10.0, gt=0, description="per-request limit for queue + inference (504)")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="largest request body accepted (413)")
+    max_files: int = Field(16, ge=1, description="most images in one multipart request")
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="largest decoded image (width × height); more is a bomb",
+    )
+    decode_concurrency: int = Field(
+        4, ge=1, description="images decoded at once; bounds decode memory (a 40 MP colour image is ~0.5 GB)"
+    )
+    heatmap_grid_size: int = Field(32, ge=1, le=256, description="side of the float-grid heatmap format")
+    api_key: SecretStr | None = Field(
+        None, description="when set, /v1 requests must send it (off by default)"
+    )
+    api_key_header: str = Field("X-API-Key", description="header that carries the API key")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field(
+        "info", description="log level"
+    )
+
+    @model_validator(mode="after")
+    def _queue_fits_a_request(self) -> Settings:
+        # Otherwise a full-size multipart request could never be admitted and would always get 503.
+        if self.max_queue < self.max_files:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= max_files ({self.max_files})")
+        return self
