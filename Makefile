@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test lint format clean
+.PHONY: install run demo-bundle test browser format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,13 +16,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv with everything needed to train, serve and test
 
-run: $(STAMP)  ## the main job (see README)
-	$(BIN)/mnemo demo
+run: $(STAMP)  ## the main job: serve the bundles in ./bundles (the default one ships with the repo)
+	$(BIN)/mnemo serve --model-dir bundles
 
-test: $(STAMP)  ## lint + the whole test suite
+demo-bundle: $(STAMP)  ## rebuild the shipped default bundle bundles/brick from scratch (~2 min on CPU)
+	$(BIN)/mnemo demo --out runs/demo --bundle bundles/brick
+
+test: $(STAMP) browser  ## lint + the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+# Headless Chromium for the upload-page test: installed with apt when running as root, else that test skips.
+browser:
+	@command -v chromium >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "chromium not installed and not root: the upload-page test will be skipped"; fi; }
 
 format: $(STAMP)
 	$(BIN)/ruff format .

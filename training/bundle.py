@@ -102,6 +102,7 @@ def export_bundle(
         (staging / MANIFEST_FILE).write_text(manifest.to_json())
         if out_dir.exists():
             shutil.rmtree(out_dir)
+        staging.chmod(0o755)  # mkdtemp makes it private; a service under another user must read it
         staging.rename(out_dir)
         return manifest
     finally:

@@ -105,15 +105,18 @@ def _data(subparsers) -> None:
 def _demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="build the default demo bundle end to end (synthetic data → train → evaluate → export)",
-        description="Generate the synthetic-defect textures, train the default model on them for a short "
-        "CPU schedule, evaluate it and export the bundle the service ships with.",
+        help="rebuild the default bundle end to end (synthetic data → train → evaluate → export)",
+        description="Generate the synthetic-defect brick textures, train the default model (a CPU-sized "
+        "DAAD) on them, evaluate it and export the bundle. `make demo-bundle` runs this to rebuild the "
+        "bundle that ships in bundles/brick.",
     )
-    p.add_argument("--out", default="runs/demo", help="working directory (default runs/demo)")
-    p.add_argument("--bundle", default=None, help="bundle directory (default <out>/bundle)")
-    p.add_argument("--model", default="memae", help="architecture (default memae)")
-    p.add_argument("--epochs", type=int, default=15, help="training epochs (default 15)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--out", default="runs/demo", help="working directory for data and run (default runs/demo)"
+    )
+    p.add_argument("--bundle", default=None, help="bundle directory to write (default <out>/bundle)")
+    p.add_argument("--name", default="brick", help="model name clients use (default brick)")
+    p.add_argument("--epochs", type=int, default=30, help="training epochs (default 30)")
+    p.add_argument("--seed", type=int, default=0, help="random seed for data and training (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=lambda args: _run("demo", args))
 
