@@ -193,6 +193,19 @@ def test_exported_bundle_scores_like_pytorch_in_onnxruntime_without_torch(traine
     )
 
 
+def test_export_can_ship_the_best_f1_or_a_manual_threshold(trained_run):
+    root, _, run = trained_run
+    calibration = json.loads((run / "calibration.json").read_text())
+    mnemo("export", str(run), "--out", str(root / "f1"), "--threshold", "best_f1")
+    shipped = json.loads((root / "f1" / "manifest.json").read_text())["calibration"]
+    assert shipped["method"] == "best_f1" and shipped["threshold"] == calibration["best_f1_threshold"]
+    mnemo("export", str(run), "--out", str(root / "manual"), "--threshold", "0.25")
+    shipped = json.loads((root / "manual" / "manifest.json").read_text())["calibration"]
+    assert shipped == {**calibration, "threshold": 0.25, "method": "manual"}
+    bad = mnemo("export", str(run), "--out", str(root / "bad"), "--threshold", "loose", check=False)
+    assert bad.returncode == 2 and "--threshold must be" in bad.stderr
+
+
 def test_export_of_a_missing_run_is_a_clear_error(tmp_path):
     result = mnemo("export", str(tmp_path / "nope"), "--out", str(tmp_path / "b"), check=False)
     assert result.returncode == 2 and "model.pt" in result.stderr and "Traceback" not in result.stderr

@@ -76,6 +76,12 @@ def _export(subparsers) -> None:
     p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     p.add_argument("--name", help="model name clients use (default: the run's model name)")
     p.add_argument("--version", default=None, help="bundle version string (default: a UTC timestamp)")
+    p.add_argument(
+        "--threshold",
+        default="false_alarm_rate",
+        help="the verdict threshold to ship: false_alarm_rate (default: calibrated on held-out good images "
+        "for the run's false_alarm_rate), best_f1 (needs a labelled test split), or a number",
+    )
     p.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
     p.set_defaults(func=lambda args: _run("export", args))
 

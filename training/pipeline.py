@@ -244,6 +244,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def choose_threshold(calibration: dict[str, Any], choice: str) -> dict[str, Any]:
+    """The calibration record with the verdict threshold to ship (``mnemo export --threshold``)."""
+    if choice == "false_alarm_rate":
+        return calibration
+    if choice == "best_f1":
+        if calibration.get("best_f1_threshold") is None:
+            raise ValueError("--threshold best_f1: the run had no labelled test split to choose it on")
+        return {**calibration, "threshold": calibration["best_f1_threshold"], "method": "best_f1"}
+    try:
+        value = float(choice)
+    except ValueError:
+        raise ValueError(
+            f"--threshold must be false_alarm_rate, best_f1 or a number, got {choice!r}"
+        ) from None
+    return {**calibration, "threshold": value, "method": "manual"}
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     model = load_model(run_dir)
@@ -255,7 +272,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         name=args.name or cfg.model,
         version=args.version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S"),
         preprocessing=preprocessing_of(model, cfg.data.resize).to_dict(),
-        calibration=json.loads((run_dir / "calibration.json").read_text()),
+        calibration=choose_threshold(json.loads((run_dir / "calibration.json").read_text()), args.threshold),
         samples=torch.load(run_dir / "samples.pt"),
         training={"run_config": cfg.to_dict(), "data": report.get("data"), "epochs": report.get("epochs")},
         metrics=report.get("test", {}),
@@ -311,5 +328,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
     run_dir = train_run(cfg, progress=not args.no_progress)
     bundle = args.bundle or str(out / "bundle")
-    export_args = argparse.Namespace(run=run_dir, out=bundle, name=args.name, version=None, atol=1e-4)
+    export_args = argparse.Namespace(
+        run=run_dir, out=bundle, name=args.name, version=None, threshold="false_alarm_rate", atol=1e-4
+    )
     return cmd_export(export_args)
