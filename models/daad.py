@@ -225,7 +225,7 @@ class DAADPlus(DAAD):
     def fit_score_scaling(self, batches: Iterable | torch.Tensor) -> dict[str, float]:
         """Set the min-max constants from normal training images; returns them.
 
-        ``batches``: one tensor, or an iterable of tensors / (image, ...) tuples / {"image": ...} dicts.
+        ``batches``: one image tensor [B, C, H, W], or an iterable of them.
         Runs in eval mode (the scoring forward) and restores the previous mode.
         """
         was_training = self.training
@@ -233,7 +233,7 @@ class DAADPlus(DAAD):
         device = self.rec_min.device
         recs, alis = [], []
         for batch in [batches] if isinstance(batches, torch.Tensor) else batches:
-            rec, ali, _ = self.score_parts(_images(batch).to(device))
+            rec, ali, _ = self.score_parts(batch.to(device))
             recs.append(rec)
             alis.append(ali)
         self.train(was_training)
@@ -249,15 +249,6 @@ class DAADPlus(DAAD):
         """The constants baked into the scoring graph (recorded in bundle manifests)."""
         constants = {name: float(getattr(self, name)) for name in SCALING_BUFFERS}
         return {**constants, "gamma": float(self.config.gamma)}
-
-
-def _images(batch) -> torch.Tensor:
-    """A loader batch's images: the batch itself, its first item, or its "image" entry."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch[0]
 
 
 @register_model("daad", DAADConfig, "DAAD (paper 003 §3.1): UNet with a block-wise memory on every skip")

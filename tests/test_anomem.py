@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 import models
 from models.anomem import channels_last, double_hinge, nt_xent, sample_positions, variance_loss
 from models.memory import HopfieldMemory
-from training.export import check_close, export_onnx, export_torchscript
+from tests.export_check import assert_exports_match
 
 TINY = dict(
     image_size=32, stage_widths=(8, 16, 16, 32), stage_depths=(1, 1, 1, 1), memory_sizes=(16, 8), oe_hidden=16
@@ -231,16 +229,4 @@ def test_config_is_checked():
 
 @pytest.mark.parametrize("scoring", ["one_class", "outlier_exposure"])
 def test_exports_to_torchscript_and_onnx_with_dynamic_batch(scoring, tmp_path):
-    model = tiny(scoring=scoring).eval()
-    export_batch, run_batch = images(2), images(3, seed=5)
-    with torch.no_grad():
-        reference = tuple(t.numpy() for t in model.score(run_batch))
-    export_torchscript(model, tmp_path / "model.ts", export_batch)
-    loaded = torch.jit.load(str(tmp_path / "model.ts"))
-    with torch.no_grad():
-        check_close("torchscript", reference, tuple(t.numpy() for t in loaded(run_batch)))
-    export_onnx(model, tmp_path / "model.onnx", export_batch)
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    check_close(
-        "onnx", reference, tuple(np.asarray(o) for o in session.run(None, {"image": run_batch.numpy()}))
-    )
+    assert_exports_match(tiny(scoring=scoring), images(2), images(3, seed=5), tmp_path)

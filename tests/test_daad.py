@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
 
 import models
 from models.memory import BlockwiseMemory
+from tests.export_check import assert_exports_match
 from training.bundle import export_bundle
-from training.export import check_close, export_onnx, export_torchscript
 
 # 32 px: encoder maps 16, 8, 4 px, so one scale has multi-position blocks, one has 1×1 blocks, and one
 # is smaller than the division rate 8.
@@ -173,7 +171,7 @@ def test_score_scaling_starts_as_identity_and_fits_training_data_to_unit_range()
         torch.testing.assert_close(model.score(x)[0], 0.9 * rec + 0.1 * ali)
 
     model.train()
-    constants = model.fit_score_scaling([(x[:3], torch.zeros(3)), {"image": x[3:]}])
+    constants = model.fit_score_scaling([x[:3], x[3:]])
     assert model.training, "fitting must restore the training mode"
     assert bool(model.score_scaling_fitted)
     assert constants["rec_min"] == pytest.approx(rec.min().item(), rel=1e-5)
@@ -217,16 +215,4 @@ def test_exports_to_torchscript_and_onnx_with_dynamic_batch(name, tmp_path):
     model = tiny(name).eval()
     if name == "daad_plus":
         model.fit_score_scaling(images(4, seed=2))  # non-identity constants must be in the graph
-    export_batch, run_batch = images(2), images(3, seed=5)
-    with torch.no_grad():
-        reference = tuple(t.numpy() for t in model.score(run_batch))
-
-    export_torchscript(model, tmp_path / "model.ts", export_batch)
-    loaded = torch.jit.load(str(tmp_path / "model.ts"))
-    with torch.no_grad():
-        check_close("torchscript", reference, tuple(t.numpy() for t in loaded(run_batch)))
-
-    export_onnx(model, tmp_path / "model.onnx", export_batch)
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"image": run_batch.numpy()})
-    check_close("onnx", reference, tuple(np.asarray(o) for o in outputs))
+    assert_exports_match(model, images(2), images(3, seed=5), tmp_path)

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 
 import models
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
-from training.export import check_close, export_onnx, export_torchscript
+from tests.export_check import assert_exports_match
 
 EXPECTED = {"ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem"}
 
@@ -80,19 +78,5 @@ def test_eval_scores_do_not_depend_on_batch_mates(model_name):
 
 
 def test_scoring_exports_to_torchscript_and_onnx_with_dynamic_batch(model_name, tmp_path):
-    model = tiny_model(model_name).eval()
-    export_batch, run_batch = batch_for(model, 2), batch_for(model, 3, seed=5)
-    with torch.no_grad():
-        reference = tuple(t.numpy() for t in model.score(run_batch))
-
-    traced = export_torchscript(model, tmp_path / "model.ts", export_batch)
-    loaded = torch.jit.load(str(tmp_path / "model.ts"))
-    with torch.no_grad():
-        check_close("torchscript", reference, tuple(t.numpy() for t in loaded(run_batch)))
-        check_close("traced", reference, tuple(t.numpy() for t in traced(run_batch)))
-
-    export_onnx(model, tmp_path / "model.onnx", export_batch)
-    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
-    outputs = session.run(None, {"image": run_batch.numpy()})
-    assert [o.name for o in session.get_outputs()] == ["score", "heatmap"]
-    check_close("onnx", reference, tuple(np.asarray(o) for o in outputs))
+    model = tiny_model(model_name)
+    assert_exports_match(model, batch_for(model, 2), batch_for(model, 3, seed=5), tmp_path)

@@ -116,7 +116,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     write_json(out / "history.json", state.history)
 
     if hasattr(model, "fit_score_scaling"):  # DAAD+: min-max constants of R and L from training images
-        model.fit_score_scaling(loader(splits.train, optim.batch_size, workers))
+        model.fit_score_scaling(images_of(b) for b in loader(splits.train, optim.batch_size, workers))
     save_model(model, out / "model.pt")
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / "samples.pt")
 
