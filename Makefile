@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo-bundle test browser format clean
+.PHONY: install run demo-bundle test browser format clean docker docker-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ browser:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed and not root: the upload-page test will be skipped"; fi; }
+
+docker:  ## build the CPU image mnemo:cpu (ONNX Runtime, no torch; needs BuildKit)
+	DOCKER_BUILDKIT=1 docker build -t mnemo:cpu .
+
+docker-test: $(STAMP)  ## CI's Docker stage: build, compose up, score, Prometheus (root; installs docker.io)
+	PYTHON=$(BIN)/python docker/ci-test.sh
 
 format: $(STAMP)
 	$(BIN)/ruff format .
