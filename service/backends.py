@@ -34,6 +34,8 @@ class OnnxRunner:
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        # Idle ORT threads spin by default; in a server they would burn the cores that decode the next images.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = self._providers(ort.get_available_providers(), device)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"

@@ -1,7 +1,9 @@
 """Per-model dynamic batching: group queued images into one inference call, off the event loop.
 
 Callers ``await submit(images)``; a single collector task per model takes the first waiting image, then
-keeps taking more until ``max_batch_size`` images are in hand or ``max_wait_s`` has passed since the first,
+keeps taking more until ``max_batch_size`` images are in hand or ``max_wait_s`` has passed since the first
+(with ``max_wait_s = 0`` it takes only what is already queued: greedy batching, where the images that
+arrived while the previous batch ran form the next one),
 and runs the batch in the model's own worker thread, so the event loop never blocks and the next batch
 fills while this one runs. Admission is bounded (``QueueFullError`` beyond ``max_queue`` waiting images),
 a caller that gives up (timeout, disconnect) is skipped when its batch forms, and a failing batch fails

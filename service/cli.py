@@ -16,7 +16,11 @@ FLAGS = {
     "--backend": ("backend", str, "auto (= onnxruntime), onnxruntime or torchscript (default auto)"),
     "--device": ("device", str, "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"),
     "--max-batch-size": ("max_batch_size", int, "most images per inference call (default 16)"),
-    "--max-wait-ms": ("max_wait_ms", float, "longest a queued image waits for batch mates (default 5)"),
+    "--max-wait-ms": (
+        "max_wait_ms",
+        float,
+        "longest a queued image waits for batch mates; 0 = greedy (default 0)",
+    ),
     "--max-queue": ("max_queue", int, "most images waiting per model before 503 (default 256)"),
     "--request-timeout": ("request_timeout_s", float, "seconds of queue + inference before 504 (default 10)"),
     "--max-upload-bytes": ("max_upload_bytes", int, "largest request body before 413 (default 20 MiB)"),

@@ -1,7 +1,8 @@
 """Every knob of the scoring service, read from ``MNEMO_*`` environment variables (or ``mnemo serve`` flags).
 
-Defaults favour a single line camera on a small CPU box: requests wait at most 5 ms to be grouped into
-batches of up to 16 images, at most 256 images may wait per model, and a request gives up after 10 s.
+Defaults favour a single line camera on a small CPU box: a lone image runs at once, and under load the
+images that queued while a batch ran form the next one (up to 16); at most 256 images may wait per
+model, and a request gives up after 10 s.
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     intra_op_threads: int = Field(0, ge=0, description="threads per inference call; 0 lets the runtime pick")
     max_batch_size: int = Field(16, ge=1, description="most images run together in one inference call")
-    max_wait_ms: float = Field(5.0, ge=0, description="longest a queued image waits for batch mates")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="longest a queued image waits for batch mates; 0 = greedy: a batch is whatever queued "
+        "while the previous one ran (lowest latency when alone, full batches under load)",
+    )
     max_queue: int = Field(
         256, ge=1, description="most images waiting per model; beyond it requests get 503 + Retry-After"
     )

@@ -100,6 +100,26 @@ def test_a_lone_request_waits_at_most_max_wait():
     assert result.batch_size == 1 and result.queue_s >= 0.04 and elapsed < 1.0
 
 
+def test_greedy_batching_runs_a_lone_image_at_once_and_groups_what_queued_meanwhile():
+    async def scenario():
+        model = Recorder(delay_s=0.1)
+        batcher = await started(model, max_wait_s=0.0)
+        t0 = time.perf_counter()
+        [alone] = await batcher.submit(images(1.0))
+        lone_s = time.perf_counter() - t0
+        first = asyncio.create_task(batcher.submit(images(2.0)))
+        await asyncio.sleep(0.02)  # the first batch is now running; these five queue behind it
+        rest = await asyncio.gather(*(batcher.submit(images(float(i))) for i in range(3, 8)))
+        await first
+        await batcher.close()
+        return model, alone, lone_s, rest
+
+    model, alone, lone_s, rest = run(scenario())
+    assert alone.batch_size == 1 and alone.queue_s < 0.02 and lone_s < 0.5
+    assert model.batches == [1, 1, 5]
+    assert [r[0].score for r in rest] == [3.0, 4.0, 5.0, 6.0, 7.0]
+
+
 def test_failing_batch_fails_only_its_callers_and_the_next_batch_runs():
     async def scenario():
         model, log = Recorder(fail_when=-1.0), DepthLog()

@@ -1,0 +1,1 @@
+"""Benchmarks: the papers' accuracy tables and serving speed (``mnemo bench``)."""

@@ -1,0 +1,206 @@
+"""``mnemo bench accuracy`` / ``mnemo bench serve``: argparse only; the work is imported when it runs."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+RESULTS = Path("benchmarks/results")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmarks: the papers' accuracy tables, serving speed against raw ONNX Runtime",
+        description="Benchmarks. `accuracy` reproduces the papers' ROCO / one-class tables with the real "
+        "training pipeline; `serve` load-tests a real `mnemo serve` against raw ONNX Runtime.",
+    )
+    sub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
+    _accuracy(sub)
+    _serve(sub)
+
+
+def _ints(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t]
+
+
+def _names(text: str) -> list[str]:
+    return [t for t in text.split(",") if t]
+
+
+def _accuracy(sub) -> None:
+    p = sub.add_parser(
+        "accuracy",
+        help="train and evaluate every (dataset, protocol, model, class, seed) cell; resumable",
+        description="Train and evaluate each cell with `mnemo train`'s pipeline (Adam 1e-3, batch 256, "
+        "early stopping with patience 10 on a 10 %% validation split, up to 100 epochs), append its AUROC, "
+        "AUPRC and best F1 to the results JSON at once, and rewrite the markdown table (ours beside the "
+        "papers'). "
+        "Cells already in the JSON are skipped, so an interrupted run resumes. Seeds run one after the "
+        "other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every dataset); daad, "
+        "anomem (one-class, MNIST only).",
+    )
+    p.add_argument(
+        "--data",
+        default="../shared/data",
+        help="folder with one IDX subfolder per dataset "
+        "(mnist/, fashion-mnist/, kmnist/ when you have it) (default ../shared/data)",
+    )
+    p.add_argument(
+        "--datasets",
+        type=_names,
+        default=["mnist", "fashion-mnist"],
+        help="comma-separated: mnist, fashion-mnist, kmnist (default mnist,fashion-mnist)",
+    )
+    p.add_argument(
+        "--models",
+        type=_names,
+        default=["ae", "memae", "memorizer", "rftm", "daad", "anomem"],
+        help="comma-separated model names (default all six; each runs where its paper applies it)",
+    )
+    p.add_argument(
+        "--classes",
+        type=_ints,
+        default=list(range(10)),
+        help="comma-separated class indices: the anomalous class (ROCO) or the normal one "
+        "(one-class) (default 0-9)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=_ints,
+        default=[1997, 2015, 2022],
+        help="comma-separated seeds (default the papers' 1997,2015,2022)",
+    )
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        default=100,
+        help="epoch cap (default 100 = the papers'); a lower cap is recorded and flagged in "
+        "the table as not the papers' protocol",
+    )
+    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared 2-core box more threads than free cores "
+        "made training ~10x slower; 0 keeps torch's default)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument(
+        "--results",
+        default=str(RESULTS / "accuracy.json"),
+        help="results JSON, read to skip finished cells and appended to (default "
+        "benchmarks/results/accuracy.json); the markdown goes next to it (.md)",
+    )
+    p.add_argument("--work", default="runs/bench", help="scratch run directories (default runs/bench)")
+    p.add_argument(
+        "--keep-runs", action="store_true", help="keep each cell's run directory (checkpoints, plots)"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only rewrite the markdown from the results JSON; train nothing",
+    )
+    p.set_defaults(func=cmd_accuracy)
+
+
+def _serve(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="load-test `mnemo serve` against raw ONNX Runtime on the same bundles",
+        description="For each bundle: raw ONNX Runtime throughput in-process (best batch size, and the "
+        "single-image latency); then a real `mnemo serve` subprocess on 127.0.0.1 (random port), once with "
+        "dynamic batching and once with --max-batch-size 1, loaded by an asyncio + httpx generator at each "
+        "concurrency (one PNG per request, bounded by --requests and --duration). Reports images/s, "
+        "p50/p95/p99 latency, service ÷ raw, cold start to ready and the server's resident memory. Writes "
+        "serve.json and serve.md. Bundles it exports itself are untrained: speed does not depend on the "
+        "weights.",
+    )
+    p.add_argument(
+        "--bundles",
+        type=_names,
+        default=["brick", "mnist", "daad256"],
+        help="comma-separated: brick (the shipped bundles/brick, 64 px gray DAAD), mnist (an "
+        "untrained 28 px memorizer N=8, exported here), daad256 (an untrained default-config "
+        "256 px RGB DAAD, exported here), or a path to any bundle (default all three)",
+    )
+    p.add_argument(
+        "--concurrency",
+        type=_ints,
+        default=[1, 8, 32, 64],
+        help="comma-separated client concurrencies (default 1,8,32,64)",
+    )
+    p.add_argument(
+        "--duration",
+        type=float,
+        default=4.0,
+        help="seconds of load per (mode, concurrency) point, after a short warm-up (default 4)",
+    )
+    p.add_argument("--requests", type=int, default=4000, help="most requests per point (default 4000)")
+    p.add_argument(
+        "--max-batch-size",
+        type=int,
+        default=16,
+        help="the dynamic-batching server's --max-batch-size (default 16, the service default)",
+    )
+    p.add_argument(
+        "--max-wait-ms", type=float, default=0.0, help="its --max-wait-ms (default 0, the service default)"
+    )
+    p.add_argument(
+        "--raw-seconds",
+        type=float,
+        default=1.5,
+        help="seconds of raw ONNX Runtime timing per batch size (default 1.5)",
+    )
+    p.add_argument(
+        "--work", default="runs/bench-serve", help="where exported bundles go (default runs/bench-serve)"
+    )
+    p.add_argument("--results", default=str(RESULTS), help="output folder for serve.json / serve.md")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_accuracy(args: argparse.Namespace) -> int:
+    from benchmarks import accuracy
+    from benchmarks.accuracy_report import write_markdown
+
+    results = Path(args.results)
+    if args.report_only:
+        write_markdown(accuracy.load_results(results), results.with_suffix(".md"))
+        print(f"wrote {results.with_suffix('.md')}")
+        return 0
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cells = accuracy.plan(args.datasets, args.models, args.classes, args.seeds, args.max_epochs)
+    accuracy.run(
+        cells,
+        Path(args.data),
+        results,
+        Path(args.work),
+        patience=args.patience,
+        device=args.device,
+        keep_runs=args.keep_runs,
+        markdown_path=results.with_suffix(".md"),
+    )
+    print(f"results: {results} and {results.with_suffix('.md')}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from benchmarks import serve
+
+    report = serve.run(
+        args.bundles,
+        Path(args.work),
+        Path(args.results),
+        concurrency=args.concurrency,
+        duration=args.duration,
+        requests=args.requests,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        raw_seconds=args.raw_seconds,
+    )
+    print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
+    return 0

@@ -1,0 +1,263 @@
+"""``mnemo bench serve``: the service's throughput against the hardware limit of the same bundle.
+
+Per bundle, in one run: (1) raw ONNX Runtime in-process on already-normalised arrays, every batch size up to
+64 (median call time), keeping the best images/s (the limit) and batch-1 latency; (2) a real ``mnemo serve``
+subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``. (2) and (3) are loaded by
+``loadgen`` with one PNG per request at each concurrency. Headline: service images/s ÷ raw best images/s.
+
+The load generator runs on the same CPU as the server, so on a small box the client's own CPU use is part
+of what the service is measured against; the report records the machine so readers can judge.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from benchmarks.accuracy import git_commit, machine
+from benchmarks.loadgen import LoadResult, run_load
+from benchmarks.serve_report import write_markdown
+
+REPO = Path(__file__).resolve().parents[1]
+RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)
+READY_TIMEOUT_S = 120.0
+
+
+# ------------------------------------------------------------------------------------------- bundles
+
+
+def resolve_bundle(name: str, work: Path) -> tuple[Path, str]:
+    """(bundle dir, how it was made) for a known name, exporting it on first use, or a given path."""
+    from benchmarks import bundles
+
+    if name == "brick":
+        return REPO / "bundles" / "brick", "shipped bundles/brick (DAAD, 64 px gray, trained by mnemo demo)"
+    if name in bundles.SPECS:
+        out = work / name
+        if not (out / "manifest.json").is_file():
+            bundles.export_untrained(name, out)
+        return out, bundles.SPECS[name]["what"]
+    return Path(name), "user bundle"
+
+
+def manifest_of(bundle: Path) -> dict[str, Any]:
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def sample_png(manifest: dict[str, Any]) -> bytes:
+    """A smooth gradient image at the model's input size, so the service resizes nothing."""
+    import io
+
+    from PIL import Image
+
+    pre = manifest["preprocessing"]
+    size, channels = pre["size"], pre["channels"]
+    ramp = np.linspace(60, 200, size)
+    pixels = ((ramp[None, :] + ramp[:, None]) / 2).astype(np.uint8)
+    image = Image.fromarray(pixels).convert("RGB" if channels == 3 else "L")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------- raw
+
+
+def raw_onnxruntime(bundle: Path, seconds: float) -> dict[str, Any]:
+    """Images/s per batch size and batch-1 latency percentiles, same session options as the service."""
+    import onnxruntime as ort
+
+    manifest = manifest_of(bundle)
+    pre = manifest["preprocessing"]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 0  # the service's default (MNEMO_INTRA_OP_THREADS=0)
+    session = ort.InferenceSession(str(bundle / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    per_batch, latencies = {}, []
+    for batch in RAW_BATCHES:
+        x = np.random.default_rng(0).standard_normal((batch, pre["channels"], pre["size"], pre["size"]))
+        x = x.astype(np.float32)
+        session.run(None, {name: x})  # warm-up
+        times = _time_calls(lambda x=x: session.run(None, {name: x}), seconds)
+        per_batch[batch] = batch / float(np.median(times))
+        if batch == 1:
+            latencies = times
+    best = max(per_batch, key=per_batch.get)
+    return {
+        "images_per_s_by_batch": {str(b): round(v, 1) for b, v in per_batch.items()},
+        "best_batch": best,
+        "best_images_per_s": round(per_batch[best], 1),
+        "single_image_ms": _percentiles(latencies),
+    }
+
+
+def _time_calls(call, seconds: float, most: int = 2000) -> list[float]:
+    times: list[float] = []
+    stop = time.perf_counter() + seconds
+    while (time.perf_counter() < stop or len(times) < 3) and len(times) < most:
+        t = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def _percentiles(seconds: list[float]) -> dict[str, float]:
+    if not seconds:
+        return {}
+    ms = 1000 * np.asarray(seconds)
+    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
+
+
+# ------------------------------------------------------------------------------------------- service
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Server:
+    """A ``mnemo serve`` subprocess on 127.0.0.1; ``start`` returns seconds from spawn to /readyz 200."""
+
+    def __init__(self, bundle: Path, max_batch_size: int, max_wait_ms: float) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = [
+            sys.executable, "-m", "mnemo", "serve", "--model-dir", str(bundle), "--port", str(self.port),
+            "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
+            "--backend", "onnxruntime", "--device", "cpu", "--log-level", "warning",
+            "--max-queue", "256",
+        ]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> float:
+        started = time.perf_counter()
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.process = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
+        deadline = started + READY_TIMEOUT_S
+        while time.perf_counter() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"mnemo serve exited with {self.process.returncode}: {' '.join(self.args)}"
+                )
+            try:
+                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"mnemo serve not ready after {READY_TIMEOUT_S} s")
+
+    def memory_mb(self) -> dict[str, float]:
+        """Resident and peak resident memory of the server process (Linux /proc)."""
+        status = Path(f"/proc/{self.process.pid}/status")
+        fields = {}
+        if status.is_file():
+            for line in status.read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    fields[key] = round(int(value.split()[0]) / 1024, 1)
+        return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def service_mode(
+    bundle: Path, png: bytes, max_batch_size: int, max_wait_ms: float, concurrency: list[int], **load
+) -> dict[str, Any]:
+    server = Server(bundle, max_batch_size, max_wait_ms)
+    try:
+        cold = server.start()
+        idle = server.memory_mb()
+        url = f"{server.url}/v1/models/{manifest_of(bundle)['name']}:score"
+        points = [asyncio.run(run_load(url, png, c, **load)) for c in concurrency]
+        return {
+            "max_batch_size": max_batch_size,
+            "max_wait_ms": max_wait_ms,
+            "cold_start_s": round(cold, 2),
+            "memory_after_load_mb": idle,
+            "memory_after_run_mb": server.memory_mb(),
+            "points": [p.to_dict() for p in points],
+        }
+    finally:
+        server.stop()
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[str, Any]) -> dict[str, Any]:
+    bundle, what = resolve_bundle(name, work)
+    manifest = manifest_of(bundle)
+    png = sample_png(manifest)
+    load = {"duration": settings["duration"], "requests": settings["requests"]}
+    print(f"serve bench: {name} ({what})", flush=True)
+    raw = raw_onnxruntime(bundle, settings["raw_seconds"])
+    print(f"  raw ONNX Runtime: {raw['best_images_per_s']} images/s at batch {raw['best_batch']}", flush=True)
+    modes = {}
+    for mode, batch in (("dynamic", settings["max_batch_size"]), ("batch1", 1)):
+        modes[mode] = service_mode(bundle, png, batch, settings["max_wait_ms"], concurrency, **load)
+        for p in modes[mode]["points"]:
+            p["ratio_vs_raw"] = round(p["images_per_s"] / raw["best_images_per_s"], 3)
+            print(f"  {mode} c={p['concurrency']}: {p['images_per_s']} images/s, p50 {p['p50_ms']} ms, "
+                  f"ratio {p['ratio_vs_raw']}", flush=True)  # fmt: skip
+    pre = manifest["preprocessing"]
+    return {
+        "name": name,
+        "what": what,
+        "architecture": manifest["architecture"],
+        "input": f"{pre['channels']}×{pre['size']}×{pre['size']}",
+        "png_bytes": len(png),
+        "raw": raw,
+        "service": modes,
+    }
+
+
+def run(
+    names: list[str],
+    work: Path,
+    results: Path,
+    *,
+    concurrency: list[int],
+    duration: float,
+    requests: int,
+    max_batch_size: int = 16,
+    max_wait_ms: float = 5.0,
+    raw_seconds: float = 1.5,
+) -> dict[str, Any]:
+    settings = dict(
+        duration=duration, requests=requests, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+        raw_seconds=raw_seconds,
+    )  # fmt: skip
+    report = {
+        "machine": machine(),
+        "commit": git_commit(REPO),
+        "gpu": "not measured (no GPU on this machine)",
+        "settings": settings,
+        "bundles": [bench_bundle(n, work, concurrency, settings) for n in names],
+    }
+    results.mkdir(parents=True, exist_ok=True)
+    (results / "serve.json").write_text(json.dumps(report, indent=1))
+    write_markdown(report, results / "serve.md")
+    return report
+
+
+__all__ = ["LoadResult", "run"]

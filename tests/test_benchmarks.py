@@ -1,0 +1,118 @@
+"""Smoke tests for ``mnemo bench``: each benchmark runs end to end on a tiny setting so it cannot rot."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import accuracy, serve
+from benchmarks.accuracy_report import render
+
+
+def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
+    prefix = {"train": "train", "test": "t10k"}[split]
+    header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in images.shape)
+    (directory / f"{prefix}-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
+    header = (2049).to_bytes(4, "big") + len(labels).to_bytes(4, "big")
+    (directory / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
+
+
+@pytest.fixture
+def fake_mnist(tmp_path) -> Path:
+    """A tiny MNIST-shaped set: class 0 is a bright square, the others faint noise, so AUROC is defined."""
+    root = tmp_path / "data"
+    (root / "mnist").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 120), ("test", 40)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
+        images[labels == 0, 8:20, 8:20] = 250
+        write_idx(root / "mnist", split, images, labels)
+    return root
+
+
+def test_plan_applies_each_model_where_its_paper_does():
+    cells = accuracy.plan(["mnist", "fashion-mnist"], ["ae", "daad"], [0, 1], [2022, 1997], max_epochs=3)
+    assert {(c.dataset, c.model, c.protocol) for c in cells} == {
+        ("mnist", "ae", "roco"),
+        ("fashion-mnist", "ae", "roco"),
+        ("mnist", "daad", "one_class"),
+    }
+    assert [c.seed for c in cells[: len(cells) // 2]] == [2022] * (len(cells) // 2)  # one seed over all first
+    assert accuracy.model_overrides("mnist", "memorizer")["memory_size"] == 8
+    assert "memory_size" not in accuracy.model_overrides("fashion-mnist", "memorizer")
+
+
+def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path, monkeypatch):
+    results = tmp_path / "results" / "accuracy.json"
+    cells = accuracy.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1)
+    out = accuracy.run(
+        cells, fake_mnist, results, tmp_path / "work", markdown_path=results.with_suffix(".md")
+    )
+    records = out["records"]
+    assert [(r["model"], r["target_class"], r["seed"], r["epochs"]) for r in records] == [
+        ("ae", 0, 2022, 1),
+        ("memorizer", 0, 2022, 1),
+    ]
+    for r in records:
+        assert all(0.0 <= r[m] <= 1.0 for m in ("auroc", "auprc", "f1"))
+        assert r["seconds"] > 0 and r["machine"]["cores"] >= 1 and r["commit"]
+    assert records[1]["model_config"] == {"memory_size": 8}
+    assert json.loads(results.read_text())["records"] == records
+    assert not list((tmp_path / "work").iterdir())  # scratch runs are removed unless --keep-runs
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr(accuracy, "run_cell", must_not_train)
+    again = accuracy.run(cells, fake_mnist, results, tmp_path / "work")
+    assert len(again["records"]) == 2
+
+    markdown = results.with_suffix(".md").read_text()
+    assert "CAPPED at 1 epochs" in markdown
+    assert "79.16±0.30" in markdown and "63.20±0.52" in markdown  # paper 000: AE class 0 and average
+    assert "97.79±0.64" in markdown  # paper 000: Memorizer class 0
+    ours = f"| 0 | {100 * records[0]['auroc']:.2f} (n=1) | 79.16±0.30 |"
+    assert ours in markdown
+
+
+def test_report_average_is_over_seeds_of_class_means():
+    records = [
+        {"dataset": "mnist", "protocol": "roco", "model": "ae", "target_class": c, "seed": s,
+         "max_epochs": 100, "auroc": v, "auprc": v, "f1": v, "epochs": 3, "seconds": 60.0}
+        for s, values in ((1, (0.5, 0.7)), (2, (0.7, 0.9)))
+        for c, v in enumerate(values)
+    ]  # fmt: skip
+    markdown = render({"records": records, "machine": {}, "commit": "x"})
+    assert "CAPPED" not in markdown
+    assert "| 0 | 60.00±14.14 (n=2) | 79.16±0.30 |" in markdown
+    assert "70.00±14.14 (n=2) [2 of 10 classes]" in markdown  # seeds' class means: 60 and 80
+
+
+def test_serve_bench_against_raw_onnxruntime(tmp_path):
+    from tests.service_helpers import export_tiny_bundle
+
+    bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")
+    report = serve.run(
+        [str(bundle)], tmp_path / "work", tmp_path / "results", concurrency=[1, 2], duration=0.5,
+        requests=12, max_batch_size=4, raw_seconds=0.05,
+    )  # fmt: skip
+    (b,) = report["bundles"]
+    assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
+    for mode in ("dynamic", "batch1"):
+        r = b["service"][mode]
+        assert r["cold_start_s"] > 0 and r["memory_after_load_mb"]["rss_mb"] > 10
+        assert [p["concurrency"] for p in r["points"]] == [1, 2]
+        for p in r["points"]:
+            assert p["errors"] == 0 and 0 < p["ok"] <= 12
+            assert p["ratio_vs_raw"] == pytest.approx(
+                p["images_per_s"] / b["raw"]["best_images_per_s"], abs=1e-3
+            )
+            assert p["p50_ms"] <= p["p99_ms"]
+    assert b["service"]["batch1"]["max_batch_size"] == 1
+    assert json.loads((tmp_path / "results" / "serve.json").read_text())["bundles"][0]["name"] == str(bundle)
+    assert "service ÷ raw" in (tmp_path / "results" / "serve.md").read_text()
