@@ -28,9 +28,9 @@ def export_untrained(name: str, out: Path, seed: int = 0) -> Path:
     import torch
 
     import models
-    from mnemo.calibration import Calibration, normal_quantiles, threshold_for_false_alarm_rate
     from mnemo.imaging import Preprocessing
     from training.bundle import export_bundle
+    from training.calibration import calibrate
 
     spec = SPECS[name]
     torch.manual_seed(seed)
@@ -39,13 +39,7 @@ def export_untrained(name: str, out: Path, seed: int = 0) -> Path:
     x = torch.rand(4, cfg.in_channels, cfg.image_size, cfg.image_size)
     with torch.no_grad():
         scores = model(x)[0].numpy()
-    calibration = Calibration(
-        threshold=threshold_for_false_alarm_rate(scores, 0.25),
-        method="false_alarm_rate",
-        target=0.25,
-        quantiles=tuple(normal_quantiles(scores)),
-        n=len(scores),
-    )
+    calibration = calibrate(scores, false_alarm_rate=0.25)
     export_bundle(
         model, out, name=name, version="bench", preprocessing=Preprocessing.from_model_config(cfg).to_dict(),
         calibration=calibration.to_dict(), samples=x, training={"note": spec["what"]},

@@ -21,11 +21,11 @@ from fastapi import FastAPI
 from PIL import Image
 
 import models
-from mnemo.calibration import Calibration, normal_quantiles, threshold_for_false_alarm_rate
 from mnemo.imaging import Preprocessing
 from service.app import create_app
 from service.settings import Settings
 from training.bundle import export_bundle
+from training.calibration import calibrate
 
 # Two tiny models that exercise both channel counts and both resize policies.
 BUNDLE_SPECS = {
@@ -71,13 +71,7 @@ def export_tiny_bundle(
     x = normalised(normal, pre)
     with torch.no_grad():
         scores = model(torch.from_numpy(x))[0].numpy()
-    calibration = Calibration(
-        threshold=threshold_for_false_alarm_rate(scores, 0.05),
-        method="false_alarm_rate",
-        target=0.05,
-        quantiles=tuple(normal_quantiles(scores)),
-        n=len(scores),
-    )
+    calibration = calibrate(scores, false_alarm_rate=0.05)
     export_bundle(
         model, out_dir / name, name=name, version=version, preprocessing=pre.to_dict(),
         calibration=calibration.to_dict(), samples=torch.from_numpy(x[:4]),
