@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from training.config import OptimConfig
+from training.evaluate import unpack
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
@@ -41,12 +42,8 @@ def seed_everything(seed: int) -> None:
 
 
 def images_of(batch) -> torch.Tensor:
-    """Loaders yield a tensor, a tuple whose first item is the image, or a dict with an "image" key."""
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, dict):
-        return batch["image"]
-    return batch[0]
+    """The images of a loader batch (see ``training.evaluate.unpack`` for the forms a batch takes)."""
+    return unpack(batch)[0]
 
 
 @dataclass
