@@ -1,8 +1,9 @@
 """The accuracy results as markdown: ours beside the papers', class by class, mean ± std over seeds.
 
-One section per (dataset, protocol, epoch cap). Per class, "ours" is the mean ± sample std over the seeds
-that finished (the count is shown when it is not 3). The AVG row is, per seed, the mean over the classes
-that seed finished, then mean ± std over seeds; a partial row says how many classes it covers.
+One section per (dataset, protocol, epoch cap). The synthetic textures have no paper numbers: their
+tables give image AUROC, pixel AUROC and PRO per model instead. Per class, "ours" is the mean ± sample std
+over the seeds that finished (the count is shown when it is not 3). The AVG row is, per seed, the mean over
+the classes that seed finished, then mean ± std over seeds; a partial row says how many classes it covers.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks import paper_tables
-from benchmarks.accuracy import PAPER_MAX_EPOCHS, SEEDS
+from benchmarks.accuracy import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET, TEXTURES
 
-METRICS = ("auroc", "auprc", "f1")
-MODEL_ORDER = ("ae", "memae", "memorizer", "rftm", "daad", "anomem")
+METRICS = {
+    "roco": ("auroc", "auprc", "f1"),
+    "one_class": ("auroc",),
+    "synthetic": ("auroc", "pixel_auroc", "pro"),
+}
+MODEL_ORDER = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem")
 
 
 def write_markdown(results: dict[str, Any], path: Path) -> None:
@@ -50,9 +55,10 @@ def _provenance(results: dict[str, Any]) -> list[str]:
 def _section(dataset: str, protocol: str, cap: int, records: list[dict]) -> list[str]:
     seeds = sorted({r["seed"] for r in records})
     title = f"## {dataset}, {protocol}"
-    if cap < PAPER_MAX_EPOCHS:
-        title += f" — CAPPED at {cap} epochs (not the papers' protocol: early stopping, patience 10, ≤ 100)"
-    lines = [title, "", f"Seeds: {', '.join(map(str, seeds))} (papers: {', '.join(map(str, SEEDS))}).", ""]
+    if cap < FULL_EPOCHS.get(protocol, PAPER_MAX_EPOCHS):
+        title += f" — CAPPED at {cap} epochs (not the full protocol: early stopping, patience 10)"
+    papers = "" if protocol == "synthetic" else f" (papers: {', '.join(map(str, SEEDS))})"
+    lines = [title, "", f"Seeds: {', '.join(map(str, seeds))}{papers}.", ""]
     models = [m for m in MODEL_ORDER if any(r["model"] == m for r in records)]
     epochs = {m: [r["epochs"] for r in records if r["model"] == m] for m in models}
     lines += [
@@ -64,8 +70,7 @@ def _section(dataset: str, protocol: str, cap: int, records: list[dict]) -> list
         ),
         "",
     ]
-    metrics = METRICS if protocol == "roco" else ("auroc",)
-    for metric in metrics:
+    for metric in METRICS[protocol]:
         lines += _metric_table(dataset, protocol, metric, models, records)
     return lines
 
@@ -73,19 +78,26 @@ def _section(dataset: str, protocol: str, cap: int, records: list[dict]) -> list
 def _metric_table(
     dataset: str, protocol: str, metric: str, models: list[str], records: list[dict]
 ) -> list[str]:
-    names = paper_tables.CLASS_NAMES.get(dataset, [str(i) for i in range(10)])
-    header = ["class"] + [f"{m} {label}" for m in models for label in ("ours", "paper")]
-    lines = [f"### {metric.upper()}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    """One row per class, ours (and the paper's, where a paper has the cell) per model, then the average."""
+    has_paper = protocol != "synthetic"
+    names = TEXTURES if dataset == TEXTURE_DATASET else paper_tables.CLASS_NAMES.get(dataset, [])
+    labels = ("ours", "paper") if has_paper else ("",)
+    header = ["class"] + [f"{m} {label}".strip() for m in models for label in labels]
+    title = metric.upper().replace("_", " ")
+    lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     classes = sorted({r["target_class"] for r in records})
     for c in classes:
         row = [names[c] if c < len(names) else str(c)]
         for m in models:
-            values = [r[metric] for r in records if r["model"] == m and r["target_class"] == c]
-            row += [_mean_std(values), _paper_cell(dataset, protocol, metric, m, c)]
+            cell = [r for r in records if r["model"] == m and r["target_class"] == c]
+            values = [r[metric] for r in cell if metric in r]
+            row.append(_mean_std(values))
+            row += [_paper_cell(dataset, protocol, metric, m, c)] if has_paper else []
         lines.append("| " + " | ".join(row) + " |")
     avg = ["**AVG**"]
     for m in models:
-        avg += [_average(records, m, metric), _paper_cell(dataset, protocol, metric, m, 10)]
+        avg.append(_average(records, m, metric, len(names) or 10))
+        avg += [_paper_cell(dataset, protocol, metric, m, 10)] if has_paper else []
     lines += ["| " + " | ".join(avg) + " |", ""]
     return lines
 
@@ -100,17 +112,19 @@ def _mean_std(fractions: list[float]) -> str:
     return f"{v.mean():.2f}±{v.std(ddof=1):.2f}{note}"
 
 
-def _average(records: list[dict], model: str, metric: str) -> str:
+def _average(records: list[dict], model: str, metric: str, n_classes: int) -> str:
     """Per seed, the mean over its finished classes; then mean ± std over seeds."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     for r in records:
-        if r["model"] == model:
+        if r["model"] == model and metric in r:
             by_seed[r["seed"]].append(r[metric])
     if not by_seed:
         return "–"
     counts = {len(v) for v in by_seed.values()}
     text = _mean_std([float(np.mean(v)) for v in by_seed.values()])
-    return text if counts == {10} else f"{text} [{'/'.join(map(str, sorted(counts)))} of 10 classes]"
+    if counts == {n_classes}:
+        return text
+    return f"{text} [{'/'.join(map(str, sorted(counts)))} of {n_classes} classes]"
 
 
 def _paper_cell(dataset: str, protocol: str, metric: str, model: str, index: int) -> str:

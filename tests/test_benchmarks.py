@@ -47,6 +47,38 @@ def test_plan_applies_each_model_where_its_paper_does():
     assert "memory_size" not in accuracy.model_overrides("fashion-mnist", "memorizer")
 
 
+def test_plan_runs_every_model_on_the_three_textures_for_at_most_30_epochs():
+    cells = accuracy.plan(["textures", "mnist"], ["ae", "daad_plus"], range(10), [2022], max_epochs=100)
+    textures = [c for c in cells if c.dataset == "textures"]
+    assert {(c.model, c.target_class) for c in textures} == {
+        (m, t) for m in ("ae", "daad_plus") for t in range(3)
+    }
+    assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {30}
+    assert {c.model for c in cells if c.dataset == "mnist"} == {"ae"}  # DAAD+ has no MNIST protocol
+    assert accuracy.model_overrides("textures", "ae")["backbone"] == "conv"
+
+
+def test_texture_cell_records_pixel_metrics_and_renders_them(tmp_path, monkeypatch):
+    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_train", 20)
+    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_test_good", 6)
+    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_test_defect", 2)
+    results = tmp_path / "accuracy.json"
+    cells = accuracy.plan(["textures"], ["daad"], [2], [7], max_epochs=1)
+    out = accuracy.run(
+        cells, tmp_path / "unused", results, tmp_path / "work", markdown_path=results.with_suffix(".md")
+    )
+    (record,) = out["records"]
+    assert record["key"] == "textures/synthetic/daad/2/7/e1"
+    assert 0 <= record["pixel_auroc"] <= 1 and 0 <= record["pro"] <= 1
+    assert (tmp_path / "work" / "data" / "gravel" / "dataset.json").is_file()
+    text = results.with_suffix(".md").read_text()
+    assert "## textures, synthetic — CAPPED at 1 epochs" in text and "### PIXEL AUROC" in text
+    assert (
+        f"| gravel | {100 * record['pro']:.2f} (n=1) |" in text
+        and "paper" not in text.split("## textures")[1]
+    )
+
+
 def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path, monkeypatch):
     results = tmp_path / "results" / "accuracy.json"
     cells = accuracy.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1)
