@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[train,bench,dev]"
+	$(BIN)/pip install --quiet -e ".[train,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv with everything needed to train, serve and test

@@ -18,10 +18,10 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 
 from benchmarks.accuracy import git_commit, machine
@@ -152,9 +152,9 @@ class Server:
                     f"mnemo serve exited with {self.process.returncode}: {' '.join(self.args)}"
                 )
             try:
-                if httpx.get(self.url + "/readyz", timeout=1.0).status_code == 200:
-                    return time.perf_counter() - started
-            except httpx.TransportError:
+                with urllib.request.urlopen(self.url + "/readyz", timeout=1.0):
+                    return time.perf_counter() - started  # urlopen raises unless the status is 2xx
+            except OSError:  # refused while starting, or 503 (HTTPError) until the model is loaded
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"mnemo serve not ready after {READY_TIMEOUT_S} s")

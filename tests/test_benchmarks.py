@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 from pathlib import Path
@@ -148,3 +149,22 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     assert b["service"]["batch1"]["max_batch_size"] == 1
     assert json.loads((tmp_path / "results" / "serve.json").read_text())["bundles"][0]["name"] == str(bundle)
     assert "service ÷ raw" in (tmp_path / "results" / "serve.md").read_text()
+
+
+def test_load_generator_counts_refusals_and_keeps_its_connections(tmp_path):
+    """Non-200 answers are errors, not latencies, and the keep-alive connections survive them."""
+    from benchmarks.loadgen import run_load
+    from tests.service_helpers import export_tiny_bundle
+
+    bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")
+    server = serve.Server(bundle, max_batch_size=4, max_wait_ms=0)
+    try:
+        server.start()
+        png = serve.sample_png(serve.manifest_of(bundle))
+        refused = asyncio.run(run_load(f"{server.url}/v1/models/nope:score", png, 2, duration=5, requests=10))
+        served = asyncio.run(run_load(f"{server.url}/v1/models/tiny:score", png, 2, duration=5, requests=10))
+    finally:
+        server.stop()
+    assert (refused.requests, refused.ok, refused.errors, refused.p50_ms) == (10, 0, 10, None)
+    assert (served.requests, served.ok, served.errors) == (10, 10, 0)
+    assert served.server_p50_ms > 0 and served.p50_ms >= served.server_p50_ms
