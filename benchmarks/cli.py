@@ -40,7 +40,7 @@ def _accuracy(sub) -> None:
         "other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX dataset); daad, "
         "anomem (one-class, MNIST only); all seven on `textures`, our synthetic-defect benchmark (brick, "
         "grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel AUROC and PRO; 64 px, "
-        "Adam 1e-3, batch 16, at most 30 epochs).",
+        "Adam 1e-3, batch 16, at most 20 epochs).",
     )
     p.add_argument(
         "--data",
@@ -79,7 +79,7 @@ def _accuracy(sub) -> None:
         "--max-epochs",
         type=int,
         default=100,
-        help="epoch cap (default 100 = the papers'; textures never train more than 30); a lower "
+        help="epoch cap (default 100 = the papers'; textures never train more than 20); a lower "
         "cap is recorded and flagged in the table as not the full protocol",
     )
     p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")

@@ -48,13 +48,13 @@ def test_plan_applies_each_model_where_its_paper_does():
     assert "memory_size" not in accuracy.model_overrides("fashion-mnist", "memorizer")
 
 
-def test_plan_runs_every_model_on_the_three_textures_for_at_most_30_epochs():
+def test_plan_runs_every_model_on_the_three_textures_for_at_most_20_epochs():
     cells = accuracy.plan(["textures", "mnist"], ["ae", "daad_plus"], range(10), [2022], max_epochs=100)
     textures = [c for c in cells if c.dataset == "textures"]
     assert {(c.model, c.target_class) for c in textures} == {
         (m, t) for m in ("ae", "daad_plus") for t in range(3)
     }
-    assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {30}
+    assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {20}
     assert {c.model for c in cells if c.dataset == "mnist"} == {"ae"}  # DAAD+ has no MNIST protocol
     assert accuracy.model_overrides("textures", "ae")["backbone"] == "conv"
 
