@@ -114,9 +114,9 @@ def _serve(sub) -> None:
         "serve",
         help="load-test `mnemo serve` against raw ONNX Runtime on the same bundles",
         description="For each bundle: raw ONNX Runtime throughput in-process (best batch size, and the "
-        "single-image latency); then a real `mnemo serve` subprocess on 127.0.0.1 (random port), once with "
-        "dynamic batching and once with --max-batch-size 1, loaded by an asyncio closed-loop generator at each "
-        "concurrency (one PNG per request, bounded by --requests and --duration). Reports images/s, "
+        "single-image latency); then a real `mnemo serve` subprocess on 127.0.0.1 (random port), once "
+        "with dynamic batching and once with --max-batch-size 1, loaded by an asyncio closed-loop generator "
+        "at each concurrency (one PNG per request, bounded by --requests and --duration). Reports images/s, "
         "p50/p95/p99 latency, service ÷ raw, cold start to ready and the server's resident memory. Writes "
         "serve.json and serve.md. Bundles it exports itself are untrained: speed does not depend on the "
         "weights.",
