@@ -158,6 +158,13 @@ def _serve(sub) -> None:
         help="seconds of raw ONNX Runtime timing per batch size (default 1.5)",
     )
     p.add_argument(
+        "--burst",
+        type=int,
+        default=16,
+        help="images per request in the extra 'dynamic xN' mode (one multipart upload of N PNGs; at most "
+        "the service's MNEMO_MAX_FILES, 16); 1 or 0 skips that mode (default 16)",
+    )
+    p.add_argument(
         "--work", default="runs/bench-serve", help="where exported bundles go (default runs/bench-serve)"
     )
     p.add_argument("--results", default=str(RESULTS), help="output folder for serve.json / serve.md")
@@ -205,6 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size,
         max_wait_ms=args.max_wait_ms,
         raw_seconds=args.raw_seconds,
+        burst=args.burst,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
     return 0

@@ -26,6 +26,7 @@ WARMUP_REQUESTS = 8
 @dataclass
 class LoadResult:
     concurrency: int
+    images_per_request: int
     requests: int
     ok: int
     errors: int
@@ -39,6 +40,19 @@ class LoadResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def image_body(png: bytes, count: int) -> tuple[bytes, str]:
+    """A raw ``image/png`` body, or a multipart one with ``count`` file parts (the batch upload)."""
+    if count == 1:
+        return png, "image/png"
+    boundary = "mnemo-bench-boundary"
+    part = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="image.png"\r\n'
+        "Content-Type: image/png\r\n\r\n"
+    ).encode("ascii")
+    body = b"".join(part + png + b"\r\n" for _ in range(count)) + f"--{boundary}--\r\n".encode("ascii")
+    return body, f"multipart/form-data; boundary={boundary}"
 
 
 def post_request(url: str, body: bytes, content_type: str) -> bytes:
@@ -83,10 +97,16 @@ class Connection:
 
 
 async def run_load(
-    url: str, png: bytes, concurrency: int, *, duration: float = 4.0, requests: int = 4000
+    url: str,
+    png: bytes,
+    concurrency: int,
+    *,
+    duration: float = 4.0,
+    requests: int = 4000,
+    images_per_request: int = 1,
 ) -> LoadResult:
-    """POST ``png`` (one image per request) to ``url`` under closed-loop load; latency per request."""
-    request = post_request(url, png, "image/png")
+    """POST ``png`` (``images_per_request`` copies per request) to ``url`` under closed-loop load."""
+    request = post_request(url, *image_body(png, images_per_request))
     connections = [await Connection.open(url) for _ in range(concurrency)]
     for i in range(WARMUP_REQUESTS):
         await connections[i % concurrency].send(request)
@@ -125,11 +145,12 @@ async def run_load(
     pct = {q: None if ms is None else round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
     return LoadResult(
         concurrency=concurrency,
+        images_per_request=images_per_request,
         requests=sent,
         ok=len(latencies),
         errors=errors,
         seconds=round(seconds, 2),
-        images_per_s=round(len(latencies) / seconds, 1),
+        images_per_s=round(len(latencies) * images_per_request / seconds, 1),
         p50_ms=pct[50],
         p95_ms=pct[95],
         p99_ms=pct[99],

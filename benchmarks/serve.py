@@ -2,8 +2,9 @@
 
 Per bundle, in one run: (1) raw ONNX Runtime in-process on already-normalised arrays, every batch size up to
 64 (median call time), keeping the best images/s (the limit) and batch-1 latency; (2) a real ``mnemo serve``
-subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``. (2) and (3) are loaded by
-``loadgen`` with one PNG per request at each concurrency. Headline: service images/s ÷ raw best images/s.
+subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``; (4) dynamic batching again,
+each request carrying ``burst`` images (a multipart upload, as a camera sending a burst would). (2) and (3)
+send one PNG per request. Headline: service images/s ÷ raw best images/s.
 
 The load generator runs on the same CPU as the server, so on a small box the client's own CPU use is part
 of what the service is measured against; the report records the machine so readers can judge.
@@ -181,16 +182,26 @@ class Server:
 
 
 def service_mode(
-    bundle: Path, png: bytes, max_batch_size: int, max_wait_ms: float, concurrency: list[int], **load
+    bundle: Path,
+    png: bytes,
+    max_batch_size: int,
+    max_wait_ms: float,
+    concurrency: list[int],
+    images_per_request: int = 1,
+    **load,
 ) -> dict[str, Any]:
     server = Server(bundle, max_batch_size, max_wait_ms)
     try:
         cold = server.start()
         idle = server.memory_mb()
         url = f"{server.url}/v1/models/{manifest_of(bundle)['name']}:score"
-        points = [asyncio.run(run_load(url, png, c, **load)) for c in concurrency]
+        points = [
+            asyncio.run(run_load(url, png, c, images_per_request=images_per_request, **load))
+            for c in concurrency
+        ]
         return {
             "max_batch_size": max_batch_size,
+            "images_per_request": images_per_request,
             "max_wait_ms": max_wait_ms,
             "cold_start_s": round(cold, 2),
             "memory_after_load_mb": idle,
@@ -213,8 +224,11 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
     raw = raw_onnxruntime(bundle, settings["raw_seconds"])
     print(f"  raw ONNX Runtime: {raw['best_images_per_s']} images/s at batch {raw['best_batch']}", flush=True)
     modes = {}
-    for mode, batch in (("dynamic", settings["max_batch_size"]), ("batch1", 1)):
-        modes[mode] = service_mode(bundle, png, batch, settings["max_wait_ms"], concurrency, **load)
+    plan = [("dynamic", settings["max_batch_size"], 1), ("batch1", 1, 1)]
+    if settings["burst"] > 1:
+        plan.append((f"dynamic x{settings['burst']}", settings["max_batch_size"], settings["burst"]))
+    for mode, batch, images in plan:
+        modes[mode] = service_mode(bundle, png, batch, settings["max_wait_ms"], concurrency, images, **load)
         for p in modes[mode]["points"]:
             p["ratio_vs_raw"] = round(p["images_per_s"] / raw["best_images_per_s"], 3)
             print(f"  {mode} c={p['concurrency']}: {p['images_per_s']} images/s, p50 {p['p50_ms']} ms, "
@@ -240,12 +254,13 @@ def run(
     duration: float,
     requests: int,
     max_batch_size: int = 16,
-    max_wait_ms: float = 5.0,
+    max_wait_ms: float = 0.0,
     raw_seconds: float = 1.5,
+    burst: int = 16,
 ) -> dict[str, Any]:
     settings = dict(
         duration=duration, requests=requests, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        raw_seconds=raw_seconds,
+        raw_seconds=raw_seconds, burst=burst,
     )  # fmt: skip
     report = {
         "machine": machine(),

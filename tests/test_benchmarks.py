@@ -132,11 +132,13 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")
     report = serve.run(
         [str(bundle)], tmp_path / "work", tmp_path / "results", concurrency=[1, 2], duration=0.5,
-        requests=12, max_batch_size=4, raw_seconds=0.05,
+        requests=12, max_batch_size=4, raw_seconds=0.05, burst=3,
     )  # fmt: skip
     (b,) = report["bundles"]
     assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
-    for mode in ("dynamic", "batch1"):
+    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3"]
+    assert b["service"]["dynamic x3"]["images_per_request"] == 3
+    for mode in ("dynamic", "batch1", "dynamic x3"):
         r = b["service"][mode]
         assert r["cold_start_s"] > 0 and r["memory_after_load_mb"]["rss_mb"] > 10
         assert [p["concurrency"] for p in r["points"]] == [1, 2]
