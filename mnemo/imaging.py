@@ -266,11 +266,15 @@ def _resize_channels(pixels: np.ndarray, width: int, height: int, nearest: bool)
 
 
 def normalise(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """[H, W, C] on 0…255 → float32 [C, H, W] = (pixel/255 - mean) / std, per channel."""
-    chw = np.transpose(pixels, (2, 0, 1)).astype(np.float32) / np.float32(255.0)
-    m = np.asarray(mean, np.float32).reshape(-1, 1, 1)
+    """[H, W, C] on 0…255 → float32 [C, H, W] = (pixel/255 - mean) / std, per channel.
+
+    On the request path: one copy into [C, H, W], then two in-place passes (× 1/(255·std), − mean/std).
+    """
+    chw = np.array(np.transpose(pixels, (2, 0, 1)), dtype=np.float32, order="C")
     s = np.asarray(std, np.float32).reshape(-1, 1, 1)
-    return np.ascontiguousarray((chw - m) / s, dtype=np.float32)
+    chw *= np.float32(1.0) / (np.float32(255.0) * s)
+    chw -= np.asarray(mean, np.float32).reshape(-1, 1, 1) / s
+    return chw
 
 
 # ----------------------------------------------------------------------------------------- whole chain

@@ -157,9 +157,9 @@ class DynamicBatcher:
         start = time.perf_counter()
         waits = [start - item.enqueued for item in items]
         try:
-            batch = np.stack([item.image for item in items])
+            images = [item.image for item in items]
             loop = asyncio.get_running_loop()
-            scores, heatmaps = await loop.run_in_executor(self._executor, self._run, batch)
+            scores, heatmaps = await loop.run_in_executor(self._executor, self._stack_and_run, images)
             if len(scores) != len(items) or len(heatmaps) != len(items):
                 raise RuntimeError(f"model returned {len(scores)} scores for a batch of {len(items)}")
         except Exception as exc:
@@ -175,6 +175,10 @@ class DynamicBatcher:
             if not item.future.done():
                 result = ImageResult(float(scores[k]), heatmaps[k, 0], waits[k], inference_s, len(items))
                 item.future.set_result(result)
+
+    def _stack_and_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Runs in the inference thread: stacking large images is a copy the event loop need not wait on."""
+        return self._run(np.stack(images))
 
     def _report(self, size: int, inference_s: float, waits: list[float]) -> None:
         if self._observer is not None:
