@@ -165,6 +165,12 @@ def _serve(sub) -> None:
         "the service's MNEMO_MAX_FILES, 16); 1 or 0 skips that mode (default 16)",
     )
     p.add_argument(
+        "--spinning",
+        action="store_true",
+        help="add a 'dynamic spin' mode: dynamic batching with MNEMO_ORT_SPINNING=1 (idle ONNX Runtime "
+        "threads spin, as the raw measurement's do)",
+    )
+    p.add_argument(
         "--work", default="runs/bench-serve", help="where exported bundles go (default runs/bench-serve)"
     )
     p.add_argument("--results", default=str(RESULTS), help="output folder for serve.json / serve.md")
@@ -213,6 +219,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         raw_seconds=args.raw_seconds,
         burst=args.burst,
+        spinning=args.spinning,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
     return 0

@@ -4,7 +4,9 @@ Per bundle, in one run: (1) raw ONNX Runtime in-process on already-normalised ar
 64 (median call time), keeping the best images/s (the limit) and batch-1 latency; (2) a real ``mnemo serve``
 subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``; (4) dynamic batching again,
 each request carrying ``burst`` images (a multipart upload, as a camera sending a burst would). (2) and (3)
-send one PNG per request. Headline: service images/s ÷ raw best images/s.
+send one PNG per request; with ``--spinning``, (5) dynamic batching with ``MNEMO_ORT_SPINNING=1``, the
+service's ONNX Runtime threads spinning as raw ORT's do by default.
+Headline: service images/s ÷ raw best images/s.
 
 The load generator runs on the same CPU as the server, so on a small box the client's own CPU use is part
 of what the service is measured against; the report records the machine so readers can judge.
@@ -132,7 +134,15 @@ def free_port() -> int:
 class Server:
     """A ``mnemo serve`` subprocess on 127.0.0.1; ``start`` returns seconds from spawn to /readyz 200."""
 
-    def __init__(self, bundle: Path, max_batch_size: int, max_wait_ms: float, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        bundle: Path,
+        max_batch_size: int,
+        max_wait_ms: float,
+        max_queue: int = 256,
+        spinning: bool = False,
+    ) -> None:
+        self.spinning = spinning
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
@@ -145,7 +155,7 @@ class Server:
 
     def start(self) -> float:
         started = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MNEMO_ORT_SPINNING": str(int(self.spinning))}
         self.process = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
         deadline = started + READY_TIMEOUT_S
         while time.perf_counter() < deadline:
@@ -189,12 +199,13 @@ def service_mode(
     max_wait_ms: float,
     concurrency: list[int],
     images_per_request: int = 1,
+    spinning: bool = False,
     **load,
 ) -> dict[str, Any]:
     # Room for every image the closed loop can have in flight: the bench measures throughput, not the
     # (tested) 503 a full queue answers with.
     queue = max(256, images_per_request * max(concurrency))
-    server = Server(bundle, max_batch_size, max_wait_ms, queue)
+    server = Server(bundle, max_batch_size, max_wait_ms, queue, spinning)
     try:
         cold = server.start()
         idle = server.memory_mb()
@@ -207,6 +218,7 @@ def service_mode(
             "max_batch_size": max_batch_size,
             "images_per_request": images_per_request,
             "max_wait_ms": max_wait_ms,
+            "ort_spinning": spinning,
             "cold_start_s": round(cold, 2),
             "memory_after_load_mb": idle,
             "memory_after_run_mb": server.memory_mb(),
@@ -228,11 +240,16 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
     raw = raw_onnxruntime(bundle, settings["raw_seconds"])
     print(f"  raw ONNX Runtime: {raw['best_images_per_s']} images/s at batch {raw['best_batch']}", flush=True)
     modes = {}
-    plan = [("dynamic", settings["max_batch_size"], 1), ("batch1", 1, 1)]
+    batch = settings["max_batch_size"]
+    plan = [("dynamic", batch, 1, False), ("batch1", 1, 1, False)]
     if settings["burst"] > 1:
-        plan.append((f"dynamic x{settings['burst']}", settings["max_batch_size"], settings["burst"]))
-    for mode, batch, images in plan:
-        modes[mode] = service_mode(bundle, png, batch, settings["max_wait_ms"], concurrency, images, **load)
+        plan.append((f"dynamic x{settings['burst']}", batch, settings["burst"], False))
+    if settings["spinning"]:
+        plan.append(("dynamic spin", batch, 1, True))
+    for mode, size, images, spin in plan:
+        modes[mode] = service_mode(
+            bundle, png, size, settings["max_wait_ms"], concurrency, images, spin, **load
+        )
         for p in modes[mode]["points"]:
             p["ratio_vs_raw"] = round(p["images_per_s"] / raw["best_images_per_s"], 3)
             print(f"  {mode} c={p['concurrency']}: {p['images_per_s']} images/s, p50 {p['p50_ms']} ms, "
@@ -261,10 +278,11 @@ def run(
     max_wait_ms: float = 0.0,
     raw_seconds: float = 1.5,
     burst: int = 16,
+    spinning: bool = False,
 ) -> dict[str, Any]:
     settings = dict(
         duration=duration, requests=requests, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        raw_seconds=raw_seconds, burst=burst,
+        raw_seconds=raw_seconds, burst=burst, spinning=spinning,
     )  # fmt: skip
     report = {
         "machine": machine(),

@@ -29,13 +29,14 @@ class OnnxRunner:
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(self, path: Path, device: str = "auto", threads: int = 0, spinning: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        # Idle ORT threads spin by default; in a server they would burn the cores that decode the next images.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # ORT's own default is to spin; in a server idle spinning threads burn the cores that decode the
+        # next images, so the service turns it off unless asked (MNEMO_ORT_SPINNING).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers = self._providers(ort.get_available_providers(), device)
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
@@ -91,10 +92,12 @@ def resolve_backend(backend: str) -> str:
     return "onnxruntime" if backend == "auto" else backend
 
 
-def create_runner(bundle_dir: Path, backend: str, device: str, threads: int = 0) -> Runner:
+def create_runner(
+    bundle_dir: Path, backend: str, device: str, threads: int = 0, ort_spinning: bool = False
+) -> Runner:
     backend = resolve_backend(backend)
     if backend == "onnxruntime":
-        return OnnxRunner(bundle_dir / ONNX_FILE, device, threads)
+        return OnnxRunner(bundle_dir / ONNX_FILE, device, threads, ort_spinning)
     if backend == "torchscript":
         return TorchScriptRunner(bundle_dir / TORCHSCRIPT_FILE, device, threads)
     raise ValueError(f"unknown backend {backend!r}; use auto, onnxruntime or torchscript")

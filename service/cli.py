@@ -38,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is also read from an environment variable MNEMO_<NAME> (flags win); MNEMO_API_KEY turns on "
         "API-key auth (header MNEMO_API_KEY_HEADER, default X-API-Key), kept out of flags so it never shows "
         "in the process list. Other variables: MNEMO_RETRY_AFTER_S, MNEMO_MAX_IMAGE_PIXELS, "
-        "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_DECODE_CONCURRENCY (service/settings.py).",
+        "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_ORT_SPINNING, MNEMO_DECODE_CONCURRENCY "
+        "(service/settings.py).",
     )
     for flag, (field, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")

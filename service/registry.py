@@ -112,7 +112,9 @@ def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = N
         calibration = Calibration.from_dict(manifest.calibration)
     except (KeyError, TypeError, ValueError) as exc:
         raise BundleError(f"manifest preprocessing/calibration invalid ({exc})") from None
-    runner = create_runner(path, settings.backend, settings.device, settings.intra_op_threads)
+    runner = create_runner(
+        path, settings.backend, settings.device, settings.intra_op_threads, settings.ort_spinning
+    )
     declared = (pre.channels, pre.size, pre.size)
     if any(g is not None and g != d for g, d in zip(runner.input_shape, declared)):
         raise BundleError(

@@ -132,13 +132,14 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")
     report = serve.run(
         [str(bundle)], tmp_path / "work", tmp_path / "results", concurrency=[1, 2], duration=0.5,
-        requests=12, max_batch_size=4, raw_seconds=0.05, burst=3,
+        requests=12, max_batch_size=4, raw_seconds=0.05, burst=3, spinning=True,
     )  # fmt: skip
     (b,) = report["bundles"]
     assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
-    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3"]
+    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3", "dynamic spin"]
     assert b["service"]["dynamic x3"]["images_per_request"] == 3
-    for mode in ("dynamic", "batch1", "dynamic x3"):
+    assert [m["ort_spinning"] for m in b["service"].values()] == [False, False, False, True]
+    for mode in b["service"]:
         r = b["service"][mode]
         assert r["cold_start_s"] > 0 and r["memory_after_load_mb"]["rss_mb"] > 10
         assert [p["concurrency"] for p in r["points"]] == [1, 2]

@@ -118,6 +118,21 @@ def test_torchscript_and_onnx_runners_agree(bundle_dir):
     assert onnx.device == "cpu" and ts.device == "cpu"
 
 
+@pytest.mark.parametrize(("env", "expected"), [(None, "0"), ("1", "1"), ("false", "0")])
+def test_ort_spinning_follows_its_setting(bundle_dir, monkeypatch, env, expected):
+    if env is not None:
+        monkeypatch.setenv("MNEMO_ORT_SPINNING", env)
+    registry = ModelRegistry(make_settings(bundle_dir / "color"), ServiceMetrics())
+
+    async def spinning():
+        await registry.reload()
+        options = registry.get("color").runner.session.get_session_options()
+        await registry.close()
+        return options.get_session_config_entry("session.intra_op.allow_spinning")
+
+    assert in_loop(spinning) == expected
+
+
 def test_onnx_provider_choice():
     cpu_only = ["CPUExecutionProvider"]
     with_cuda = ["CUDAExecutionProvider", "CPUExecutionProvider"]
