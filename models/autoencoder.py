@@ -35,7 +35,7 @@ class AutoencoderConfig(ModelConfig):
 @dataclass(frozen=True)
 class MemAEConfig(AutoencoderConfig):
     memory_size: int = 100  # N; Gong et al. use 100 on MNIST
-    shrink_threshold: float = 0.0025  # λ, as in the authors' code (paper: λ ∈ [1/N, 3/N])
+    shrink_threshold: float | None = None  # λ; None = 1/N (paper: λ ∈ [1/N, 3/N]; authors' code: 0.0025)
     entropy_weight: float = 0.0002  # α of the entropy loss
     similarity: str = "cosine"  # "cosine" (paper) or "dot" (authors' code)
 

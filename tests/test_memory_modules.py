@@ -28,6 +28,16 @@ def test_memae_weights_are_sparse_and_sum_to_one():
     assert torch.all(w.argmax(-1) == 0)
 
 
+def test_memae_default_lambda_is_one_over_n_and_shrinks_cosine_weights():
+    """λ = 1/N; the code's 0.0025 with cosine logits (weights ≥ e⁻²/N) would zero nothing."""
+    torch.manual_seed(0)
+    mem = MemAEMemory(num_slots=100, dim=16)
+    assert mem.shrink_threshold == pytest.approx(0.01)
+    w = mem.address(torch.randn(64, 16))
+    assert (w == 0).float().mean() > 0.2
+    assert MemAEMemory(num_slots=100, dim=16, shrink_threshold=0.0025).address(torch.randn(64, 16)).min() > 0
+
+
 def test_memae_entropy_is_zero_for_one_hot_and_log_n_for_uniform():
     one_hot = torch.eye(4)
     uniform = torch.full((2, 4), 0.25)
