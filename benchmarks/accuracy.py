@@ -152,13 +152,20 @@ def _torch_version() -> str:
 
 
 def git_commit(repo: Path) -> str:
-    """HEAD's hash, with ``+dirty`` when the tree has local changes (read-only git calls)."""
+    """HEAD's hash, with ``+dirty`` when the code has local changes (read-only git calls).
+
+    Changes under ``benchmarks/results/`` do not count: they are what the benchmarks write, often while
+    another run is going on beside this one."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True
+            ["git", "status", "--porcelain", "--", ".", ":!benchmarks/results"],
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            check=True,
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

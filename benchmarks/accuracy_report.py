@@ -43,13 +43,20 @@ def render(results: dict[str, Any]) -> str:
 
 
 def _provenance(results: dict[str, Any]) -> list[str]:
+    """Every record carries its own commit; a file resumed across commits lists them all."""
     m = results.get("machine", {})
+    commits = sorted({_short(r["commit"]) for r in results["records"] if "commit" in r}) or ["?"]
     return [
         f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} cores, torch {m.get('torch', '?')}; "
-        f"commit `{results.get('commit', '?')}`. Numbers in %. Ours: mean ± std over the seeds run; "
-        "paper: as published. Regenerate: `mnemo bench accuracy --help`.",
+        f"commits {', '.join(f'`{c}`' for c in commits)} (each record's own: see the JSON). Numbers in %. "
+        "Ours: mean ± std over the seeds run; paper: as published. "
+        "Regenerate: `mnemo bench accuracy --help`.",
         "",
     ]
+
+
+def _short(commit: str) -> str:
+    return commit[:7] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
 def _section(dataset: str, protocol: str, cap: int, records: list[dict]) -> list[str]:

@@ -116,11 +116,13 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
 def test_report_average_is_over_seeds_of_class_means():
     records = [
         {"dataset": "mnist", "protocol": "roco", "model": "ae", "target_class": c, "seed": s,
-         "max_epochs": 100, "auroc": v, "auprc": v, "f1": v, "epochs": 3, "seconds": 60.0}
-        for s, values in ((1, (0.5, 0.7)), (2, (0.7, 0.9)))
+         "max_epochs": 100, "auroc": v, "auprc": v, "f1": v, "epochs": 3, "seconds": 60.0,
+         "commit": commit}
+        for s, values, commit in ((1, (0.5, 0.7), "a" * 40), (2, (0.7, 0.9), "b" * 40 + "+dirty"))
         for c, v in enumerate(values)
     ]  # fmt: skip
     markdown = render({"records": records, "machine": {}, "commit": "x"})
+    assert f"commits `{'a' * 7}`, `{'b' * 7}+dirty`" in markdown  # each record's, not the file's last
     assert "CAPPED" not in markdown
     assert "| 0 | 60.00±14.14 (n=2) | 79.16±0.30 |" in markdown
     assert "70.00±14.14 (n=2) [2 of 10 classes]" in markdown  # seeds' class means: 60 and 80
