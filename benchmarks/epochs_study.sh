@@ -11,18 +11,20 @@
 set -euo pipefail
 data=${1:-../shared/data}/mnist
 class=${2:-3}
-shift 2 || true
+shift $(( $# < 2 ? $# : 2 ))
 stages=("$@")
 [ ${#stages[@]} -gt 0 ] || stages=(5 10 25 50 100 150 200)
 model=${MODEL:-ae}
 out=runs/epochs-$model-$class
+read -ra kvs <<< "${SET:-}"  # split on spaces, no globbing
 sets=()
-for kv in ${SET:-}; do sets+=(--set "$kv"); done
+for kv in ${kvs[@]+"${kvs[@]}"}; do sets+=(--set "$kv"); done
+mkdir -p runs && rm -rf "$out"  # each study starts from scratch; its stages then resume one another
 export OMP_NUM_THREADS=1
 mnemo=${MNEMO:-mnemo}
 printf '| epochs trained | best epoch | best val loss | test AUROC | AUPRC | F1 |\n| --- | --- | --- | --- | --- | --- |\n'
 for e in "${stages[@]}"; do
-  "$mnemo" train --model "$model" "${sets[@]}" --data "$data" --set data.kind=idx --set data.protocol=roco \
+  "$mnemo" train --model "$model" ${sets[@]+"${sets[@]}"} --data "$data" --set data.kind=idx --set data.protocol=roco \
     --set "data.target_class=$class" --set optim.patience=100000 --epochs "$e" --seed 2022 \
     --out "$out" --resume --no-progress > "$out.log" 2>&1 || { cat "$out.log"; exit 1; }
   python3 - "$out/report.json" <<'PY'

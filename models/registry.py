@@ -14,6 +14,8 @@ from typing import Any
 
 import torch.nn as nn
 
+from mnemo.typed_values import coerce
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -53,12 +55,16 @@ def get_entry(name: str) -> ModelEntry:
 def make_config(name: str, **overrides: Any) -> Any:
     """The model's config dataclass with ``overrides`` applied; rejects unknown fields."""
     cls = get_entry(name).config_cls
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(overrides) - fields)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    unknown = sorted(set(overrides) - set(types))
     if unknown:
-        raise TypeError(f"{name}: unknown config field(s) {unknown}; valid fields: {sorted(fields)}")
-    # Lists from YAML/JSON become tuples so configs stay hashable and compare equal after a round trip.
-    clean = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+        raise TypeError(f"{name}: unknown config field(s) {unknown}; valid fields: {sorted(types)}")
+    # Lists from YAML/JSON become tuples so configs stay hashable and compare equal after a round trip;
+    # numbers YAML left as text ("1e-2") become the field's type.
+    clean = {
+        key: tuple(value) if isinstance(value, list) else coerce(value, types[key], f"{name}.{key}")
+        for key, value in overrides.items()
+    }
     return cls(**clean)
 
 

@@ -173,3 +173,19 @@ def test_load_generator_counts_refusals_and_keeps_its_connections(tmp_path):
     assert (refused.requests, refused.ok, refused.errors, refused.p50_ms) == (10, 0, 10, None)
     assert (served.requests, served.ok, served.errors) == (10, 10, 0)
     assert served.server_p50_ms > 0 and served.p50_ms >= served.server_p50_ms
+
+
+@pytest.mark.parametrize("spinning", [False, True])
+def test_the_spin_mode_reaches_the_server_process(tmp_path, spinning):
+    """The report's ``ort_spinning`` only echoes the bench's flag; this reads the server's environment."""
+    from tests.service_helpers import export_tiny_bundle
+
+    server = serve.Server(
+        export_tiny_bundle(tmp_path, "tiny"), max_batch_size=4, max_wait_ms=0, spinning=spinning
+    )
+    try:
+        server.start()
+        environ = Path(f"/proc/{server.process.pid}/environ").read_bytes().split(b"\0")
+    finally:
+        server.stop()
+    assert f"MNEMO_ORT_SPINNING={int(spinning)}".encode() in environ

@@ -29,7 +29,7 @@ def test_memae_weights_are_sparse_and_sum_to_one():
 
 
 def test_memae_default_lambda_is_one_over_n_and_shrinks_cosine_weights():
-    """λ = 1/N; the code's 0.0025 with cosine logits (weights ≥ e⁻²/N) would zero nothing."""
+    """λ = 1/N; with cosine logits the weights stay near 1/N, so the code's 0.0025 zeroes (almost) none."""
     torch.manual_seed(0)
     mem = MemAEMemory(num_slots=100, dim=16)
     assert mem.shrink_threshold == pytest.approx(0.01)

@@ -38,6 +38,15 @@ def test_create_applies_overrides_and_keeps_a_typed_config():
     assert model.model_name == "memorizer"
 
 
+def test_numbers_yaml_left_as_text_take_the_field_type():
+    """``--set model_config.shrink_threshold=1e-2`` reaches make_config as the string '1e-2' (YAML 1.1)."""
+    config = models.make_config("memae", shrink_threshold="1e-2", memory_size="50")
+    assert config.shrink_threshold == 0.01 and config.memory_size == 50
+    assert models.make_config("memae", shrink_threshold=None).shrink_threshold is None
+    with pytest.raises(ValueError, match=r"memae\.shrink_threshold must be float"):
+        models.make_config("memae", shrink_threshold="lots")
+
+
 def test_score_shapes(model_name):
     model = tiny_model(model_name).eval()
     x = batch_for(model, 3)

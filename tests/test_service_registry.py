@@ -120,6 +120,7 @@ def test_torchscript_and_onnx_runners_agree(bundle_dir):
 
 @pytest.mark.parametrize(("env", "expected"), [(None, "0"), ("1", "1"), ("false", "0")])
 def test_ort_spinning_follows_its_setting(bundle_dir, monkeypatch, env, expected):
+    monkeypatch.delenv("MNEMO_ORT_SPINNING", raising=False)
     if env is not None:
         monkeypatch.setenv("MNEMO_ORT_SPINNING", env)
     registry = ModelRegistry(make_settings(bundle_dir / "color"), ServiceMetrics())

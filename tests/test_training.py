@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from tests.conftest import batch_for, tiny_model
+import models
+from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 from training import config as run_config
 from training.trainer import fit, make_optimizers, train_step
 
@@ -78,6 +79,18 @@ def test_resume_refuses_a_checkpoint_of_another_model(tmp_path):
             resume=True,
             progress=False,
         )
+
+
+def test_resume_refuses_a_checkpoint_of_another_config_with_the_same_weights(tmp_path):
+    """λ is not in the state dict: only the config comparison can tell the runs apart."""
+    train, val = _loaders()
+    cfg = run_config.OptimConfig(lr=1e-3, batch_size=8, max_epochs=1, patience=5)
+    tiny = TINY_CONFIGS.get("memae", {})
+    fit(models.create("memae", **tiny), train, val, cfg, torch.device("cpu"), tmp_path, {}, progress=False)
+    other = models.create("memae", **tiny, shrink_threshold=0.0025)
+    other.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=False)["model"])  # weights fit
+    with pytest.raises(ValueError, match=r"shrink_threshold: None -> 0.0025"):
+        fit(other, train, val, cfg, torch.device("cpu"), tmp_path, {}, resume=True, progress=False)
 
 
 def test_run_config_files_overrides_and_errors(tmp_path):

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from mnemo.typed_values import coerce
+
 
 @dataclass
 class DataConfig:
@@ -92,21 +94,8 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
     coerced = {}
     for f in dataclasses.fields(cls):
         if f.name in values:
-            coerced[f.name] = _coerce(values[f.name], f.type, f"{where}.{f.name}")
+            coerced[f.name] = coerce(values[f.name], f.type, f"{where}.{f.name}")
     return cls(**coerced)
-
-
-def _coerce(value: Any, type_name: str, where: str) -> Any:
-    """Numbers written as strings (YAML reads ``1e-4`` as text) become the field's type."""
-    cast = {"float": float, "int": int}.get(type_name.removesuffix(" | None"))
-    if value is None and type_name.endswith("| None"):
-        return None
-    if cast is None or (isinstance(value, cast) and not isinstance(value, bool)):
-        return value
-    try:
-        return cast(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where} must be {type_name}, got {value!r}") from None
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -165,6 +165,12 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
         raise ValueError(
             f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
         )
+    # Non-weight settings (a memory's λ, its rounds) do not show in the state dict: compare configs too.
+    saved, built = ckpt.get("model_config", {}), dataclasses.asdict(model.config)
+    changed = {k: (saved.get(k), v) for k, v in built.items() if saved.get(k) != v}
+    if changed:
+        detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        raise ValueError(f"cannot resume: {path} was trained with another model config ({detail})")
     model.load_state_dict(ckpt["model"])
     for opt, sd in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(sd)
