@@ -234,6 +234,7 @@ def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
+    import models
     from training.pipeline import train_run
 
     cfg = run_config(cell, data_root, work, patience, device)
@@ -249,6 +250,8 @@ def run_cell(
         "key": cell.key,
         "patience": patience,
         "model_config": cfg.model_config,
+        # every field, defaults included: a later change of a default must not pass for the same cell
+        "resolved_model_config": dataclasses.asdict(models.make_config(cell.model, **cfg.model_config)),
         "auroc": image["auroc"],
         "auprc": image["auprc"],
         "f1": image["f1"],

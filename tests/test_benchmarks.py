@@ -95,6 +95,12 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
         assert all(0.0 <= r[m] <= 1.0 for m in ("auroc", "auprc", "f1"))
         assert r["seconds"] > 0 and r["machine"]["cores"] >= 1 and r["commit"]
     assert records[1]["model_config"] == {"memory_size": 8}
+    resolved = records[1]["resolved_model_config"]
+    assert (
+        resolved["memory_size"] == 8
+        and resolved["rounds"] == 8
+        and resolved["hidden_dims"] == [512, 256, 128]
+    )
     assert json.loads(results.read_text())["records"] == records
     assert not list((tmp_path / "work").iterdir())  # scratch runs are removed unless --keep-runs
 
