@@ -251,7 +251,10 @@ def run_cell(
         "patience": patience,
         "model_config": cfg.model_config,
         # every field, defaults included: a later change of a default must not pass for the same cell
-        "resolved_model_config": dataclasses.asdict(models.make_config(cell.model, **cfg.model_config)),
+        "resolved_model_config": {
+            k: list(v) if isinstance(v, tuple) else v  # as JSON will hold it
+            for k, v in dataclasses.asdict(models.make_config(cell.model, **cfg.model_config)).items()
+        },
         "auroc": image["auroc"],
         "auprc": image["auprc"],
         "f1": image["f1"],
