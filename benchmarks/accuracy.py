@@ -189,6 +189,19 @@ def save_results(path: Path, results: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def merge_results(path: Path, others: list[Path]) -> dict[str, Any]:
+    """Fold the records of ``others`` into ``path`` (theirs win on equal keys) and save it."""
+    results = load_results(path)
+    for other in others:
+        if not other.is_file():
+            raise FileNotFoundError(f"no results file {other}")
+        records = load_results(other)["records"]
+        keys = {r["key"] for r in records}
+        results["records"] = [r for r in results["records"] if r["key"] not in keys] + records
+    save_results(path, results)
+    return results
+
+
 # --------------------------------------------------------------------------------------------- a cell
 
 

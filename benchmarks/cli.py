@@ -106,6 +106,15 @@ def _accuracy(sub) -> None:
         action="store_true",
         help="only rewrite the markdown from the results JSON; train nothing",
     )
+    p.add_argument(
+        "--merge",
+        type=lambda text: [Path(p) for p in text.split(",") if p],
+        default=[],
+        metavar="JSON[,JSON...]",
+        help="fold other runs' results files into --results (their record wins where a cell is in both), "
+        "rewrite the markdown, train nothing: run several processes, each with its own --results file "
+        "(two writers on one file lose cells), then merge",
+    )
     p.set_defaults(func=cmd_accuracy)
 
 
@@ -182,6 +191,11 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     from benchmarks.accuracy_report import write_markdown
 
     results = Path(args.results)
+    if args.merge:
+        merged = accuracy.merge_results(results, args.merge)
+        write_markdown(merged, results.with_suffix(".md"))
+        print(f"merged {len(args.merge)} file(s) into {results}: {len(merged['records'])} records")
+        return 0
     if args.report_only:
         write_markdown(accuracy.load_results(results), results.with_suffix(".md"))
         print(f"wrote {results.with_suffix('.md')}")

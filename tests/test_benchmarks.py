@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -195,3 +196,25 @@ def test_the_spin_mode_reaches_the_server_process(tmp_path, spinning):
     finally:
         server.stop()
     assert f"MNEMO_ORT_SPINNING={int(spinning)}".encode() in environ
+
+
+def test_merge_folds_parallel_runs_into_one_results_file(tmp_path, capsys):
+    from mnemo.cli import main
+
+    def record(model: str, target: int, auroc: float) -> dict:
+        cell = accuracy.Cell("mnist", "roco", model, target, 2022, 5)
+        return {**dataclasses.asdict(cell), "key": cell.key, "auroc": auroc, "auprc": auroc, "f1": auroc,
+                "epochs": 5, "seconds": 1.0, "commit": "c" * 40}  # fmt: skip
+
+    main_file, other, third = tmp_path / "accuracy.json", tmp_path / "a.json", tmp_path / "b.json"
+    accuracy.save_results(main_file, {"records": [record("ae", 0, 0.5), record("ae", 1, 0.6)]})
+    accuracy.save_results(other, {"records": [record("ae", 1, 0.9)]})
+    accuracy.save_results(third, {"records": [record("memae", 0, 0.7)]})
+    assert main(["bench", "accuracy", "--results", str(main_file), "--merge", f"{other},{third}"]) == 0
+    merged = {r["key"]: r["auroc"] for r in accuracy.load_results(main_file)["records"]}
+    assert merged == {"mnist/roco/ae/0/2022/e5": 0.5, "mnist/roco/ae/1/2022/e5": 0.9,
+                      "mnist/roco/memae/0/2022/e5": 0.7}  # fmt: skip
+    assert "| 1 | 90.00 (n=1) |" in main_file.with_suffix(".md").read_text()
+    assert "3 records" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="no results file"):
+        accuracy.merge_results(main_file, [tmp_path / "missing.json"])
