@@ -64,7 +64,9 @@ TEXTURE_OVERRIDES: dict[str, dict[str, Any]] = {
     **{m: {**GRAY64, "backbone": "conv", "conv_widths": (32, 64, 128, 256)} for m in ROCO_MODELS},
     "daad": {**GRAY64, "widths": (16, 32, 64), "memory_size": 100},
     "daad_plus": {**GRAY64, "widths": (16, 32, 64), "memory_size": 100, "disc_widths": (16, 32, 64, 64)},
-    "anomem": {**GRAY64, "stage_widths": (32, 64, 128, 256)},
+    # AnoMem's deviations on the unit sphere: with raw features a smooth synthetic hole (weak activations)
+    # deviates less from the memory than busy brick texture (brick, seed 2022: image AUROC 38.8 -> 85.4).
+    "anomem": {**GRAY64, "stage_widths": (32, 64, 128, 256), "hopfield_normalize": True},
 }
 
 
