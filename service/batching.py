@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
@@ -88,8 +88,9 @@ class DynamicBatcher:
     def depth(self) -> int:
         return self._waiting
 
-    async def submit(self, images: np.ndarray) -> list[ImageResult]:
-        """Queue ``images`` [N, C, H, W] as N items; all-or-nothing admission so a request is never split."""
+    async def submit(self, images: Sequence[np.ndarray]) -> list[ImageResult]:
+        """Queue N images, each [C, H, W] (a list, or an [N, C, H, W] array), as N items; all-or-nothing
+        admission so a request is never split."""
         if self._task is None or self._task.done():
             raise BatcherClosedError("model is not running")
         if self._waiting + len(images) > self.max_queue:
@@ -177,8 +178,10 @@ class DynamicBatcher:
                 item.future.set_result(result)
 
     def _stack_and_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """Runs in the inference thread: stacking large images is a copy the event loop need not wait on."""
-        return self._run(np.stack(images))
+        """Runs in the inference thread: stacking large images is a copy the event loop need not wait on.
+        A lone image (the usual case at low load) runs as a view, without a copy."""
+        batch = images[0][np.newaxis] if len(images) == 1 else np.stack(images)
+        return self._run(batch)
 
     def _report(self, size: int, inference_s: float, waits: list[float]) -> None:
         if self._observer is not None:

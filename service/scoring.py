@@ -35,14 +35,14 @@ class Upload:
 
 @dataclass(frozen=True)
 class Decoded:
-    inputs: np.ndarray  # [N, C, H, W], the model's normalisation
+    inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation; the batcher stacks them once
     displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
 
 
 def decode_uploads(uploads: list[Upload], model: LoadedModel, max_pixels: int, overlay: bool) -> Decoded:
     """Decode every upload or fail the request on the first bad one, naming it."""
     pre = model.preprocessing
-    inputs = np.empty((len(uploads), pre.channels, pre.size, pre.size), np.float32)
+    inputs = []
     displays = [] if overlay else None
     for i, upload in enumerate(uploads):
         name = upload.filename or f"image {i}"
@@ -50,7 +50,7 @@ def decode_uploads(uploads: list[Upload], model: LoadedModel, max_pixels: int, o
             pixels = decode_image(upload.data, max_pixels=max_pixels)
         except ImageDecodeError as exc:
             raise ApiError(400, exc.reason, f"{name}: {exc}", file=upload.filename) from None
-        inputs[i] = prepare_pixels(pixels, pre)
+        inputs.append(prepare_pixels(pixels, pre))
         if displays is not None:
             displays.append(display_rgb(pixels, pre))
     return Decoded(inputs, displays)
