@@ -108,7 +108,7 @@ def _accuracy(sub) -> None:
     )
     p.add_argument(
         "--merge",
-        type=lambda text: [Path(p) for p in text.split(",") if p],
+        type=lambda text: [Path(name) for name in _names(text)],
         default=[],
         metavar="JSON[,JSON...]",
         help="fold other runs' results files into --results (their record wins where a cell is in both), "
@@ -124,8 +124,10 @@ def _serve(sub) -> None:
         help="load-test `mnemo serve` against raw ONNX Runtime on the same bundles",
         description="For each bundle: raw ONNX Runtime throughput in-process (best batch size, and the "
         "single-image latency); then a real `mnemo serve` subprocess on 127.0.0.1 (random port), once "
-        "with dynamic batching and once with --max-batch-size 1, loaded by an asyncio closed-loop generator "
-        "at each concurrency (one PNG per request, bounded by --requests and --duration). Reports images/s, "
+        "with dynamic batching, once with --max-batch-size 1 (one PNG per request each), once with dynamic "
+        "batching and --burst PNGs per request, and with --spinning once more with MNEMO_ORT_SPINNING=1; "
+        "each loaded by an asyncio closed-loop generator at each concurrency (bounded by --requests and "
+        "--duration). Reports images/s, "
         "p50/p95/p99 latency, service ÷ raw, cold start to ready and the server's resident memory. Writes "
         "serve.json and serve.md. Bundles it exports itself are untrained: speed does not depend on the "
         "weights.",

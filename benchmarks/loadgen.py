@@ -96,6 +96,12 @@ class Connection:
         self.writer.close()
 
 
+def percentiles_ms(seconds: list[float]) -> dict[str, float | None]:
+    """p50/p95/p99 of durations given in seconds, in ms; None each when nothing was measured."""
+    ms = 1000 * np.asarray(seconds)
+    return {f"p{q}": round(float(np.percentile(ms, q)), 2) if ms.size else None for q in (50, 95, 99)}
+
+
 async def run_load(
     url: str,
     png: bytes,
@@ -141,8 +147,7 @@ async def run_load(
             c.close()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
-    ms = 1000 * np.asarray(latencies) if latencies else None
-    pct = {q: None if ms is None else round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
+    pct = percentiles_ms(latencies)
     return LoadResult(
         concurrency=concurrency,
         images_per_request=images_per_request,
@@ -151,9 +156,9 @@ async def run_load(
         errors=errors,
         seconds=round(seconds, 2),
         images_per_s=round(len(latencies) * images_per_request / seconds, 1),
-        p50_ms=pct[50],
-        p95_ms=pct[95],
-        p99_ms=pct[99],
+        p50_ms=pct["p50"],
+        p95_ms=pct["p95"],
+        p99_ms=pct["p99"],
         server_p50_ms=round(float(np.median(server_ms)), 2) if server_ms else None,
         client_cpu_cores=round(cpu / seconds, 2),
     )

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.accuracy import git_commit, machine
-from benchmarks.loadgen import LoadResult, run_load
+from benchmarks.loadgen import LoadResult, percentiles_ms, run_load
 from benchmarks.serve_report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,7 +101,7 @@ def raw_onnxruntime(bundle: Path, seconds: float) -> dict[str, Any]:
         "images_per_s_by_batch": {str(b): round(v, 1) for b, v in per_batch.items()},
         "best_batch": best,
         "best_images_per_s": round(per_batch[best], 1),
-        "single_image_ms": _percentiles(latencies),
+        "single_image_ms": percentiles_ms(latencies),
     }
 
 
@@ -113,13 +113,6 @@ def _time_calls(call, seconds: float, most: int = 2000) -> list[float]:
         call()
         times.append(time.perf_counter() - t)
     return times
-
-
-def _percentiles(seconds: list[float]) -> dict[str, float]:
-    if not seconds:
-        return {}
-    ms = 1000 * np.asarray(seconds)
-    return {f"p{q}": round(float(np.percentile(ms, q)), 2) for q in (50, 95, 99)}
 
 
 # ------------------------------------------------------------------------------------------- service
