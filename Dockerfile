@@ -34,7 +34,8 @@ COPY models ./models
 COPY training ./training
 COPY benchmarks ./benchmarks
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
- && /opt/venv/bin/python -c "import service.app, importlib.util as u; assert u.find_spec('torch') is None" \
+ && cd / \
+ && /opt/venv/bin/python -c "import mnemo.service.app, importlib.util as u; assert u.find_spec('torch') is None" \
  && /opt/venv/bin/mnemo serve --help > /dev/null
 
 # ---------------------------------------------------------------------------------------- build-gpu

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.synthetic import TEXTURES
+from mnemo.training.synthetic import TEXTURES
 
 SEEDS = (1997, 2015, 2022)  # papers 000/001 §4
 DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "kmnist": "kmnist"}  # name -> subfolder
@@ -209,7 +209,7 @@ def merge_results(path: Path, others: list[Path]) -> dict[str, Any]:
 
 def texture_data(work: Path, texture: str) -> Path:
     """The cell's synthetic-defect set, generated once per texture and shared by every model and seed."""
-    from training.synthetic import generate
+    from mnemo.training.synthetic import generate
 
     path = work / "data" / texture
     if not (path / "dataset.json").is_file():
@@ -218,7 +218,7 @@ def texture_data(work: Path, texture: str) -> Path:
 
 
 def data_config(cell: Cell, data_root: Path, work: Path):
-    from training import config as run_cfg
+    from mnemo.training import config as run_cfg
 
     if cell.dataset == TEXTURE_DATASET:
         return run_cfg.DataConfig(kind="folder", path=str(texture_data(work, TEXTURES[cell.target_class])))
@@ -231,7 +231,7 @@ def data_config(cell: Cell, data_root: Path, work: Path):
 
 
 def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: str):
-    from training import config as run_cfg
+    from mnemo.training import config as run_cfg
 
     optim = TEXTURE_OPTIM if cell.dataset == TEXTURE_DATASET else {}
     return run_cfg.RunConfig(
@@ -249,8 +249,8 @@ def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
-    import models
-    from training.pipeline import train_run
+    from mnemo import models
+    from mnemo.training.pipeline import train_run
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()
@@ -296,7 +296,7 @@ def run(
     markdown_path: Path | None = None,
 ) -> dict[str, Any]:
     """Run every cell not yet in ``results_path``, saving after each; returns the results."""
-    from benchmarks.accuracy_report import write_markdown
+    from mnemo.benchmarks.accuracy_report import write_markdown
 
     repo = Path(__file__).resolve().parents[1]
     results = load_results(results_path)

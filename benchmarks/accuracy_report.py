@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import paper_tables
-from benchmarks.accuracy import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET, TEXTURES
+from mnemo.benchmarks import paper_tables
+from mnemo.benchmarks.accuracy import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET, TEXTURES
 
 METRICS = {
     "roco": ("auroc", "auprc", "f1"),

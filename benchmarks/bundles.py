@@ -27,10 +27,10 @@ SPECS: dict[str, dict[str, Any]] = {
 def export_untrained(name: str, out: Path, seed: int = 0) -> Path:
     import torch
 
-    import models
+    from mnemo import models
     from mnemo.imaging import Preprocessing
-    from training.bundle import export_bundle
-    from training.calibration import calibrate
+    from mnemo.training.bundle import export_bundle
+    from mnemo.training.calibration import calibrate
 
     spec = SPECS[name]
     torch.manual_seed(seed)

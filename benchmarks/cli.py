@@ -189,8 +189,8 @@ def _serve(sub) -> None:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from benchmarks import accuracy
-    from benchmarks.accuracy_report import write_markdown
+    from mnemo.benchmarks import accuracy
+    from mnemo.benchmarks.accuracy_report import write_markdown
 
     results = Path(args.results)
     if args.merge:
@@ -222,7 +222,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from benchmarks import serve
+    from mnemo.benchmarks import serve
 
     report = serve.run(
         args.bundles,

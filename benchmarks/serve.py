@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.accuracy import git_commit, machine
-from benchmarks.loadgen import LoadResult, percentiles_ms, run_load
-from benchmarks.serve_report import write_markdown
+from mnemo.benchmarks.accuracy import git_commit, machine
+from mnemo.benchmarks.loadgen import LoadResult, percentiles_ms, run_load
+from mnemo.benchmarks.serve_report import write_markdown
 
 REPO = Path(__file__).resolve().parents[1]
 RAW_BATCHES = (1, 2, 4, 8, 16, 32, 64)
@@ -41,7 +41,7 @@ READY_TIMEOUT_S = 120.0
 
 def resolve_bundle(name: str, work: Path) -> tuple[Path, str]:
     """(bundle dir, how it was made) for a known name, exporting it on first use, or a given path."""
-    from benchmarks import bundles
+    from mnemo.benchmarks import bundles
 
     if name == "brick":
         return REPO / "bundles" / "brick", "shipped bundles/brick (DAAD, 64 px gray, trained by mnemo demo)"

@@ -58,7 +58,7 @@ def http(url: str, body: bytes | None = None, content_type: str | None = None) -
 
 def make_images(out: Path) -> None:
     """Normal and defective brick images like the default bundle's test set, on a seed it never saw."""
-    from training.synthetic import generate
+    from mnemo.training.synthetic import generate
 
     generate(out, texture="brick", size=64, n_train=0, n_test_good=8, n_test_defect=2, seed=2024)
     print(f"wrote {len(list(out.glob('test/*/*.png')))} test images under {out}")

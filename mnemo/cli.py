@@ -15,7 +15,7 @@ import sys
 from mnemo import __version__
 
 # Modules with a ``register(subparsers)`` function, in the order their commands are listed.
-COMMAND_MODULES = ("mnemo.cli_models", "training.cli", "service.cli", "benchmarks.cli")
+COMMAND_MODULES = ("mnemo.cli_models", "mnemo.training.cli", "mnemo.service.cli", "mnemo.benchmarks.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

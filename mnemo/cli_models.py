@@ -19,7 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import models
+    from mnemo import models
     from mnemo.cli import print_json
 
     if args.name is None:

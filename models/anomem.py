@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.base import AnomalyModel, ModelConfig
-from models.heatmap import GaussianBlur, to_input_size
-from models.memory import HopfieldMemory
-from models.registry import register_model
+from mnemo.models.base import AnomalyModel, ModelConfig
+from mnemo.models.heatmap import GaussianBlur, to_input_size
+from mnemo.models.memory import HopfieldMemory
+from mnemo.models.registry import register_model
 
 SCORING_MODES = ("one_class", "outlier_exposure")
 

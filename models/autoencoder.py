@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.backbones import ConvAutoencoder, FCAutoencoder
-from models.base import ModelConfig, ReconstructionModel
-from models.memory import MemAEMemory, MultiRoundMemory, TwinMemory
-from models.memory.memae import attention_entropy
-from models.registry import register_model
+from mnemo.models.backbones import ConvAutoencoder, FCAutoencoder
+from mnemo.models.base import ModelConfig, ReconstructionModel
+from mnemo.models.memory import MemAEMemory, MultiRoundMemory, TwinMemory
+from mnemo.models.memory.memae import attention_entropy
+from mnemo.models.registry import register_model
 
 
 @dataclass(frozen=True)

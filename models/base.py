@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from models.heatmap import GaussianBlur
+from mnemo.models.heatmap import GaussianBlur
 
 
 @dataclass(frozen=True)

@@ -46,10 +46,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.backbones import conv_block, deconv_block
-from models.base import ModelConfig, ReconstructionModel
-from models.memory import BlockwiseMemory
-from models.registry import register_model
+from mnemo.models.backbones import conv_block, deconv_block
+from mnemo.models.base import ModelConfig, ReconstructionModel
+from mnemo.models.memory import BlockwiseMemory
+from mnemo.models.registry import register_model
 
 SCALING_BUFFERS = ("rec_min", "rec_max", "ali_min", "ali_max")  # min-max constants of R and L
 

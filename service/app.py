@@ -26,12 +26,12 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from mnemo import __version__
-from service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
-from service.body_limit import BodyLimitMiddleware
-from service.errors import ApiError, install_error_handlers
-from service.metrics import ServiceMetrics
-from service.registry import LoadedModel, ModelRegistry
-from service.schemas import (
+from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
+from mnemo.service.body_limit import BodyLimitMiddleware
+from mnemo.service.errors import ApiError, install_error_handlers
+from mnemo.service.metrics import ServiceMetrics
+from mnemo.service.registry import LoadedModel, ModelRegistry
+from mnemo.service.schemas import (
     ErrorResponse,
     Health,
     HeatmapFormat,
@@ -42,8 +42,8 @@ from service.schemas import (
     ScoreResponse,
     Timings,
 )
-from service.scoring import Decoded, Upload, decode_uploads, judge
-from service.settings import Settings
+from mnemo.service.scoring import Decoded, Upload, decode_uploads, judge
+from mnemo.service.settings import Settings
 
 logger = logging.getLogger("mnemo.service")
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import ApiError, error_response
+from mnemo.service.errors import ApiError, error_response
 
 
 class BodyTooLargeError(ApiError):

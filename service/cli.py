@@ -51,8 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     import uvicorn
 
-    from service.app import create_app
-    from service.settings import Settings
+    from mnemo.service.app import create_app
+    from mnemo.service.settings import Settings
 
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
     settings = Settings(**{field: value for field, value in given.items() if value is not None})

@@ -20,10 +20,10 @@ import numpy as np
 from mnemo.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
 from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing
-from service.backends import Runner, create_runner
-from service.batching import DynamicBatcher
-from service.metrics import ModelMetrics, ServiceMetrics
-from service.settings import Settings
+from mnemo.service.backends import Runner, create_runner
+from mnemo.service.batching import DynamicBatcher
+from mnemo.service.metrics import ModelMetrics, ServiceMetrics
+from mnemo.service.settings import Settings
 
 logger = logging.getLogger("mnemo.service")
 

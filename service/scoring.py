@@ -21,10 +21,10 @@ from mnemo.imaging import (
     heatmap_png,
     prepare_pixels,
 )
-from service.batching import ImageResult
-from service.errors import ApiError
-from service.registry import LoadedModel
-from service.schemas import Heatmap, HeatmapFormat, ImageScore
+from mnemo.service.batching import ImageResult
+from mnemo.service.errors import ApiError
+from mnemo.service.registry import LoadedModel
+from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import models
+from mnemo import models
 
 # Small but structurally complete versions of every registered model (same code paths as the defaults).
 TINY_CONFIGS: dict[str, dict] = {

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from training.export import check_close, export_onnx, export_torchscript
+from mnemo.training.export import check_close, export_onnx, export_torchscript
 
 
 def assert_exports_match(

@@ -20,12 +20,12 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-import models
+from mnemo import models
 from mnemo.imaging import Preprocessing
-from service.app import create_app
-from service.settings import Settings
-from training.bundle import export_bundle
-from training.calibration import calibrate
+from mnemo.service.app import create_app
+from mnemo.service.settings import Settings
+from mnemo.training.bundle import export_bundle
+from mnemo.training.calibration import calibrate
 
 # Two tiny models that exercise both channel counts and both resize policies.
 BUNDLE_SPECS = {

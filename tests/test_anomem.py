@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-import models
-from models.anomem import channels_last, double_hinge, nt_xent, sample_positions, variance_loss
-from models.memory import HopfieldMemory
+from mnemo import models
+from mnemo.models.anomem import channels_last, double_hinge, nt_xent, sample_positions, variance_loss
+from mnemo.models.memory import HopfieldMemory
 from tests.export_check import assert_exports_match
 
 TINY = dict(

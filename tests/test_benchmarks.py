@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import accuracy, serve
-from benchmarks.accuracy_report import render
+from mnemo.benchmarks import accuracy, serve
+from mnemo.benchmarks.accuracy_report import render
 
 
 def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -165,7 +165,7 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
 
 def test_load_generator_counts_refusals_and_keeps_its_connections(tmp_path):
     """Non-200 answers are errors, not latencies, and the keep-alive connections survive them."""
-    from benchmarks.loadgen import run_load
+    from mnemo.benchmarks.loadgen import run_load
     from tests.service_helpers import export_tiny_bundle
 
     bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")

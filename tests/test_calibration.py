@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from mnemo.calibration import Calibration, normal_quantiles, p_value, threshold_for_false_alarm_rate
-from training.calibration import calibrate
+from mnemo.training.calibration import calibrate
 
 
 def test_threshold_at_one_percent_on_uniform():

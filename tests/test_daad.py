@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import models
-from models.memory import BlockwiseMemory
+from mnemo import models
+from mnemo.models.memory import BlockwiseMemory
+from mnemo.training.bundle import export_bundle
 from tests.export_check import assert_exports_match
-from training.bundle import export_bundle
 
 # 32 px: encoder maps 16, 8, 4 px, so one scale has multi-position blocks, one has 1×1 blocks, and one
 # is smaller than the division rate 8.

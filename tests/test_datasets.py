@@ -1,4 +1,4 @@
-"""training.datasets: MVTec-layout and plain folders, IDX files and the ROCO / one-class protocols."""
+"""mnemo.training.datasets: MVTec-layout and plain folders, IDX files and the ROCO / one-class protocols."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from mnemo.imaging import Preprocessing
-from training import datasets
-from training.datasets import DatasetError
+from mnemo.training import datasets
+from mnemo.training.datasets import DatasetError
 
 PREP = Preprocessing(channels=1, size=8)
 
@@ -188,7 +188,7 @@ def test_one_class_protocol(idx_dir):
 
 
 def test_synthetic_set_reads_back(tmp_path):
-    from training import synthetic
+    from mnemo.training import synthetic
 
     synthetic.generate(tmp_path, size=16, n_train=10, n_test_good=2, n_test_defect=1, seed=1)
     splits = datasets.folder_splits(tmp_path, Preprocessing(channels=1, size=16))

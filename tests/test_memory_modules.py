@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from models.memory import ForgettingMemory, MemAEMemory, MultiRoundMemory, TwinMemory
-from models.memory.memae import attention_entropy, hard_shrink_relu
+from mnemo.models.memory import ForgettingMemory, MemAEMemory, MultiRoundMemory, TwinMemory
+from mnemo.models.memory.memae import attention_entropy, hard_shrink_relu
 
 
 def test_hard_shrinkage_zeroes_weights_below_lambda_and_keeps_the_rest():

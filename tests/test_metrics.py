@@ -1,11 +1,11 @@
-"""training.metrics against values worked out by hand on tiny arrays."""
+"""mnemo.training.metrics against values worked out by hand on tiny arrays."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from training import metrics
+from mnemo.training import metrics
 
 SCORES = np.array([0.1, 0.4, 0.35, 0.8])
 LABELS = np.array([0, 0, 1, 1])

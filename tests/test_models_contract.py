@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-import models
+from mnemo import models
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 from tests.export_check import assert_exports_match
 

@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.settings import Settings
+from mnemo.service.settings import Settings
 from tests.service_helpers import make_settings, running_server
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from service.batching import BatcherClosedError, BatchFailedError, DynamicBatcher, QueueFullError
-from service.scoring import heatmap_grid
-from service.settings import Settings
+from mnemo.service.batching import BatcherClosedError, BatchFailedError, DynamicBatcher, QueueFullError
+from mnemo.service.scoring import heatmap_grid
+from mnemo.service.settings import Settings
 
 
 class Recorder:

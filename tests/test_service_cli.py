@@ -32,7 +32,7 @@ def test_serve_help_explains_every_flag():
     out = subprocess.run(
         [sys.executable, "-m", "mnemo", "serve", "--help"], capture_output=True, text=True, check=True
     ).stdout
-    from service.cli import FLAGS
+    from mnemo.service.cli import FLAGS
 
     for flag, (field, _, _) in FLAGS.items():
         assert flag in out and f"MNEMO_{field.upper()}" in out

@@ -9,7 +9,7 @@ import time
 import httpx
 import numpy as np
 
-from service.app import create_app
+from mnemo.service.app import create_app
 from tests.service_helpers import make_settings, metric_value, png_bytes, running_server, smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from mnemo.bundle import ONNX_FILE
-from service.backends import OnnxRunner, TorchScriptRunner
-from service.metrics import ServiceMetrics
-from service.registry import ModelRegistry
+from mnemo.service.backends import OnnxRunner, TorchScriptRunner
+from mnemo.service.metrics import ServiceMetrics
+from mnemo.service.registry import ModelRegistry
 from tests.service_helpers import export_tiny_bundle, make_settings
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server

@@ -1,4 +1,4 @@
-"""training.synthetic: determinism, layout, masks, visibility of the defects."""
+"""mnemo.training.synthetic: determinism, layout, masks, visibility of the defects."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training import synthetic
+from mnemo.training import synthetic
 
 
 def read(path) -> np.ndarray:

@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-import models
+from mnemo import models
+from mnemo.training import config as run_config
+from mnemo.training.trainer import fit, make_optimizers, train_step
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
-from training import config as run_config
-from training.trainer import fit, make_optimizers, train_step
 
 
 def objective(logs: dict[str, float]) -> float:
@@ -56,7 +56,7 @@ def test_fit_checkpoints_stops_early_and_resumes(tmp_path):
 
 def test_early_stopping_counts_epochs_without_a_better_validation_loss(tmp_path, monkeypatch):
     val_losses = iter([3.0, 2.0, 2.5, 2.1, 2.2, 0.1])  # best at epoch 2, then three worse epochs
-    monkeypatch.setattr("training.trainer.validation_loss", lambda *a: next(val_losses))
+    monkeypatch.setattr("mnemo.training.trainer.validation_loss", lambda *a: next(val_losses))
     train, val = _loaders()
     cfg = run_config.OptimConfig(lr=1e-3, batch_size=8, max_epochs=50, patience=3)
     state = fit(tiny_model("ae"), train, val, cfg, torch.device("cpu"), tmp_path, {}, progress=False)
@@ -178,7 +178,7 @@ def test_exported_bundle_scores_like_pytorch_in_onnxruntime_without_torch(traine
     images = sorted((data / "test").rglob("*.png"))[:6]
     # Offline: the run's PyTorch model through the training data pipeline.
     from mnemo.imaging import Preprocessing, preprocess_batch
-    from training.pipeline import load_model
+    from mnemo.training.pipeline import load_model
 
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     with torch.no_grad():

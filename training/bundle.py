@@ -20,7 +20,7 @@ import onnxruntime as ort
 import torch
 
 from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
-from training.export import check_close, export_onnx, export_torchscript
+from mnemo.training.export import check_close, export_onnx, export_torchscript
 
 LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mnemo.calibration import N_QUANTILES, Calibration, normal_quantiles, threshold_for_false_alarm_rate
-from training import metrics
+from mnemo.training import metrics
 
 
 def calibrate(

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training import metrics
+from mnemo.training import metrics
 
 
 @dataclass

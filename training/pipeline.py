@@ -25,15 +25,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-import models
+from mnemo import models
 from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing
-from training import config as run_config
-from training import datasets, plots
-from training.bundle import export_bundle
-from training.calibration import calibrate
-from training.evaluate import ScoredSet, compute_metrics, score_dataset
-from training.trainer import fit, images_of, pick_device, seed_everything
+from mnemo.training import config as run_config
+from mnemo.training import datasets, plots
+from mnemo.training.bundle import export_bundle
+from mnemo.training.calibration import calibrate
+from mnemo.training.evaluate import ScoredSet, compute_metrics, score_dataset
+from mnemo.training.trainer import fit, images_of, pick_device, seed_everything
 
 EXPORT_SAMPLES = 8
 
@@ -284,7 +284,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from training.synthetic import generate
+    from mnemo.training.synthetic import generate
 
     summary = generate(
         args.out, texture=args.texture, size=args.size, n_train=args.train, n_test_good=args.test_good,
@@ -312,7 +312,7 @@ DEMO_MODEL_CONFIG = {
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from training.synthetic import generate
+    from mnemo.training.synthetic import generate
 
     out = Path(args.out)
     data = out / "data"

@@ -18,8 +18,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from training.config import OptimConfig
-from training.evaluate import unpack
+from mnemo.training.config import OptimConfig
+from mnemo.training.evaluate import unpack
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"

@@ -29,7 +29,7 @@ import math
 import torch
 import torch.nn as nn
 
-from models.memory.memae import MemAEMemory
+from mnemo.models.memory.memae import MemAEMemory
 
 
 def effective_rates(shape: tuple[int, int, int], rates: tuple[int, int, int]) -> tuple[int, int, int]:
