@@ -47,7 +47,7 @@ class Calibration:
             raise ValueError("quantiles must be sorted ascending")
 
     def is_anomalous(self, score: float) -> bool:
-        return bool(score > self.threshold)
+        return bool(is_anomalous(score, self.threshold))
 
     def p_value(self, score: float | np.ndarray) -> float | np.ndarray:
         return p_value(score, self.quantiles, self.n)
@@ -70,6 +70,13 @@ class Calibration:
         if missing:
             raise ValueError(f"calibration is missing key(s) {missing}")
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def is_anomalous(scores: float | np.ndarray, threshold: float) -> bool | np.ndarray:
+    """Mnemo's decision rule, anomalous iff score > threshold, element-wise. Strict: a score tied with the
+    threshold (itself an observed normal score) is normal, which is what bounds the false-alarm rate by α."""
+    flagged = np.asarray(scores) > threshold
+    return bool(flagged) if flagged.ndim == 0 else flagged
 
 
 def threshold_for_false_alarm_rate(normal_scores: np.ndarray, rate: float) -> float:

@@ -1,7 +1,7 @@
 """From uploaded bytes to per-image results for one model: decode, (batcher runs the model), judge, draw.
 
 Decoding and PNG drawing are CPU work, so the app runs ``decode_uploads`` and ``judge`` in a worker
-thread. The decision rule is the calibration's: anomalous iff score > threshold (``mnemo.calibration``).
+thread. The verdict is ``mnemo.calibration.is_anomalous``, the rule training calibrated for.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from mnemo.calibration import p_value
+from mnemo.calibration import is_anomalous, p_value
 from mnemo.imaging import (
     ImageDecodeError,
     decode_image,
@@ -67,16 +67,17 @@ def judge(
 ) -> list[ImageScore]:
     scores = np.array([r.score for r in results], np.float64)
     p_values = np.atleast_1d(p_value(scores, model.quantiles, model.calibration.n))
+    flagged = is_anomalous(scores, threshold)
     return [
         ImageScore(
             filename=upload.filename,
             score=float(score),
             p_value=float(p),
-            verdict="anomalous" if score > threshold else "ok",
+            verdict="anomalous" if flag else "ok",
             threshold=threshold,
             heatmap=render_heatmap(result.heatmap, heatmap, decoded.displays, i, grid_size),
         )
-        for i, (upload, result, score, p) in enumerate(zip(uploads, results, scores, p_values))
+        for i, (upload, result, score, p, flag) in enumerate(zip(uploads, results, scores, p_values, flagged))
     ]
 
 

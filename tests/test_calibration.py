@@ -7,7 +7,13 @@ import json
 import numpy as np
 import pytest
 
-from mnemo.calibration import Calibration, normal_quantiles, p_value, threshold_for_false_alarm_rate
+from mnemo.calibration import (
+    Calibration,
+    is_anomalous,
+    normal_quantiles,
+    p_value,
+    threshold_for_false_alarm_rate,
+)
 from mnemo.training.calibration import calibrate
 
 
@@ -15,7 +21,7 @@ def test_threshold_at_one_percent_on_uniform():
     scores = np.random.default_rng(0).uniform(size=10_000)
     threshold = threshold_for_false_alarm_rate(scores, 0.01)
     assert threshold == pytest.approx(0.99, abs=0.005)
-    assert (scores > threshold).mean() <= 0.01
+    assert is_anomalous(scores, threshold).mean() <= 0.01
     assert threshold == np.sort(scores)[9899]  # s₍₉₉₀₀₎: an observed score, no interpolation
 
 
@@ -61,6 +67,11 @@ def test_calibrate_with_labelled_anomalies_uses_strict_rule():
     assert cal.best_f1_threshold == pytest.approx(0.1)  # same decisions as "score > 0.1"
     assert ((scores > cal.best_f1_threshold) == (scores >= 0.35)).all()
     assert calibrate(normal, scores=scores, labels=np.zeros(4)).best_f1_threshold is None
+
+
+def test_verdict_rule_is_strict_and_element_wise():
+    assert is_anomalous(np.array([0.5, 1.0, 1.5]), 1.0).tolist() == [False, False, True]
+    assert is_anomalous(1.0 + 1e-12, 1.0) is True and is_anomalous(1.0, 1.0) is False
 
 
 def test_round_trip_through_json():
