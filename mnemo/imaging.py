@@ -8,8 +8,8 @@ The pipeline, one small function per step:
     normalise(pixels, mean, std) → float32 [C, H, W] = (pixel/255 - mean) / std   (models/base.py)
 
 Pixels stay float from decoding on, so 16-bit and float sources keep their precision until the model sees
-them (there is no intermediate 8-bit rounding). ``preprocess`` chains the steps; ``heatmap_overlay_png`` and
-``heatmap_png`` draw a model's heatmap back onto the image for people.
+them (there is no intermediate 8-bit rounding). ``preprocess`` chains the steps; ``display_rgb`` cuts the
+image as the model saw it, for ``mnemo.heatmaps`` to draw a heatmap onto.
 
 Safety: decoding reads the header first and refuses images whose declared pixel count exceeds a per-call
 ``max_pixels`` *before* any pixel buffer is allocated, so a decompression bomb (a few KB declaring
@@ -311,64 +311,3 @@ def display_rgb(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
         to_channels(_with_channels(np.asarray(pixels, np.float32)), 3), prep.size, prep.resize
     )
     return np.clip(np.rint(sized), 0, 255).astype(np.uint8)
-
-
-# -------------------------------------------------------------------------------------- heatmap images
-
-
-def jet(values: np.ndarray) -> np.ndarray:
-    """Values in [0, 1] → uint8 RGB [..., 3] through the classic jet ramp (blue → cyan → yellow → red).
-
-    Jet is piecewise linear, so it is three lines of numpy instead of a matplotlib dependency.
-    """
-    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)[..., None]
-    centres = np.array([0.75, 0.5, 0.25], np.float32)  # where r, g, b peak on the 4·v axis, scaled
-    rgb = np.clip(1.5 - np.abs(4.0 * v - 4.0 * centres), 0.0, 1.0)
-    return np.rint(rgb * 255.0).astype(np.uint8)
-
-
-def scale_heatmap(heatmap: np.ndarray, vmin: float | None = None, vmax: float | None = None) -> np.ndarray:
-    """Heatmap → [0, 1]. Defaults stretch this heatmap's own min…max (per-image contrast); pass a fixed
-    ``vmin``/``vmax`` (e.g. 0 and a calibrated level) to make colours comparable between images."""
-    heat = np.nan_to_num(np.asarray(heatmap, np.float64), nan=0.0)
-    lo = float(heat.min()) if vmin is None else float(vmin)
-    hi = float(heat.max()) if vmax is None else float(vmax)
-    if hi <= lo:
-        return np.zeros(heat.shape, np.float32)
-    return np.clip((heat - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
-
-
-def heatmap_overlay_png(
-    image_rgb: np.ndarray,
-    heatmap: np.ndarray,
-    *,
-    alpha: float = 0.45,
-    vmin: float | None = None,
-    vmax: float | None = None,
-) -> bytes:
-    """PNG bytes of ``image_rgb`` (uint8 [H, W, 3] or [H, W]) blended with the jet-coloured heatmap.
-
-    A heatmap of another size is resized bilinearly to the image's.
-    """
-    rgb = to_channels(_with_channels(np.asarray(image_rgb, np.float32)), 3)
-    colours = jet(_fit(scale_heatmap(heatmap, vmin, vmax), rgb.shape[:2])).astype(np.float32)
-    blended = (1.0 - alpha) * rgb + alpha * colours
-    return _png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
-
-
-def heatmap_png(heatmap: np.ndarray, *, vmin: float | None = None, vmax: float | None = None) -> bytes:
-    """PNG bytes of the heatmap alone, 8-bit grayscale (0 = ``vmin``, 255 = ``vmax``)."""
-    return _png(np.rint(scale_heatmap(heatmap, vmin, vmax) * 255.0).astype(np.uint8))
-
-
-def _fit(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    if values.shape == shape:
-        return values
-    resized = Image.fromarray(values.astype(np.float32)).resize(shape[::-1], Image.Resampling.BILINEAR)
-    return np.asarray(resized)
-
-
-def _png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -10,17 +10,10 @@ import base64
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image
 
 from mnemo.calibration import is_anomalous, p_value
-from mnemo.imaging import (
-    ImageDecodeError,
-    decode_image,
-    display_rgb,
-    heatmap_overlay_png,
-    heatmap_png,
-    prepare_pixels,
-)
+from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
+from mnemo.imaging import ImageDecodeError, decode_image, display_rgb, prepare_pixels
 from mnemo.service.batching import ImageResult
 from mnemo.service.errors import ApiError
 from mnemo.service.registry import LoadedModel
@@ -93,14 +86,3 @@ def render_heatmap(
         return Heatmap(format="grid", width=grid.shape[1], height=grid.shape[0], values=grid.tolist())
     png = heatmap_overlay_png(displays[index], heat) if fmt == "overlay" else heatmap_png(heat)
     return Heatmap(format=fmt, width=width, height=height, png_base64=base64.b64encode(png).decode("ascii"))
-
-
-def heatmap_grid(heat: np.ndarray, size: int) -> np.ndarray:
-    """Area-average the heatmap down to at most ``size``×``size`` cells (never upsampled)."""
-    height, width = heat.shape
-    if height <= size and width <= size:
-        return heat.astype(np.float64)
-    shape = (min(size, width), min(size, height))
-    return np.asarray(
-        Image.fromarray(heat.astype(np.float32)).resize(shape, Image.Resampling.BOX), np.float64
-    )

@@ -1,4 +1,4 @@
-"""mnemo.imaging: decoding every mode, safety limits, resize policies, normalisation, overlays."""
+"""mnemo.imaging: decoding every mode, safety limits, resize policies, normalisation, display crops."""
 
 from __future__ import annotations
 
@@ -181,24 +181,7 @@ def test_preprocessing_round_trip_and_validation():
         Preprocessing.from_dict({"size": 8, "colour": "yes"})
 
 
-def test_overlay_and_heatmap_png_decode_back():
+def test_display_crop_is_the_models_view_in_8_bit_rgb():
     image = imaging.display_rgb(imaging.decode_image(encode(Image.fromarray(GRAY))), Preprocessing(size=16))
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8
-    heat = np.zeros((8, 8), np.float32)
-    heat[:4] = 1.0  # hot top half, at another resolution than the image
-    overlay = Image.open(io.BytesIO(imaging.heatmap_overlay_png(image, heat)))
-    raw = Image.open(io.BytesIO(imaging.heatmap_png(heat)))
-    assert overlay.size == (16, 16) and overlay.mode == "RGB"
-    assert raw.size == (8, 8) and raw.mode == "L"
-    over = np.asarray(overlay).astype(int)
-    assert over[0, 0, 0] > over[0, 0, 2] and over[-1, 0, 2] > over[-1, 0, 0]  # red top, blue bottom
-    assert np.asarray(raw)[0, 0] == 255 and np.asarray(raw)[-1, 0] == 0
-
-
-def test_jet_endpoints():
-    lut = imaging.jet(np.array([0.0, 0.5, 1.0]))
-    assert (
-        lut[0].tolist() == [0, 0, 128]
-        and lut[1].tolist() == [128, 255, 128]
-        and lut[2].tolist() == [128, 0, 0]
-    )
+    assert np.array_equal(image[..., 0], image[..., 2])  # gray replicated, as to_channels does

@@ -11,7 +11,6 @@ import pytest
 from pydantic import ValidationError
 
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, DynamicBatcher, QueueFullError
-from mnemo.service.scoring import heatmap_grid
 from mnemo.service.settings import Settings
 
 
@@ -179,13 +178,3 @@ def test_close_drains_admitted_work_then_refuses():
         return await pending
 
     assert run(scenario())[0].score == 7.0
-
-
-def test_heatmap_grid_area_averages_and_never_upsamples():
-    heat = np.zeros((64, 64), np.float32)
-    heat[:32, :32] = 4.0
-    grid = heatmap_grid(heat, 8)
-    assert grid.shape == (8, 8)
-    assert np.allclose(grid[:4, :4], 4.0) and np.allclose(grid[4:, :], 0.0)
-    assert np.isclose(grid.mean(), heat.mean())
-    assert heatmap_grid(heat[:5, :5], 8).shape == (5, 5)
