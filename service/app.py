@@ -30,7 +30,7 @@ from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageRe
 from mnemo.service.body_limit import BodyLimitMiddleware
 from mnemo.service.errors import ApiError, install_error_handlers
 from mnemo.service.metrics import ServiceMetrics
-from mnemo.service.registry import LoadedModel, ModelRegistry
+from mnemo.service.model_store import LoadedModel, ModelStore
 from mnemo.service.schemas import (
     ErrorResponse,
     Health,
@@ -74,7 +74,7 @@ v1 = APIRouter(prefix="/v1", responses={401: {"model": ErrorResponse}})
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = ServiceMetrics()
-    registry = ModelRegistry(settings, metrics)
+    registry = ModelStore(settings, metrics)
     app = FastAPI(
         title="Mnemo",
         version=__version__,
@@ -164,12 +164,12 @@ async def metrics(request: Request) -> Response:
 @v1.get("/models", response_model=ModelList, summary="the loaded models")
 async def list_models(request: Request) -> ModelList:
     models = request.app.state.registry.models
-    return ModelList(models=[_info(models[name]) for name in sorted(models)])
+    return ModelList(models=[models[name].info() for name in sorted(models)])
 
 
 @v1.get("/models/{name}", response_model=ModelInfo, responses=ERRORS, summary="one loaded model")
 async def get_model(request: Request, name: str) -> ModelInfo:
-    return _info(_model(request, name))
+    return _model(request, name).info()
 
 
 @v1.post("/admin/reload", response_model=ReloadResult, summary="re-scan the model directory")
@@ -288,22 +288,3 @@ def _model(request: Request, name: str) -> LoadedModel:
         known = ", ".join(sorted(request.app.state.registry.models)) or "none loaded"
         raise ApiError(404, "unknown_model", f"no model named {name!r} (loaded: {known})")
     return model
-
-
-def _info(model: LoadedModel) -> ModelInfo:
-    m = model.manifest
-    return ModelInfo(
-        name=m.name,
-        version=m.version,
-        architecture=m.architecture,
-        backend=model.runner.backend,
-        device=model.runner.device,
-        input_channels=model.preprocessing.channels,
-        input_size=model.preprocessing.size,
-        preprocessing=model.preprocessing.to_dict(),
-        threshold=model.threshold,
-        calibration_method=model.calibration.method,
-        metrics=m.metrics,
-        created=m.created,
-        loaded_at=model.loaded_at,
-    )

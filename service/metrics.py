@@ -9,6 +9,8 @@ import contextlib
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mnemo.service.schemas import ModelInfo
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 # Scores have no common scale across architectures, so the score histogram spans decades; the p-value
@@ -64,14 +66,19 @@ class ServiceMetrics:
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 
-    def set_model(self, labels: dict[str, str], loaded_at: float) -> None:
-        self.model_loaded.labels(labels["model"]).set(loaded_at)
-        self.model_info.labels(**labels).set(1)
+    def set_model(self, info: ModelInfo) -> None:
+        self.model_loaded.labels(info.name).set(info.loaded_at)
+        self.model_info.labels(*_info_labels(info)).set(1)
 
-    def drop_model(self, labels: dict[str, str]) -> None:
+    def drop_model(self, info: ModelInfo) -> None:
         """Forget an unloaded or replaced version, so ``mnemo_model_info`` lists only what is served."""
         with contextlib.suppress(KeyError):
-            self.model_info.remove(*(labels[k] for k in INFO_LABELS))
+            self.model_info.remove(*_info_labels(info))
+
+
+def _info_labels(info: ModelInfo) -> tuple[str, ...]:
+    """The ``INFO_LABELS`` values, in order, from the facts ``/v1/models`` reports."""
+    return info.name, info.version, info.architecture, info.backend, info.device
 
 
 class ModelMetrics:

@@ -16,7 +16,7 @@ from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
 from mnemo.imaging import ImageDecodeError, decode_image, display_rgb, prepare_pixels
 from mnemo.service.batching import ImageResult
 from mnemo.service.errors import ApiError
-from mnemo.service.registry import LoadedModel
+from mnemo.service.model_store import LoadedModel
 from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore
 
 

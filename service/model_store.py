@@ -1,4 +1,4 @@
-"""The loaded models: discover bundles in the model directory, verify, load, warm up, swap on reload.
+"""The served models: discover bundles in the model directory, verify, load, warm up, swap on reload.
 
 A bundle that fails (bad manifest, checksum mismatch, graph that does not match its manifest, duplicate
 name) is refused with one log line and the others keep serving. On reload, a bundle that now fails keeps
@@ -23,6 +23,7 @@ from mnemo.imaging import Preprocessing
 from mnemo.service.backends import Runner, create_runner
 from mnemo.service.batching import DynamicBatcher
 from mnemo.service.metrics import ModelMetrics, ServiceMetrics
+from mnemo.service.schemas import ModelInfo
 from mnemo.service.settings import Settings
 
 logger = logging.getLogger("mnemo.service")
@@ -39,7 +40,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     calibration: Calibration
     loaded_at: float = field(default_factory=time.time)
-    batcher: DynamicBatcher | None = None  # set when the registry starts serving it
+    batcher: DynamicBatcher | None = None  # set when the store starts serving it
     metrics: ModelMetrics | None = None  # likewise
     quantiles: np.ndarray = field(init=False)  # as an array once, not per request
 
@@ -54,14 +55,23 @@ class LoadedModel:
     def threshold(self) -> float:
         return self.calibration.threshold
 
-    def info_labels(self) -> dict[str, str]:
+    def info(self) -> ModelInfo:
+        """The model's facts, listed once: ``/v1/models`` shows them all, ``mnemo_model_info`` a few."""
         m = self.manifest
-        return dict(
-            model=m.name,
+        return ModelInfo(
+            name=m.name,
             version=m.version,
             architecture=m.architecture,
             backend=self.runner.backend,
             device=self.runner.device,
+            input_channels=self.preprocessing.channels,
+            input_size=self.preprocessing.size,
+            preprocessing=self.preprocessing.to_dict(),
+            threshold=self.threshold,
+            calibration_method=self.calibration.method,
+            metrics=m.metrics,
+            created=m.created,
+            loaded_at=self.loaded_at,
         )
 
     def same_files(self, manifest: Manifest) -> bool:
@@ -149,8 +159,8 @@ def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[
     return models, failed
 
 
-class ModelRegistry:
-    """The served models; reloads are serialised and swap the whole map at once."""
+class ModelStore:
+    """The served models by name; reloads are serialised and swap the whole map at once."""
 
     def __init__(self, settings: Settings, metrics: ServiceMetrics) -> None:
         self.settings = settings
@@ -170,7 +180,7 @@ class ModelRegistry:
             self.models = {**kept, **fresh}
             retired = [m for n, m in old.items() if self.models.get(n) is not m]
             for model in retired:  # before the new versions register theirs, which may carry the same labels
-                self.metrics.drop_model(model.info_labels())
+                self.metrics.drop_model(model.info())
             report = ReloadReport(failed=failed, kept=sorted(kept))
             for name, model in fresh.items():
                 if old.get(name) is model:
@@ -190,7 +200,7 @@ class ModelRegistry:
     async def close(self) -> None:
         models, self.models = list(self.models.values()), {}
         for model in models:
-            self.metrics.drop_model(model.info_labels())
+            self.metrics.drop_model(model.info())
             await self._stop(model)
 
     def _start(self, model: LoadedModel) -> None:
@@ -205,7 +215,7 @@ class ModelRegistry:
             name=model.name,
         )
         model.batcher.start()
-        self.metrics.set_model(model.info_labels(), model.loaded_at)
+        self.metrics.set_model(model.info())
         logger.info(
             "loaded model %s version %s from %s (%s on %s)",
             model.name, model.manifest.version, model.path, model.runner.backend, model.runner.device,

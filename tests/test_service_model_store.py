@@ -14,7 +14,7 @@ import pytest
 from mnemo.bundle import ONNX_FILE
 from mnemo.service.backends import OnnxRunner, TorchScriptRunner
 from mnemo.service.metrics import ServiceMetrics
-from mnemo.service.registry import ModelRegistry
+from mnemo.service.model_store import ModelStore
 from tests.service_helpers import export_tiny_bundle, make_settings
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
@@ -46,11 +46,11 @@ def test_good_bundles_load_and_bad_ones_are_refused_with_a_clear_log_line(bundle
     shutil.copytree(root / "gray", root / "twin")  # same manifest name as "gray"
     (root / "not_a_bundle").mkdir()
     (root / ".staging-123").mkdir()  # export_bundle's hidden staging directories are ignored
-    registry = ModelRegistry(make_settings(root, max_batch_size=4), ServiceMetrics())
+    store = ModelStore(make_settings(root, max_batch_size=4), ServiceMetrics())
 
     async def steps():
-        report = await registry.reload()
-        await registry.close()
+        report = await store.reload()
+        await store.close()
         return report
 
     with caplog.at_level(logging.ERROR, logger="mnemo.service"):
@@ -66,42 +66,42 @@ def test_good_bundles_load_and_bad_ones_are_refused_with_a_clear_log_line(bundle
 
 def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_removed(bundle_dir, tmp_path):
     root = copy_bundles(bundle_dir, tmp_path / "models")
-    registry = ModelRegistry(make_settings(root), ServiceMetrics())
+    store = ModelStore(make_settings(root), ServiceMetrics())
 
     async def steps():
-        await registry.reload()
-        gray, color = registry.models["gray"], registry.models["color"]
+        await store.reload()
+        gray, color = store.models["gray"], store.models["color"]
         (root / "gray" / ONNX_FILE).write_bytes(b"broken")
-        report = await registry.reload()
-        assert report.kept == ["gray"] and registry.models["gray"] is gray  # old version keeps serving
-        assert report.unchanged == ["color"] and registry.models["color"] is color  # no needless re-load
+        report = await store.reload()
+        assert report.kept == ["gray"] and store.models["gray"] is gray  # old version keeps serving
+        assert report.unchanged == ["color"] and store.models["color"] is color  # no needless re-load
         [still] = await gray.batcher.submit(np.zeros((1, 1, 28, 28), np.float32))
         assert np.isfinite(still.score)
 
         export_tiny_bundle(root, "gray", version="2", seed=3)
         shutil.rmtree(root / "color")
-        report = await registry.reload()
-        assert report.loaded == ["gray"] and registry.models["gray"].manifest.version == "2"
-        assert report.removed == ["color"] and "color" not in registry.models
+        report = await store.reload()
+        assert report.loaded == ["gray"] and store.models["gray"].manifest.version == "2"
+        assert report.removed == ["color"] and "color" not in store.models
         assert gray.batcher._task.done()  # the replaced version's batcher was stopped
-        await registry.close()
+        await store.close()
 
     in_loop(steps)
 
 
 def test_missing_model_dir_is_a_reported_failure_not_a_crash(tmp_path):
-    registry = ModelRegistry(make_settings(tmp_path / "nowhere"), ServiceMetrics())
-    report = in_loop(registry.reload)
-    assert registry.models == {} and "does not exist" in next(iter(report.failed.values()))
+    store = ModelStore(make_settings(tmp_path / "nowhere"), ServiceMetrics())
+    report = in_loop(store.reload)
+    assert store.models == {} and "does not exist" in next(iter(report.failed.values()))
 
 
 def test_a_single_bundle_directory_can_be_served_directly(bundle_dir):
-    registry = ModelRegistry(make_settings(bundle_dir / "color"), ServiceMetrics())
+    store = ModelStore(make_settings(bundle_dir / "color"), ServiceMetrics())
 
     async def steps():
-        await registry.reload()
-        names = list(registry.models)
-        await registry.close()
+        await store.reload()
+        names = list(store.models)
+        await store.close()
         return names
 
     assert in_loop(steps) == ["color"]
@@ -123,12 +123,12 @@ def test_ort_spinning_follows_its_setting(bundle_dir, monkeypatch, env, expected
     monkeypatch.delenv("MNEMO_ORT_SPINNING", raising=False)
     if env is not None:
         monkeypatch.setenv("MNEMO_ORT_SPINNING", env)
-    registry = ModelRegistry(make_settings(bundle_dir / "color"), ServiceMetrics())
+    store = ModelStore(make_settings(bundle_dir / "color"), ServiceMetrics())
 
     async def spinning():
-        await registry.reload()
-        options = registry.get("color").runner.session.get_session_options()
-        await registry.close()
+        await store.reload()
+        options = store.get("color").runner.session.get_session_options()
+        await store.close()
         return options.get_session_config_entry("session.intra_op.allow_spinning")
 
     assert in_loop(spinning) == expected
