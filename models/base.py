@@ -6,11 +6,25 @@
   TorchScript tracing and ONNX export capture exactly what the service runs.
 * ``loss(x) -> dict`` is the separate training-time forward; ``"loss"`` is the total to minimise and the
   other entries are its parts, for logging.
+
+The trainer, the run workflow and the export know a model only through the hooks below, each with a
+default that fits a plain autoencoder (as nanoGPT's ``configure_optimizers``), so a model that trains or
+exports differently (DAAD+: two optimisers, score scaling fitted after training) overrides a hook instead
+of being recognised by its attributes:
+
+* ``configure_optimizers(optim) -> [Optimizer]``: one Adam over every parameter;
+* ``training_step(x, optimizers) -> {name: float}``: one step on ``loss(x)["loss"]``;
+* ``after_fit(batches)``: once the best weights are back, a pass over the training images; nothing;
+* ``export_facts() -> dict | None``: constants the exported graph bakes in, for the manifest; None
+  (raises ``ValueError`` when the model is not ready to export);
+* ``example_reconstruction(x) -> x̂ | None``: what the example plots show beside the input; None.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn as nn
@@ -34,8 +48,15 @@ class ModelConfig:
     heatmap_sigma: float = 1.0
 
 
+class OptimSettings(Protocol):
+    """What ``configure_optimizers`` reads of a run's optimiser settings (``training.config.OptimConfig``)."""
+
+    lr: float
+    weight_decay: float
+
+
 class AnomalyModel(nn.Module):
-    """Base class: holds the config and routes ``forward`` to ``score``."""
+    """Base class: holds the config, routes ``forward`` to ``score``, and gives the hooks their defaults."""
 
     model_name: str = "?"
 
@@ -51,6 +72,32 @@ class AnomalyModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.score(x)
+
+    def configure_optimizers(self, optim: OptimSettings) -> list[torch.optim.Optimizer]:
+        """One Adam over every parameter (papers 000/001 §4)."""
+        return [torch.optim.Adam(self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
+
+    def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
+        """One step on ``loss(x)["loss"]`` with the single optimiser; returns every loss part, for logging."""
+        (optimizer,) = optimizers
+        losses = self.loss(x)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        return {k: v.item() for k, v in losses.items()}
+
+    def after_fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Called once after training with the training images, batch by batch; nothing to do by default
+        (the iterable is then never read)."""
+
+    def export_facts(self) -> dict[str, float] | None:
+        """Constants the exported scoring graph bakes in, recorded in the bundle manifest; None when there
+        are none. Raises ``ValueError`` when the model is not ready to export."""
+        return None
+
+    def example_reconstruction(self, x: torch.Tensor) -> torch.Tensor | None:
+        """x̂ to show beside ``x`` in the example plots; None for a model that does not reconstruct."""
+        return None
 
 
 class ReconstructionModel(AnomalyModel):
@@ -80,3 +127,6 @@ class ReconstructionModel(AnomalyModel):
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         err = self.error_map(x)
         return err.mean(dim=(1, 2, 3)), self.blur(err)
+
+    def example_reconstruction(self, x: torch.Tensor) -> torch.Tensor:
+        return self.reconstruct(x)[0]

@@ -216,3 +216,12 @@ def test_exports_to_torchscript_and_onnx_with_dynamic_batch(name, tmp_path):
     if name == "daad_plus":
         model.fit_score_scaling(images(4, seed=2))  # non-identity constants must be in the graph
     assert_exports_match(model, images(2), images(3, seed=5), tmp_path)
+
+
+def test_daad_plus_fits_its_score_scaling_after_training_and_exports_the_constants():
+    model = tiny("daad_plus").train()
+    with pytest.raises(ValueError, match="not fitted"):
+        model.export_facts()
+    model.after_fit(iter([images(3), images(3, seed=2)]))
+    assert bool(model.score_scaling_fitted) and model.training
+    assert model.export_facts() == model.score_scaling_constants()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from mnemo import models
+from mnemo.training.config import OptimConfig
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 from tests.export_check import assert_exports_match
 
@@ -89,3 +90,27 @@ def test_eval_scores_do_not_depend_on_batch_mates(model_name):
 def test_scoring_exports_to_torchscript_and_onnx_with_dynamic_batch(model_name, tmp_path):
     model = tiny_model(model_name)
     assert_exports_match(model, batch_for(model, 2), batch_for(model, 3, seed=5), tmp_path)
+
+
+def test_training_hooks_default_to_one_optimiser_and_nothing_after_training(model_name):
+    """Only DAAD+ overrides the trainer's hooks; every other model takes the plain-autoencoder defaults."""
+    model = tiny_model(model_name)
+    optimizers = model.configure_optimizers(OptimConfig(lr=1e-3))
+    assert len(optimizers) == (2 if model_name == "daad_plus" else 1)
+    logs = model.training_step(batch_for(model, 4), optimizers)
+    assert set(model.loss(batch_for(model, 4))) <= set(logs)
+    assert ("d_loss" in logs) == (model_name == "daad_plus")
+    if model_name != "daad_plus":
+        model.after_fit(iter(()))  # the default never reads the batches
+        assert model.export_facts() is None
+
+
+def test_example_reconstruction_is_the_reconstruction_or_none(model_name):
+    model = tiny_model(model_name).eval()
+    x = batch_for(model, 2)
+    with torch.no_grad():
+        shown = model.example_reconstruction(x)
+    if isinstance(model, models.ReconstructionModel):
+        assert shown is not None and shown.shape == x.shape
+    else:
+        assert shown is None

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mnemo import models
 from mnemo.training import config as run_config
-from mnemo.training.trainer import fit, make_optimizers, train_step
+from mnemo.training.trainer import fit
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 
 
@@ -27,8 +27,8 @@ def test_a_few_training_steps_lower_the_loss(model_name):
     model = tiny_model(model_name).train()
     x = batch_for(model, 8)
     cfg = run_config.resolve_optim(run_config.OptimConfig(lr=3e-3), model.config)
-    optimizers = make_optimizers(model, cfg)
-    losses = [objective(train_step(model, x, optimizers)) for _ in range(25)]
+    optimizers = model.configure_optimizers(cfg)
+    losses = [objective(model.training_step(x, optimizers)) for _ in range(25)]
     first, last = sum(losses[:3]) / 3, sum(losses[-3:]) / 3
     assert last < first, f"{model_name}: loss went {first:.4g} → {last:.4g}"
 

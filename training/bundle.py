@@ -20,6 +20,7 @@ import onnxruntime as ort
 import torch
 
 from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
+from mnemo.models.base import AnomalyModel
 from mnemo.training.export import check_close, export_onnx, export_torchscript
 
 LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
@@ -33,12 +34,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[name] = "not installed"
     return versions
-
-
-def score_scaling_of(model: torch.nn.Module) -> dict[str, float] | None:
-    """DAAD+'s min-max constants (already traced into the graph; recorded for people and audits)."""
-    constants = getattr(model, "score_scaling_constants", None)
-    return constants() if callable(constants) else None
 
 
 def verify(model: torch.nn.Module, bundle_dir: Path, samples: torch.Tensor, atol: float) -> dict[str, float]:
@@ -58,7 +53,7 @@ def verify(model: torch.nn.Module, bundle_dir: Path, samples: torch.Tensor, atol
 
 
 def export_bundle(
-    model: torch.nn.Module,
+    model: AnomalyModel,
     out_dir: str | Path,
     *,
     name: str,
@@ -71,11 +66,7 @@ def export_bundle(
     atol: float = 1e-4,
 ) -> Manifest:
     """Export, verify, and only then move the finished bundle into ``out_dir`` (replacing an old one)."""
-    fitted = getattr(model, "score_scaling_fitted", None)  # DAAD+ only: a bool or a 0-d tensor
-    if fitted is not None and not bool(fitted):
-        raise ValueError(
-            f"{model.model_name}: score scaling is not fitted on training data; refusing to export"
-        )
+    facts = model.export_facts()  # first: a model not ready to export raises before anything is written
     model = model.eval().cpu()
     samples = samples.detach().cpu().float()
     out_dir = Path(out_dir)
@@ -93,7 +84,7 @@ def export_bundle(
             preprocessing=preprocessing,
             calibration=calibration,
             files={f: sha256_of(staging / f) for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
-            score_scaling=score_scaling_of(model),
+            score_scaling=facts,
             training={**(training or {}), "export_max_abs_diff": diffs},
             metrics=metrics or {},
             libraries=library_versions(),

@@ -97,7 +97,8 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Train, fit score scaling, calibrate, evaluate; returns the run directory."""
+    """Train, let the model finish on its training images (``after_fit``), calibrate, evaluate; returns
+    the run directory."""
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
@@ -115,8 +116,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
     write_json(out / "history.json", state.history)
 
-    if hasattr(model, "fit_score_scaling"):  # DAAD+: min-max constants of R and L from training images
-        model.fit_score_scaling(images_of(b) for b in loader(splits.train, optim.batch_size, workers))
+    model.after_fit(images_of(b) for b in loader(splits.train, optim.batch_size, workers))
     save_model(model, out / "model.pt")
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / "samples.pt")
 
@@ -196,9 +196,8 @@ def write_plots(model, dataset, scored: ScoredSet, calibration: Calibration, out
     normal = [i for i in order if scored.labels[i] == 0][:3]
     picks = [int(i) for i in anomalous + normal]
     x = torch.stack([images_of(dataset[i]) for i in picks])
-    recon = None
-    if hasattr(model, "reconstruct"):
-        recon = denormalise(model.reconstruct(x.to(device))[0], model.config)
+    recon = model.example_reconstruction(x.to(device))
+    recon = None if recon is None else denormalise(recon, model.config)
     titles = [f"{'anomalous' if scored.labels[i] else 'good'} {scored.scores[i]:.4g}" for i in picks]
     plots.example_grid(
         denormalise(x, model.config), recon, scored.heatmaps[picks], titles, out / "examples.png"

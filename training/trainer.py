@@ -1,8 +1,8 @@
 """The training loop: Adam, early stopping on validation loss, checkpoints and resume.
 
-Kept nanoGPT-short on purpose. A model trains through ``model.loss(x)["loss"]``; a model with a
-discriminator (DAAD+) also exposes ``discriminator_loss(x)`` plus ``generator_parameters()`` /
-``discriminator_parameters()``, and the loop alternates a D step and a G step per batch (paper 003 §3.2).
+Kept nanoGPT-short on purpose: the model builds its own optimisers (``configure_optimizers``) and takes
+its own steps (``training_step``), so a model that trains differently (DAAD+'s D step then G step) needs
+nothing here (``models/base.py``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from mnemo.models.base import AnomalyModel
 from mnemo.training.config import OptimConfig
 from mnemo.training.evaluate import unpack
 
@@ -55,34 +56,8 @@ class TrainState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def make_optimizers(model: torch.nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
-    """One Adam for the model; with a discriminator, [generator Adam, discriminator Adam]."""
-    if not hasattr(model, "discriminator_loss"):
-        return [torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)]
-    mcfg = model.config  # paper 003: Adam with its default betas, 2e-4 once the adversarial losses are on
-    return [
-        torch.optim.Adam(model.generator_parameters(), lr=mcfg.lr_generator),
-        torch.optim.Adam(model.discriminator_parameters(), lr=mcfg.lr_discriminator),
-    ]
-
-
-def train_step(model: torch.nn.Module, x: torch.Tensor, optimizers: list) -> dict[str, float]:
-    logs = {}
-    if len(optimizers) == 2:  # D step first, on the current generator's reconstructions
-        d_loss = model.discriminator_loss(x)
-        optimizers[1].zero_grad(set_to_none=True)
-        d_loss.backward()
-        optimizers[1].step()
-        logs["d_loss"] = d_loss.item()
-    losses = model.loss(x)
-    optimizers[0].zero_grad(set_to_none=True)
-    losses["loss"].backward()
-    optimizers[0].step()
-    return {**{k: v.item() for k, v in losses.items()}, **logs}
-
-
 @torch.no_grad()
-def validation_loss(model: torch.nn.Module, loader: DataLoader, device: torch.device) -> float:
+def validation_loss(model: AnomalyModel, loader: DataLoader, device: torch.device) -> float:
     """Mean objective on held-out good images, in eval mode (no forgetting, no sampling).
 
     Where the loss has a reconstruction part it alone decides (DAAD+'s adversarial term is a noisy
@@ -113,7 +88,7 @@ def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config
 
 
 def fit(
-    model: torch.nn.Module,
+    model: AnomalyModel,
     train_loader: DataLoader,
     val_loader: DataLoader,
     cfg: OptimConfig,
@@ -126,7 +101,7 @@ def fit(
     """Train until ``max_epochs`` or early stopping; leaves the best weights loaded in ``model``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
-    optimizers = make_optimizers(model, cfg)
+    optimizers = model.configure_optimizers(cfg)
     state = TrainState()
     if resume and (out_dir / CHECKPOINT_LAST).exists():
         state = load_training_state(out_dir / CHECKPOINT_LAST, model, optimizers, device)
@@ -137,7 +112,7 @@ def fit(
         sums: dict[str, float] = {}
         steps = 0
         for steps, batch in enumerate(bar, start=1):
-            logs = train_step(model, images_of(batch).to(device), optimizers)
+            logs = model.training_step(images_of(batch).to(device), optimizers)
             for k, v in logs.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{logs['loss']:.4g}")
