@@ -1,6 +1,6 @@
 """Untrained bundles for the serving benchmark: inference speed depends on the graph, not on the weights.
 
-Each is exported through ``training.bundle.export_bundle`` (so it is verified like any bundle) with a dummy
+Each is exported through ``training.export.export_bundle`` (so it is verified like any bundle) with a dummy
 calibration fitted to the untrained model's own scores on random inputs: thresholds and p-values are
 meaningless, timings are real.
 """
@@ -29,8 +29,8 @@ def export_untrained(name: str, out: Path, seed: int = 0) -> Path:
 
     from mnemo import models
     from mnemo.imaging import Preprocessing
-    from mnemo.training.bundle import export_bundle
     from mnemo.training.calibration import calibrate
+    from mnemo.training.export import export_bundle
 
     spec = SPECS[name]
     torch.manual_seed(seed)

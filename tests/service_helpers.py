@@ -24,8 +24,8 @@ from mnemo import models
 from mnemo.imaging import Preprocessing
 from mnemo.service.app import create_app
 from mnemo.service.settings import Settings
-from mnemo.training.bundle import export_bundle
 from mnemo.training.calibration import calibrate
+from mnemo.training.export import export_bundle
 
 # Two tiny models that exercise both channel counts and both resize policies.
 BUNDLE_SPECS = {

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from mnemo import models
 from mnemo.models.memory import BlockwiseMemory
-from mnemo.training.bundle import export_bundle
+from mnemo.training.export import export_bundle
 from tests.export_check import assert_exports_match
 
 # 32 px: encoder maps 16, 8, 4 px, so one scale has multi-position blocks, one has 1×1 blocks, and one

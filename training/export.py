@@ -1,7 +1,9 @@
-"""Export a model's scoring forward to TorchScript and ONNX, and check the copies against PyTorch.
+"""``mnemo export``: the scoring forward as TorchScript and ONNX, verified, in a bundle (``mnemo.bundle``).
 
 Both formats capture ``model.forward`` (= ``score``) in eval mode: inputs ``image [B, C, H, W]``, outputs
-``score [B]`` and ``heatmap [B, 1, H, W]``, with a dynamic batch axis.
+``score [B]`` and ``heatmap [B, 1, H, W]``, with a dynamic batch axis. The bundle checks itself before it
+is kept: ONNX Runtime and the reloaded TorchScript file must both match PyTorch within ``atol`` on real
+samples, or nothing is written and the error says by how much.
 
 ONNX uses PyTorch's TorchScript-based exporter (``dynamo=False``): it exports the very graph we trace
 for TorchScript, in a fraction of a second, and every op we use is covered at opset 17. PyTorch marks
@@ -10,25 +12,34 @@ it deprecated; the torch.export-based exporter is the path to move to when it is
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
+import platform
+import shutil
+import tempfile
 import warnings
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
+
+from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
+from mnemo.models.base import AnomalyModel
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "heatmap")
+LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
 
 
 class ExportMismatchError(RuntimeError):
     """An exported copy disagrees with PyTorch beyond tolerance."""
 
 
-def example_input(model: torch.nn.Module, batch: int = 2, seed: int = 0) -> torch.Tensor:
-    cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
-    return torch.rand(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+# ------------------------------------------------------------------------------------------ formats
 
 
 def export_torchscript(
@@ -61,6 +72,9 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor)
         )
 
 
+# ----------------------------------------------------------------------------------------- checking
+
+
 def max_abs_diff(a: tuple, b: tuple) -> float:
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
@@ -74,3 +88,80 @@ def check_close(name: str, reference: tuple, candidate: tuple, atol: float = 1e-
     if not diff <= atol:
         raise ExportMismatchError(f"{name} output differs from PyTorch by {diff:.3g} (tolerance {atol:g})")
     return diff
+
+
+def verify(model: torch.nn.Module, bundle_dir: Path, samples: torch.Tensor, atol: float) -> dict[str, float]:
+    """Max |difference| of each exported copy against PyTorch on ``samples``; raises on a mismatch."""
+    with torch.no_grad():
+        reference = tuple(t.numpy() for t in model(samples))
+        loaded = torch.jit.load(str(bundle_dir / TORCHSCRIPT_FILE), map_location="cpu")
+        ts_out = tuple(t.numpy() for t in loaded(samples))
+    session = ort.InferenceSession(str(bundle_dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+    onnx_out = tuple(
+        np.asarray(o) for o in session.run(None, {session.get_inputs()[0].name: samples.numpy()})
+    )
+    return {
+        "onnxruntime": check_close("ONNX Runtime", reference, onnx_out, atol),
+        "torchscript": check_close("TorchScript", reference, ts_out, atol),
+    }
+
+
+# ------------------------------------------------------------------------------------------- bundle
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def export_bundle(
+    model: AnomalyModel,
+    out_dir: str | Path,
+    *,
+    name: str,
+    version: str,
+    preprocessing: dict[str, Any],
+    calibration: dict[str, Any],
+    samples: torch.Tensor,
+    training: dict[str, Any] | None = None,
+    metrics: dict[str, Any] | None = None,
+    atol: float = 1e-4,
+) -> Manifest:
+    """Export, verify, and only then move the finished bundle into ``out_dir`` (replacing an old one)."""
+    facts = model.export_facts()  # first: a model not ready to export raises before anything is written
+    model = model.eval().cpu()
+    samples = samples.detach().cpu().float()
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        export_onnx(model, staging / ONNX_FILE, samples[:2])
+        export_torchscript(model, staging / TORCHSCRIPT_FILE, samples[:2])
+        diffs = verify(model, staging, samples, atol)
+        manifest = Manifest(
+            name=name,
+            version=version,
+            architecture=model.model_name,
+            model_config=dataclasses.asdict(model.config),
+            preprocessing=preprocessing,
+            calibration=calibration,
+            files={f: sha256_of(staging / f) for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            score_scaling=facts,
+            training={**(training or {}), "export_max_abs_diff": diffs},
+            metrics=metrics or {},
+            libraries=library_versions(),
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        )
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        staging.chmod(0o755)  # mkdtemp makes it private; a service under another user must read it
+        staging.rename(out_dir)
+        return manifest
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -30,9 +30,9 @@ from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing
 from mnemo.training import config as run_config
 from mnemo.training import datasets, plots
-from mnemo.training.bundle import export_bundle
 from mnemo.training.calibration import calibrate
 from mnemo.training.evaluate import ScoredSet, compute_metrics, score_dataset
+from mnemo.training.export import export_bundle
 from mnemo.training.trainer import fit, images_of, pick_device, seed_everything
 
 EXPORT_SAMPLES = 8
