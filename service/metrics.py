@@ -63,6 +63,10 @@ class ServiceMetrics:
         self.errors = Counter("mnemo_errors", "Errors by kind", ["kind"], registry=r)
         self.ready = Gauge("mnemo_ready", "1 once models are loaded and warmed", registry=r)
 
+    def observe_request(self, model: str, status: int, seconds: float) -> None:
+        self.requests.labels(model, str(status)).inc()
+        self.request_seconds.labels(model).observe(seconds)
+
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 

@@ -167,10 +167,22 @@ class ModelStore:
         self.metrics = metrics
         self.models: dict[str, LoadedModel] = {}
         self.last_report = ReloadReport()
+        self.started = False  # the start-up load has finished
         self._lock = asyncio.Lock()
+
+    @property
+    def ready(self) -> bool:
+        """Serving: the start-up load has finished and at least one model is loaded."""
+        return self.started and bool(self.models)
 
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)
+
+    async def load_at_start(self) -> ReloadReport:
+        report = await self.reload()
+        self.started = True
+        self.metrics.ready.set(self.ready)
+        return report
 
     async def reload(self) -> ReloadReport:
         async with self._lock:
@@ -195,6 +207,7 @@ class ModelStore:
             logger.warning("reload of %s failed; still serving version %s", name, kept[name].manifest.version)
         for model in retired:
             await self._stop(model)
+        self.metrics.ready.set(self.ready)
         return report
 
     async def close(self) -> None:

@@ -1,35 +1,106 @@
-"""From uploaded bytes to per-image results for one model: decode, (batcher runs the model), judge, draw.
+"""One score request, start to end: ``score_request`` reads and decodes the images, waits for the model's
+batcher, judges and draws every image, counts it in the model's metrics and times the steps.
 
-Decoding and PNG drawing are CPU work, so the app runs ``decode_uploads`` and ``judge`` in a worker
-thread. The verdict is ``mnemo.calibration.is_anomalous``, the rule training calibrated for.
+Decoding and PNG drawing are CPU work, so they run in worker threads bounded by the app's CPU limiter.
+The verdict is ``mnemo.calibration.is_anomalous``, the rule the model's threshold was calibrated for.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
+import time
 from dataclasses import dataclass
+from functools import partial
 
+import anyio
 import numpy as np
+from starlette.requests import Request
 
 from mnemo.calibration import is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
 from mnemo.imaging import ImageDecodeError, decode_image, display_rgb, prepare_pixels
-from mnemo.service.batching import ImageResult
+from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
-from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore
+from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore, ModelRef, ScoreResponse, Timings
+from mnemo.service.settings import Settings
+from mnemo.service.uploads import Upload, read_uploads
+
+logger = logging.getLogger("mnemo.service")
+PNG_FORMATS = ("overlay", "gray")  # drawn in a worker thread; "grid" and "none" are cheap
 
 
 @dataclass(frozen=True)
-class Upload:
-    filename: str | None
-    data: bytes
+class ScoreOptions:
+    """What a request may choose, from its query string."""
+
+    heatmap: HeatmapFormat = "none"
+    threshold: float | None = None  # overrides the model's calibrated threshold
 
 
 @dataclass(frozen=True)
 class Decoded:
     inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation; the batcher stacks them once
     displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
+
+
+async def score_request(
+    request: Request,
+    model: LoadedModel,
+    options: ScoreOptions,
+    settings: Settings,
+    limiter: anyio.CapacityLimiter,
+    started: float,
+) -> ScoreResponse:
+    """Score the request's images; ``started`` (``time.perf_counter``) is when the request arrived, so the
+    decode time includes receiving the upload. Failures are ``ApiError``s."""
+    uploads = await read_uploads(request, settings.max_files)
+    decode = partial(decode_uploads, uploads, model, settings.max_image_pixels, options.heatmap == "overlay")
+    decoded = await anyio.to_thread.run_sync(decode, limiter=limiter)
+    decoded_at = time.perf_counter()
+    results = await _infer(model, decoded, settings)
+    threshold = model.threshold if options.threshold is None else options.threshold
+    draw = partial(
+        judge, model, uploads, results, decoded, threshold, options.heatmap, settings.heatmap_grid_size
+    )
+    in_thread = options.heatmap in PNG_FORMATS
+    images = await anyio.to_thread.run_sync(draw, limiter=limiter) if in_thread else draw()
+    for image in images:
+        model.metrics.observe_image(image.score, image.p_value, image.verdict)
+    return ScoreResponse(
+        model=ModelRef(name=model.name, version=model.manifest.version),
+        results=images,
+        timings_ms=_timings(started, decoded_at, results),
+    )
+
+
+async def _infer(model: LoadedModel, decoded: Decoded, settings: Settings) -> list[ImageResult]:
+    """The batcher's results, its failures mapped to the API's errors."""
+    try:
+        return await asyncio.wait_for(model.batcher.submit(decoded.inputs), settings.request_timeout_s)
+    except QueueFullError as exc:
+        headers = {"Retry-After": str(settings.retry_after_s)}
+        raise ApiError(503, "queue_full", f"{model.name} is busy: {exc}", headers=headers) from None
+    except TimeoutError:
+        message = f"no result within {settings.request_timeout_s:g} s"
+        raise ApiError(504, "timeout", message) from None
+    except BatchFailedError as exc:
+        logger.error("inference failed for %s: %s", model.name, exc)
+        raise ApiError(500, "inference_failed", f"inference failed for this batch: {exc}") from None
+    except BatcherClosedError as exc:
+        raise ApiError(503, "model_unloaded", str(exc), headers={"Retry-After": "1"}) from None
+
+
+def _timings(started: float, decoded_at: float, results: list[ImageResult]) -> Timings:
+    """Queue and inference: the slowest of the request's images, since they may run in several batches."""
+    return Timings(
+        decode_ms=1000 * (decoded_at - started),
+        queue_ms=1000 * max(r.queue_s for r in results),
+        inference_ms=1000 * max(r.inference_s for r in results),
+        total_ms=1000 * (time.perf_counter() - started),
+    )
 
 
 def decode_uploads(uploads: list[Upload], model: LoadedModel, max_pixels: int, overlay: bool) -> Decoded:
@@ -58,6 +129,7 @@ def judge(
     heatmap: HeatmapFormat,
     grid_size: int,
 ) -> list[ImageScore]:
+    """Score, p-value, verdict and requested heatmap of every image, in upload order."""
     scores = np.array([r.score for r in results], np.float64)
     p_values = np.atleast_1d(p_value(scores, model.quantiles, model.calibration.n))
     flagged = is_anomalous(scores, threshold)

@@ -80,7 +80,7 @@ def test_a_failing_batch_fails_only_its_requests_and_the_next_one_runs(bundle_di
     settings = make_settings(bundle_dir, max_wait_ms=1)
     app = create_app(settings)
     with running_server(settings, app=app) as url:
-        batcher = app.state.registry.models["gray"].batcher
+        batcher = app.state.store.models["gray"].batcher
         healthy, calls = batcher._run, []
 
         def fails_once(batch):

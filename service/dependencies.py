@@ -1,0 +1,78 @@
+"""What the routes use, as FastAPI dependencies: settings, model store, metrics, the decode limiter, one
+loaded model, and the API key check.
+
+``create_app`` and its lifespan put the shared objects on ``app.state``; this module is the only reader,
+so every route states in its signature what it uses (and tests can override any of them). The providers
+are ``async`` so that FastAPI calls them on the event loop instead of a worker thread.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from anyio import CapacityLimiter
+from fastapi import Depends, Request
+from fastapi.security import APIKeyHeader
+
+from mnemo.service.errors import ApiError
+from mnemo.service.metrics import ServiceMetrics
+from mnemo.service.model_store import LoadedModel, ModelStore
+from mnemo.service.settings import Settings
+
+
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+async def get_store(request: Request) -> ModelStore:
+    return request.app.state.store
+
+
+async def get_metrics(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+async def get_cpu_limiter(request: Request) -> CapacityLimiter:
+    """Bounds the threads that decode and draw images (made at start-up: it needs the running loop)."""
+    return request.app.state.cpu_limiter
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[ModelStore, Depends(get_store)]
+MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
+CpuLimiterDep = Annotated[CapacityLimiter, Depends(get_cpu_limiter)]
+
+
+def find_model(store: ModelStore, name: str) -> LoadedModel:
+    """The model served as ``name``, or a 404 that lists the loaded names."""
+    model = store.get(name)
+    if model is None:
+        known = ", ".join(sorted(store.models)) or "none loaded"
+        raise ApiError(404, "unknown_model", f"no model named {name!r} (loaded: {known})")
+    return model
+
+
+async def loaded_model(name: str, store: StoreDep) -> LoadedModel:
+    return find_model(store, name)
+
+
+ModelDep = Annotated[LoadedModel, Depends(loaded_model)]
+
+
+def api_key_check(settings: Settings) -> Callable[..., Awaitable[None]]:
+    """A dependency enforcing the API key when one is configured (also declared in the OpenAPI document).
+
+    Built from the settings rather than injected: the header's name must be known when routes are added.
+    """
+    header = APIKeyHeader(name=settings.api_key_header, auto_error=False)
+    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+
+    async def check(key: str | None = Depends(header)) -> None:  # not Annotated: `header` is a local
+        if expected is not None and not (key and secrets.compare_digest(key.encode(), expected)):
+            raise ApiError(
+                401, "unauthorized", f"missing or wrong API key in the {settings.api_key_header} header"
+            )
+
+    return check

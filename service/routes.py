@@ -1,0 +1,152 @@
+"""The HTTP routes: the upload page, probes and metrics at the root; the model API under ``/v1``.
+
+``create_app`` puts ``/v1`` behind the API key check when a key is configured. Routes take what they use
+as dependencies (``service/dependencies.py``); a score request itself is ``scoring.score_request``.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from functools import cache
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import HTMLResponse
+from prometheus_client.exposition import choose_encoder
+
+from mnemo.service.dependencies import (
+    CpuLimiterDep,
+    MetricsDep,
+    ModelDep,
+    SettingsDep,
+    StoreDep,
+    find_model,
+)
+from mnemo.service.errors import ApiError
+from mnemo.service.schemas import (
+    ErrorResponse,
+    Health,
+    HeatmapFormat,
+    ModelInfo,
+    ModelList,
+    Readiness,
+    ReloadResult,
+    ScoreResponse,
+)
+from mnemo.service.scoring import ScoreOptions, score_request
+
+INDEX_HTML = Path(__file__).parent / "static" / "index.html"
+UNKNOWN_MODEL = "_unknown"  # metrics label for unknown names, so clients cannot grow label sets at will
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 500, 503, 504)}
+UPLOAD_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "one or several images as multipart file parts (any field name), or one raw image",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            },
+            "image/*": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+ops = APIRouter()
+v1 = APIRouter(prefix="/v1", responses={401: {"model": ErrorResponse}})
+
+
+# ------------------------------------------------------------------------------------------ operations
+
+
+@ops.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def index(settings: SettingsDep) -> HTMLResponse:
+    return HTMLResponse(index_page(settings.api_key_header))
+
+
+@cache
+def index_page(api_key_header: str) -> str:
+    """The upload page, told which header carries the API key."""
+    return INDEX_HTML.read_text().replace("{{API_KEY_HEADER}}", html.escape(api_key_header))
+
+
+@ops.get("/healthz", response_model=Health, summary="liveness: the process answers")
+async def healthz() -> Health:
+    return Health()
+
+
+@ops.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="models loaded")
+async def readyz(response: Response, store: StoreDep) -> Readiness:
+    response.status_code = 200 if store.ready else 503
+    return Readiness(ready=store.ready, models=sorted(store.models), failed=store.last_report.failed)
+
+
+@ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(request: Request, service_metrics: MetricsDep) -> Response:
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(service_metrics.registry), media_type=content_type)
+
+
+# ------------------------------------------------------------------------------------------------- /v1
+
+
+@v1.get("/models", response_model=ModelList, summary="the loaded models")
+async def list_models(store: StoreDep) -> ModelList:
+    return ModelList(models=[store.models[name].info() for name in sorted(store.models)])
+
+
+@v1.get("/models/{name}", response_model=ModelInfo, responses=ERRORS, summary="one loaded model")
+async def get_model(model: ModelDep) -> ModelInfo:
+    return model.info()
+
+
+@v1.post("/admin/reload", response_model=ReloadResult, summary="re-scan the model directory")
+async def reload_models(store: StoreDep) -> ReloadResult:
+    return ReloadResult(**vars(await store.reload()))
+
+
+@v1.post(
+    "/models/{name}:score",
+    response_model=ScoreResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    openapi_extra=UPLOAD_BODY,
+    summary="score images: anomaly score, p-value, verdict and optional heatmap per image",
+)
+async def score(
+    request: Request,
+    name: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    service_metrics: MetricsDep,
+    limiter: CpuLimiterDep,
+    heatmap: Annotated[
+        HeatmapFormat, Query(description="overlay/gray: base64 PNG; grid: float grid")
+    ] = "none",
+    threshold: Annotated[
+        float | None, Query(description="override the model's threshold", allow_inf_nan=False)
+    ] = None,
+) -> ScoreResponse:
+    # Counts every request by model and status. The model is looked up here rather than as a dependency,
+    # so that an unknown name is counted too (as _unknown) and a bad query still answers 422 first.
+    # (No docstring: FastAPI would publish it as the operation's description.)
+    started = time.perf_counter()
+    label, status = UNKNOWN_MODEL, 500
+    try:
+        model = find_model(store, name)
+        label = name
+        options = ScoreOptions(heatmap, threshold)
+        response = await score_request(request, model, options, settings, limiter, started)
+        status = 200
+        return response
+    except ApiError as exc:
+        status = exc.status
+        raise
+    finally:
+        service_metrics.observe_request(label, status, time.perf_counter() - started)

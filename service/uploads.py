@@ -1,0 +1,50 @@
+"""The images of a score request: the file parts of a multipart body, or one raw ``image/*`` body.
+
+Starlette reports multipart limits and syntax errors as ``HTTPException``; here they become the service's
+own error codes (``too_many_files``, ``bad_multipart``), so clients branch on one JSON shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+
+from mnemo.service.errors import ApiError
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+async def read_uploads(request: Request, max_files: int) -> list[Upload]:
+    """Every image of the request, in order; at most ``max_files`` file parts."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media.startswith("image/"):
+        return [Upload(None, await request.body())]
+    if media != "multipart/form-data":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"got {media or 'no content type'}; send multipart/form-data or image/*",
+        )
+    return await _read_multipart(request, max_files)
+
+
+async def _read_multipart(request: Request, max_files: int) -> list[Upload]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=32)
+    except HTTPException as exc:
+        code = "too_many_files" if "Too many files" in str(exc.detail) else "bad_multipart"
+        raise ApiError(400, code, str(exc.detail)) from None
+    try:
+        files = [value for _, value in form.multi_items() if isinstance(value, UploadFile)]
+        if not files:
+            raise ApiError(400, "no_image", "the multipart body has no file part")
+        return [Upload(f.filename, await f.read()) for f in files]
+    finally:
+        await form.close()
