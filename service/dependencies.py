@@ -1,9 +1,9 @@
 """What the routes use, as FastAPI dependencies: settings, model store, metrics, the decode limiter, one
 loaded model, and the API key check.
 
-``create_app`` and its lifespan put the shared objects on ``app.state``; this module is the only reader,
-so every route states in its signature what it uses (and tests can override any of them). The providers
-are ``async`` so that FastAPI calls them on the event loop instead of a worker thread.
+``create_app`` and its lifespan put the shared objects on ``app.state``; routes reach them only through
+these providers, so every route states in its signature what it uses (and tests can override any of
+them). The providers are ``async`` so that FastAPI calls them on the event loop, not in a worker thread.
 """
 
 from __future__ import annotations
