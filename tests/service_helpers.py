@@ -6,7 +6,6 @@ The fixtures built on them live in ``tests/service_fixtures.py`` (loaded with ``
 from __future__ import annotations
 
 import contextlib
-import io
 import socket
 import threading
 import time
@@ -18,7 +17,6 @@ import numpy as np
 import torch
 import uvicorn
 from fastapi import FastAPI
-from PIL import Image
 
 from mnemo import models
 from mnemo.imaging import Preprocessing
@@ -49,14 +47,6 @@ def defect_image(channels: int, size: int, seed: int = 99) -> np.ndarray:
     image = smooth_images(1, channels, size, seed)[0].copy()
     image[size // 4 : size // 2, size // 4 : size // 2] = 0
     return image
-
-
-def png_bytes(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
-    array = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
-    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def export_tiny_bundle(

@@ -7,7 +7,6 @@ fires; a misspelt ``MNEMO_*`` variable is silently ignored (the settings ignore 
 
 from __future__ import annotations
 
-import io
 import json
 import re
 from pathlib import Path
@@ -16,10 +15,10 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from mnemo.service.settings import Settings
+from tests.image_bytes import png_bytes
 from tests.service_helpers import make_settings, running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,10 +55,9 @@ def compose() -> dict:
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
     """Sample name → label names, scraped from a real server on the shipped bundle after one scoring."""
-    buffer = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8)).save(buffer, "PNG")
+    image = png_bytes(np.random.default_rng(0).integers(0, 255, (64, 64), np.uint8))
     with running_server(make_settings(ROOT / "bundles/brick")) as url:
-        answer = httpx.post(f"{url}/v1/models/brick:score", content=buffer.getvalue(),
+        answer = httpx.post(f"{url}/v1/models/brick:score", content=image,
                             headers={"Content-Type": "image/png"}, timeout=30)  # fmt: skip
         assert answer.status_code == 200, answer.text
         text = httpx.get(f"{url}/metrics", timeout=10).text

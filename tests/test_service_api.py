@@ -17,11 +17,11 @@ from PIL import Image
 from mnemo.bundle import ONNX_FILE, read_manifest
 from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing, preprocess
+from tests.image_bytes import png_bytes
 from tests.service_helpers import (
     defect_image,
     make_settings,
     metric_value,
-    png_bytes,
     running_server,
     smooth_images,
 )

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import io
-import struct
-import zlib
 from collections.abc import Iterator
 
 import httpx
@@ -12,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.service_helpers import make_settings, metric_value, png_bytes, running_server, smooth_images
+from tests.image_bytes import encode, png_bytes, png_declaring
+from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
 
@@ -39,22 +38,6 @@ def post_files(url: str, *images: bytes, model: str = "gray") -> httpx.Response:
     return httpx.post(f"{url}/v1/models/{model}:score", files=files, timeout=30)
 
 
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A 60-byte PNG that declares ``width``×``height`` 8-bit gray and has no pixel data at all."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
-
-
 def error_of(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json")
@@ -74,7 +57,7 @@ def score_of(response: httpx.Response) -> float:
         (GOOD[: len(GOOD) // 2], "truncated"),
         (GOOD[:20], "truncated"),  # cut inside the header
         (GOOD[:40] + bytes(len(GOOD) - 40), "truncated"),  # right header, zeroed (corrupt) pixel data
-        (png_header_only(30_000, 30_000), "too_large"),  # a decompression bomb: 60 bytes, 900 MP declared
+        (png_declaring(30_000, 30_000), "too_large"),  # a decompression bomb: ~100 bytes, 900 MP declared
     ],
     ids=["not-an-image", "zero-bytes", "truncated", "cut-header", "corrupt", "bomb"],
 )
@@ -94,23 +77,21 @@ def test_modes_are_converted_to_what_the_model_expects(server):
     gray8 = smooth_images(1, 1, 28, seed=6)[0, ..., 0]
     rgb8 = smooth_images(1, 3, 28, seed=6)[0]
     reference_gray = score_of(post_raw(server, png_bytes(gray8)))
-    sixteen = encoded(Image.fromarray(gray8.astype(np.uint16) * 257))  # same intensities on 0…65535
+    sixteen = encode(Image.fromarray(gray8.astype(np.uint16) * 257))  # same intensities on 0…65535
     assert Image.open(io.BytesIO(sixteen)).mode.startswith("I")
     assert score_of(post_raw(server, sixteen)) == pytest.approx(reference_gray, abs=1e-5)
     reference_rgb = score_of(post_raw(server, png_bytes(rgb8)))
     opaque = np.concatenate([rgb8, np.full((28, 28, 1), 255, np.uint8)], axis=-1)
-    assert score_of(post_raw(server, encoded(Image.fromarray(opaque, "RGBA")))) == pytest.approx(
-        reference_rgb
-    )
+    assert score_of(post_raw(server, encode(Image.fromarray(opaque, "RGBA")))) == pytest.approx(reference_rgb)
     palette = Image.fromarray(rgb8).convert("P", palette=Image.Palette.ADAPTIVE, colors=64)
-    as_rgb = score_of(post_raw(server, encoded(palette.convert("RGB"))))
-    assert score_of(post_raw(server, encoded(palette))) == pytest.approx(as_rgb, abs=1e-6)
+    as_rgb = score_of(post_raw(server, encode(palette.convert("RGB"))))
+    assert score_of(post_raw(server, encode(palette))) == pytest.approx(as_rgb, abs=1e-6)
     for image, fmt in [
         (Image.fromarray(rgb8).convert("CMYK"), "JPEG"),
         (Image.fromarray(rgb8).convert("LA"), "PNG"),
         (Image.fromarray(gray8).convert("1"), "PNG"),
     ]:
-        assert np.isfinite(score_of(post_raw(server, encoded(image, fmt), f"image/{fmt.lower()}")))
+        assert np.isfinite(score_of(post_raw(server, encode(image, fmt), f"image/{fmt.lower()}")))
 
 
 @pytest.mark.parametrize("shape", [(3, 3), (20, 1000), (900, 700)])

@@ -10,7 +10,8 @@ import time
 
 import httpx
 
-from tests.service_helpers import png_bytes, smooth_images
+from tests.image_bytes import png_bytes
+from tests.service_helpers import smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
 

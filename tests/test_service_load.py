@@ -10,7 +10,8 @@ import httpx
 import numpy as np
 
 from mnemo.service.app import create_app
-from tests.service_helpers import make_settings, metric_value, png_bytes, running_server, smooth_images
+from tests.image_bytes import png_bytes
+from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
 

@@ -1,0 +1,37 @@
+"""Image files as bytes for the tests: encode a Pillow image or a pixel array, or forge a PNG header.
+
+Shared by the imaging and the service tests; torch-free, so the imaging tests stay light.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def png_bytes(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> bytes:
+    """Pixels [H, W] or [H, W, C] (a single channel is squeezed) as a file, converted to ``mode`` if given."""
+    array = array[..., 0] if array.ndim == 3 and array.shape[-1] == 1 else array
+    image = Image.fromarray(array) if mode is None else Image.fromarray(array).convert(mode)
+    return encode(image, fmt)
+
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A ~100-byte PNG whose header declares width×height 8-bit gray: a decompression bomb's shape."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
