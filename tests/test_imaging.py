@@ -16,7 +16,7 @@ from tests.image_bytes import encode, png_declaring
 
 
 def test_module_does_not_import_torch():
-    code = "import sys, mnemo.imaging, mnemo.calibration; sys.exit('torch' in sys.modules)"
+    code = "import sys, mnemo.imaging, mnemo.heatmaps, mnemo.calibration; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
