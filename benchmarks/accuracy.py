@@ -1,6 +1,6 @@
 """``mnemo bench accuracy``: the papers' detection tables, reproduced cell by cell with the real pipeline.
 
-A *cell* is one (dataset, protocol, model, class, seed) training run through ``training.pipeline.train_run``
+A *cell* is one (dataset, protocol, model, class, seed) training run through ``training.run.train_run``
 (the same code as ``mnemo train``): the papers' Adam 1e-3, batch 256, early stopping with patience 10 on a
 10 % validation split drawn with seed 2022, up to 100 epochs. Each finished cell is appended to the results
 JSON at once, so an interrupted run resumes where it stopped and a rerun skips what is there. A cell's key
@@ -250,7 +250,7 @@ def run_cell(
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
     from mnemo import models
-    from mnemo.training.pipeline import train_run
+    from mnemo.training.run import train_run
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()

@@ -178,7 +178,7 @@ def test_exported_bundle_scores_like_pytorch_in_onnxruntime_without_torch(traine
     images = sorted((data / "test").rglob("*.png"))[:6]
     # Offline: the run's PyTorch model through the training data pipeline.
     from mnemo.imaging import Preprocessing, preprocess_batch
-    from mnemo.training.pipeline import load_model
+    from mnemo.training.run import load_model
 
     prep = Preprocessing.from_dict(manifest["preprocessing"])
     with torch.no_grad():

@@ -128,6 +128,6 @@ def _demo(subparsers) -> None:
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
-    from mnemo.training import pipeline  # heavy imports (torch) only once a command runs
+    from mnemo.training import commands  # heavy imports (torch) only once a command runs
 
-    return getattr(pipeline, f"cmd_{command}")(args)
+    return getattr(commands, f"cmd_{command}")(args)

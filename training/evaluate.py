@@ -38,6 +38,11 @@ def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | Non
     return items[0], items[1], items[2]
 
 
+def images_of(batch) -> torch.Tensor:
+    """The images of a loader batch, in any of the forms ``unpack`` takes."""
+    return unpack(batch)[0]
+
+
 @torch.no_grad()
 def score_dataset(
     model: torch.nn.Module, loader: DataLoader, device: torch.device, progress: bool = True

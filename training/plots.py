@@ -1,4 +1,7 @@
-"""PNG plots of an evaluation, for people: ROC and PR curves, score histograms, an example grid."""
+"""PNG plots of an evaluation, for people: ROC and PR curves, score histograms, an example grid.
+
+``write_plots`` draws them all for one scored test set; the functions under it draw one figure each.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +12,44 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never needs a display
 import matplotlib.pyplot as plt
 import numpy as np
+import torch
 from sklearn.metrics import precision_recall_curve, roc_curve
+
+from mnemo.calibration import Calibration
+from mnemo.models.base import AnomalyModel, ModelConfig
+from mnemo.training.evaluate import ScoredSet, images_of
+
+EXAMPLES_PER_CLASS = 3  # the most anomalous-looking anomalies and the least anomalous-looking good images
+
+
+@torch.no_grad()
+def write_plots(
+    model: AnomalyModel,
+    dataset,
+    scored: ScoredSet,
+    calibration: Calibration,
+    out: Path,
+    device: torch.device,
+) -> None:
+    """Curves and histograms of ``scored`` (``dataset``'s scores), and an example grid of its images."""
+    out.mkdir(parents=True, exist_ok=True)
+    curves(scored.scores, scored.labels, out, calibration.threshold)
+    order = np.argsort(scored.scores)
+    anomalous = [i for i in order[::-1] if scored.labels[i] == 1][:EXAMPLES_PER_CLASS]
+    normal = [i for i in order if scored.labels[i] == 0][:EXAMPLES_PER_CLASS]
+    picks = [int(i) for i in anomalous + normal]
+    x = torch.stack([images_of(dataset[i]) for i in picks])
+    recon = model.example_reconstruction(x.to(device))
+    recon = None if recon is None else denormalise(recon, model.config)
+    titles = [f"{'anomalous' if scored.labels[i] else 'good'} {scored.scores[i]:.4g}" for i in picks]
+    example_grid(denormalise(x, model.config), recon, scored.heatmaps[picks], titles, out / "examples.png")
+
+
+def denormalise(x: torch.Tensor, config: ModelConfig) -> np.ndarray:
+    """[B, C, H, W] in the model's normalisation → [B, H, W, C] in [0, 1] for display."""
+    mean = torch.tensor(config.mean).view(1, -1, 1, 1)
+    std = torch.tensor(config.std).view(1, -1, 1, 1)
+    return (x.cpu() * std + mean).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
 def _save(fig, path: Path) -> Path:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mnemo.models.base import AnomalyModel
 from mnemo.training.config import OptimConfig
-from mnemo.training.evaluate import unpack
+from mnemo.training.evaluate import images_of
 
 CHECKPOINT_LAST = "last.pt"
 CHECKPOINT_BEST = "best.pt"
@@ -40,11 +40,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def images_of(batch) -> torch.Tensor:
-    """The images of a loader batch (see ``training.evaluate.unpack`` for the forms a batch takes)."""
-    return unpack(batch)[0]
 
 
 @dataclass

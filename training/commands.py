@@ -1,0 +1,89 @@
+"""What the offline subcommands do with their parsed arguments; ``training/cli.py`` declares them.
+
+Each handler turns flags into a call of the run API (``training.run``) and prints one line for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from mnemo.bundle import Manifest
+from mnemo.training import config as run_config
+from mnemo.training.run import REPORT_FILE, evaluate_run, export_run, train_run
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides)
+    flags = {
+        "model": args.model,
+        "data.path": args.data,
+        "out_dir": args.out,
+        "optim.max_epochs": args.epochs,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
+    cfg = run_config.load(args.config, overrides)
+    train_run(cfg, resume=args.resume, progress=not args.no_progress)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    out = evaluate_run(
+        Path(args.run),
+        data=args.data,
+        out=Path(args.out) if args.out else None,
+        device=args.device,
+        progress=not args.no_progress,
+    )
+    print(f"report: {out / REPORT_FILE}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    manifest = export_run(
+        Path(args.run),
+        args.out,
+        name=args.name,
+        version=args.version,
+        threshold=args.threshold,
+        atol=args.atol,
+    )
+    print_exported(manifest, args.out)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from mnemo.training.synthetic import generate
+
+    summary = generate(
+        args.out, texture=args.texture, size=args.size, n_train=args.train, n_test_good=args.test_good,
+        n_test_defect=args.test_defect, seed=args.seed, rgb=args.rgb,
+    )  # fmt: skip
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mnemo.training import demo
+    from mnemo.training.synthetic import generate
+
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "dataset.json").is_file():
+        generate(
+            data, texture=demo.DEMO_TEXTURE, size=demo.DEMO_IMAGE_SIZE, n_train=demo.DEMO_TRAIN_IMAGES,
+            seed=args.seed,
+        )  # fmt: skip
+    cfg = demo.demo_run_config(data, out / "run", epochs=args.epochs, seed=args.seed)
+    run_dir = train_run(cfg, progress=not args.no_progress)
+    bundle = args.bundle or str(out / "bundle")
+    print_exported(export_run(run_dir, bundle, name=args.name), bundle)
+    return 0
+
+
+def print_exported(manifest: Manifest, out: str | Path) -> None:
+    diffs = manifest.training["export_max_abs_diff"]
+    print(f"exported {manifest.name} {manifest.version} → {out}  (max |diff| vs PyTorch: {diffs})")

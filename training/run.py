@@ -1,0 +1,272 @@
+"""A run directory: ``train_run`` writes one, ``evaluate_run`` and ``export_run`` read it back.
+
+It holds everything needed to evaluate or export later without the training data:
+
+    config.yaml        the run's full config (defaults filled in)
+    best.pt, last.pt   training checkpoints (resume with --resume)
+    model.pt           the final weights (best epoch, plus what ``after_fit`` set: DAAD+'s score scaling)
+    samples.pt         a few held-out good images, for the export's self-check
+    history.json       per-epoch losses
+    calibration.json   threshold, how it was chosen, normal-score quantiles (mnemo.calibration)
+    report.json        data summary, metrics, threshold behaviour on the test split
+    plots/             ROC, PR, score histogram, example grid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from mnemo import models
+from mnemo.bundle import Manifest
+from mnemo.calibration import Calibration
+from mnemo.imaging import Preprocessing
+from mnemo.models.base import AnomalyModel
+from mnemo.training import config as run_config
+from mnemo.training import datasets
+from mnemo.training.calibration import calibrate
+from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset
+from mnemo.training.export import export_bundle
+from mnemo.training.plots import write_plots
+from mnemo.training.trainer import fit, pick_device, seed_everything
+
+CONFIG_FILE = "config.yaml"
+MODEL_FILE = "model.pt"
+SAMPLES_FILE = "samples.pt"
+HISTORY_FILE = "history.json"
+CALIBRATION_FILE = "calibration.json"
+REPORT_FILE = "report.json"
+PLOTS_DIR = "plots"
+EXPORT_SAMPLES = 8
+
+
+# ------------------------------------------------------------------------------------------ building
+
+
+def load_splits(data: run_config.DataConfig, prep: Preprocessing) -> datasets.Splits:
+    if not data.path:
+        raise ValueError("no dataset: set data.path in the config or pass --data DIR")
+    if data.kind == "idx":
+        return datasets.idx_splits(
+            data.path, data.protocol, data.target_class, prep,
+            val_fraction=data.val_fraction, split_seed=data.split_seed,
+        )  # fmt: skip
+    if data.kind == "folder":
+        return datasets.folder_splits(
+            data.path, prep, val_fraction=data.val_fraction, split_seed=data.split_seed, flips=data.flips
+        )
+    raise ValueError(f"data.kind must be 'folder' or 'idx', got {data.kind!r}")
+
+
+def loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator
+    )
+
+
+def preprocessing_of(model: AnomalyModel, resize: str) -> Preprocessing:
+    return Preprocessing.from_model_config(model.config, resize=resize)
+
+
+# --------------------------------------------------------------------------------------------- files
+
+
+def load_model(run_dir: Path, device: torch.device | str = "cpu") -> AnomalyModel:
+    """The final model of a run (``model.pt``)."""
+    path = Path(run_dir) / MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: is {run_dir} a finished `mnemo train` run?")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    model = models.create(ckpt["model_name"], **ckpt["model_config"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+def save_model(model: AnomalyModel, path: Path) -> None:
+    torch.save(
+        {
+            "model_name": model.model_name,
+            "model_config": dataclasses.asdict(model.config),
+            "model": model.state_dict(),
+        },
+        path,
+    )
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=float))
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+# -------------------------------------------------------------------------------------------- train
+
+
+def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Train, let the model finish on its training images (``after_fit``), calibrate, evaluate; returns
+    the run directory."""
+    out = cfg.output_path
+    out.mkdir(parents=True, exist_ok=True)
+    seed_everything(cfg.seed)
+    device = pick_device(cfg.device)
+    model = models.create(cfg.model, **cfg.model_config)
+    prep = preprocessing_of(model, cfg.data.resize)
+    splits = load_splits(cfg.data, prep)
+    optim = run_config.resolve_optim(cfg.optim, model.config)
+    cfg = dataclasses.replace(cfg, optim=optim)
+    run_config.save(cfg, out / CONFIG_FILE)
+    workers = cfg.data.num_workers
+    train_loader = loader(splits.train, optim.batch_size, workers, shuffle=True, seed=cfg.seed)
+    val_loader = loader(splits.val, optim.batch_size, workers)
+    print(f"training {cfg.model} on {device} → {out}  ({json.dumps(splits.summary, default=str)[:200]})")
+    state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
+    write_json(out / HISTORY_FILE, state.history)
+
+    model.after_fit(images_of(b) for b in loader(splits.train, optim.batch_size, workers))
+    save_model(model, out / MODEL_FILE)
+    torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
+
+    val = score_dataset(model, val_loader, device, progress)
+    test = (
+        score_dataset(model, loader(splits.test, optim.batch_size, workers), device, progress)
+        if splits.test
+        else None
+    )
+    calibration = calibrate(
+        val.scores,
+        false_alarm_rate=cfg.false_alarm_rate,
+        scores=None if test is None else test.scores,
+        labels=None if test is None else test.labels,
+    )
+    write_json(out / CALIBRATION_FILE, calibration.to_dict())
+    report = {
+        "model": cfg.model,
+        "data": splits.summary,
+        "epochs": state.epoch,
+        "best_epoch": state.best_epoch,
+        "best_val_loss": state.best_val,
+        "device": str(device),
+    }
+    if test is not None:
+        report["test"] = evaluation_report(test, calibration)
+        write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device)
+    write_json(out / REPORT_FILE, report)
+    print(summary_line(report, calibration))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- evaluate
+
+
+def evaluate_run(
+    run_dir: Path,
+    data: str | None = None,
+    out: Path | None = None,
+    device: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Score the labelled test split of the run's dataset (or of ``data``) with the run's threshold;
+    writes the report and plots to ``out`` (default ``<run>/eval``) and returns it."""
+    run_dir = Path(run_dir)
+    cfg = run_config.load(run_dir / CONFIG_FILE, [f"data.path={data}"] if data else [])
+    torch_device = pick_device(device)
+    model = load_model(run_dir, torch_device)
+    splits = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize))
+    if splits.test is None:
+        raise ValueError(f"{cfg.data.path} has no labelled test split to evaluate on")
+    test_loader = loader(splits.test, cfg.optim.batch_size, 0)
+    scored = score_dataset(model, test_loader, torch_device, progress)
+    calibration = Calibration.from_dict(read_json(run_dir / CALIBRATION_FILE))
+    out = Path(out) if out else run_dir / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"data": splits.summary, "test": evaluation_report(scored, calibration)}
+    write_json(out / REPORT_FILE, report)
+    write_plots(model, splits.test, scored, calibration, out / PLOTS_DIR, torch_device)
+    print(summary_line(report, calibration))
+    return out
+
+
+def evaluation_report(scored: ScoredSet, calibration: Calibration) -> dict[str, Any]:
+    """The papers' metrics plus how the calibrated threshold behaves on this labelled set."""
+    report = compute_metrics(scored)
+    flagged = scored.scores > calibration.threshold
+    normal, anomalous = scored.labels == 0, scored.labels == 1
+    report["at_threshold"] = {
+        "threshold": calibration.threshold,
+        "false_alarm_rate": float(flagged[normal].mean()) if normal.any() else None,
+        "detection_rate": float(flagged[anomalous].mean()) if anomalous.any() else None,
+    }
+    return report
+
+
+def summary_line(report: dict[str, Any], calibration: Calibration) -> str:
+    image = report.get("test", {}).get("image")
+    metrics = (
+        f"AUROC {image['auroc']:.4f}  AUPRC {image['auprc']:.4f}  F1 {image['f1']:.4f}"
+        if image
+        else "no test"
+    )
+    pixel = report.get("test", {}).get("pixel")
+    if pixel:
+        metrics += f"  pixel AUROC {pixel['auroc']:.4f}  PRO {pixel['pro']:.4f}"
+    return (
+        f"done: {metrics}  threshold {calibration.threshold:.6g} ({calibration.method} {calibration.target})"
+    )
+
+
+# ------------------------------------------------------------------------------------------- export
+
+
+def export_run(
+    run_dir: Path,
+    out: str | Path,
+    *,
+    name: str | None = None,
+    version: str | None = None,
+    threshold: str = "false_alarm_rate",
+    atol: float = 1e-4,
+) -> Manifest:
+    """Export the run's model as a verified bundle in ``out``; ``name`` defaults to the run's model name,
+    ``version`` to a UTC timestamp, ``threshold`` is as ``choose_threshold`` takes it."""
+    run_dir = Path(run_dir)
+    model = load_model(run_dir)
+    cfg = run_config.load(run_dir / CONFIG_FILE)
+    report = read_json(run_dir / REPORT_FILE)
+    return export_bundle(
+        model,
+        out,
+        name=name or cfg.model,
+        version=version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S"),
+        preprocessing=preprocessing_of(model, cfg.data.resize).to_dict(),
+        calibration=choose_threshold(read_json(run_dir / CALIBRATION_FILE), threshold),
+        samples=torch.load(run_dir / SAMPLES_FILE),
+        training={"run_config": cfg.to_dict(), "data": report.get("data"), "epochs": report.get("epochs")},
+        metrics=report.get("test", {}),
+        atol=atol,
+    )
+
+
+def choose_threshold(calibration: dict[str, Any], choice: str) -> dict[str, Any]:
+    """The calibration record with the verdict threshold to ship (``mnemo export --threshold``)."""
+    if choice == "false_alarm_rate":
+        return calibration
+    if choice == "best_f1":
+        if calibration.get("best_f1_threshold") is None:
+            raise ValueError("--threshold best_f1: the run had no labelled test split to choose it on")
+        return {**calibration, "threshold": calibration["best_f1_threshold"], "method": "best_f1"}
+    try:
+        value = float(choice)
+    except ValueError:
+        raise ValueError(
+            f"--threshold must be false_alarm_rate, best_f1 or a number, got {choice!r}"
+        ) from None
+    return {**calibration, "threshold": value, "method": "manual"}
