@@ -14,7 +14,7 @@ from typing import Any
 
 import torch.nn as nn
 
-from mnemo.typed_values import coerce
+from mnemo.config_values import coerce
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 The numbers themselves (threshold rule, quantiles, p-values) live in the torch-free ``mnemo.calibration``
 so that the service computes p-values exactly as they were defined here; this module only gathers them,
-adding the best-F1 threshold when labelled anomalies exist (``training.metrics.best_f1``).
+adding the best-F1 threshold when labelled anomalies exist (``training.detection_metrics.best_f1``).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from mnemo.calibration import N_QUANTILES, Calibration, normal_quantiles, threshold_for_false_alarm_rate
-from mnemo.training import metrics
+from mnemo.training import detection_metrics
 
 
 def calibrate(
@@ -24,7 +24,7 @@ def calibrate(
     """Threshold for ``false_alarm_rate`` on held-out normal scores (``mnemo.calibration``), their stored
     distribution, and — when ``scores``/``labels`` hold both classes — the best-F1 threshold on them.
 
-    ``metrics.best_f1`` reports t* for the rule "score ≥ t*"; it is stored for Mnemo's rule
+    ``detection_metrics.best_f1`` reports t* for the rule "score ≥ t*"; it is stored for Mnemo's rule
     "score > threshold" as the largest labelled score below t* (the same decisions on that set), or, when
     t* is the lowest score, as the next float below it.
     """
@@ -33,7 +33,7 @@ def calibrate(
     if scores is not None and labels is not None:
         y = np.asarray(labels).ravel()
         if 0 < y.sum() < y.size:
-            best, t_star = metrics.best_f1(scores, y)
+            best, t_star = detection_metrics.best_f1(scores, y)
             best_threshold = strict_threshold(np.asarray(scores, np.float64), t_star)
     return Calibration(
         threshold=threshold_for_false_alarm_rate(normal, false_alarm_rate),

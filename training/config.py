@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from mnemo.typed_values import coerce
+from mnemo.config_values import coerce
 
 
 @dataclass

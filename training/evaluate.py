@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from mnemo.training import metrics
+from mnemo.training import detection_metrics
 
 
 @dataclass
@@ -75,14 +75,14 @@ def compute_metrics(scored: ScoredSet) -> dict[str, Any]:
         "n_anomalous": int(scored.labels.sum()),
     }
     if 0 < scored.labels.sum() < len(scored.labels):
-        report["image"] = metrics.image_metrics(scored.scores, scored.labels)
+        report["image"] = detection_metrics.image_metrics(scored.scores, scored.labels)
     if scored.masks is not None and scored.masks.any():
         # Defect images whose mask file is missing would count as all-good pixels: leave them out.
         keep = np.ones(len(scored.scores), bool) if scored.has_mask is None else scored.has_mask
         heat, masks = scored.heatmaps[keep], scored.masks[keep]
         report["pixel"] = {
-            "auroc": metrics.pixel_auroc(heat, masks),
-            "pro": metrics.pro_score(heat, masks),
+            "auroc": detection_metrics.pixel_auroc(heat, masks),
+            "pro": detection_metrics.pro_score(heat, masks),
             "n_images": int(keep.sum()),
         }
     return report

@@ -1,4 +1,5 @@
-"""The papers' detection metrics, all as fractions in [0, 1].
+"""The papers' detection metrics, all as fractions in [0, 1] (the service's Prometheus metrics are
+``service/metrics.py``).
 
 Image level (papers 000/001 §4.1, 003 table 1): AUROC, AUPRC (average precision, scikit-learn's step-wise
 sum, not the trapezoid that over-rates PR curves) and the best F1 over all thresholds. Pixel level
