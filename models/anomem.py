@@ -13,11 +13,11 @@ trained with the double hinge (eq. 8); scales are merged as Σ_s λ^(s) s^(s) / 
 The heatmap is the per-position ‖Δ^(s)_ij‖₂, upsampled and merged with the same λ^(s).
 
 Interpretations and deviations (reasons in parentheses):
-* Backbone: a BasicBlock ResNet (ResNet-18 sized by default; the paper's is ResNet-50) with a 3×3 stem and
-  no max-pool. 64 px inputs with a stride-2 stem give the paper's CIFAR feature geometry (8×8 after
-  stage 3, 4×4 after stage 4) at about CIFAR cost on CPU, with twice the pixels for the heatmap. Stages
-  after the last memory stage are not built (nothing reads them). No projection head (the paper
-  contrasts encoder features directly).
+* Backbone: a BasicBlock ResNet (``models/backbones.py``; ResNet-18 sized by default, the paper's is
+  ResNet-50) with a 3×3 stem and no max-pool. 64 px inputs with a stride-2 stem give the paper's CIFAR
+  feature geometry (8×8 after stage 3, 4×4 after stage 4) at about CIFAR cost on CPU, with twice the
+  pixels for the heatmap. Stages after the last memory stage are not built (nothing reads them). No
+  projection head (the paper contrasts encoder features directly).
 * Hopfield layer: one update, plain dot product (see ``models/memory/hopfield.py``). With
   ``hopfield_normalize`` the deviation is taken on the unit sphere, Δ = z/‖z‖ − HF(z).
 * Eq. 4 literally: at each sampled position (i, j), NT-Xent contrasts the B images' vectors at (i, j),
@@ -26,7 +26,7 @@ Interpretations and deviations (reasons in parentheses):
 * Eq. 3's Var is read as VICReg's: per-dimension variance over the batch's normal retrieved vectors
   (at one position), √(Var + 1e-4) averaged over dimensions (the variance of one vector's own components
   would not stop all prototypes collapsing to one point, which is what the loss is for).
-* Views: SimCLR-like tensor augmentations (appendix B), see ``ContrastiveViews`` for the differences.
+* Views: SimCLR-like tensor augmentations (appendix B), see ``models/contrastive.py`` for the differences.
   In eval mode ``loss`` uses no augmentation and every position, so validation loss is deterministic.
 * Labels in this API are 0 normal / 1 anomalous (the paper's y is 1 for normal), converted on entry.
   ``loss(x)`` is stage 1 on normal images; ``contrastive_memory_loss(x, labels)`` is eq. 1 for mixed batches.
@@ -47,7 +47,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mnemo.models.backbones import ResNetEncoder
 from mnemo.models.base import AnomalyModel, ModelConfig
+from mnemo.models.contrastive import ContrastiveViews, nt_xent
 from mnemo.models.heatmap import GaussianBlur, to_input_size
 from mnemo.models.memory import HopfieldMemory
 from mnemo.models.registry import register_model
@@ -84,133 +86,7 @@ class AnoMemConfig(ModelConfig):
     scoring: str = "one_class"  # "one_class" (eq. 6) or "outlier_exposure" (eq. 7)
 
 
-# --- encoder -----------------------------------------------------------------------------------------
-
-
-def conv_bn(a: int, b: int, kernel: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(a, b, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(b))
-
-
-class BasicBlock(nn.Module):
-    """He et al.'s two-conv residual block, with a 1×1 projection shortcut when the shape changes."""
-
-    def __init__(self, a: int, b: int, stride: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(conv_bn(a, b, 3, stride), nn.ReLU(), conv_bn(b, b, 3, 1))
-        self.shortcut = conv_bn(a, b, 1, stride) if stride != 1 or a != b else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.body(x) + self.shortcut(x))
-
-
-class ResNetEncoder(nn.Module):
-    """Stem + stages f^(1)…f^(S); returns the feature maps z^(s) after the requested stages."""
-
-    def __init__(self, in_channels: int, widths: tuple[int, ...], depths: tuple[int, ...], stem_stride: int):
-        super().__init__()
-        self.stem = nn.Sequential(conv_bn(in_channels, widths[0], 3, stem_stride), nn.ReLU())
-        self.stages = nn.ModuleList()
-        for s, (width, depth) in enumerate(zip(widths, depths)):
-            a = widths[max(s - 1, 0)]
-            blocks = [
-                BasicBlock(a if i == 0 else width, width, 2 if s > 0 and i == 0 else 1) for i in range(depth)
-            ]
-            self.stages.append(nn.Sequential(*blocks))
-        self.stem_stride = stem_stride
-
-    def sides(self, image_size: int) -> list[int]:
-        """Spatial side after each stage (3×3 convs, padding 1)."""
-        side = (image_size - 1) // self.stem_stride + 1
-        out = []
-        for s in range(len(self.stages)):
-            side = (side - 1) // 2 + 1 if s > 0 else side
-            out.append(side)
-        return out
-
-    def forward(self, x: torch.Tensor, taps: tuple[int, ...]) -> list[torch.Tensor]:
-        z, maps = self.stem(x), []
-        for s, stage in enumerate(self.stages):
-            z = stage(z)
-            if s in taps:
-                maps.append(z)
-        return maps
-
-
-# --- stage-1 views (training only) -------------------------------------------------------------------
-
-
-class ContrastiveViews(nn.Module):
-    """One random view t(x) per call, on normalised tensors: SimCLR's recipe (paper 002 appendix B), adapted.
-
-    Random resized crop + horizontal flip (one affine resample), brightness, contrast and saturation
-    jitter, Gaussian blur and noise, all on [0, 1] pixels. Differences from SimCLR: crops keep ≥ 20 % of
-    the area (not 8 %: small inspection images lose their structure), jitter is always applied in a fixed
-    order with no hue jitter or random greyscale, and the blur has a fixed σ applied with probability 1/2
-    (SimCLR draws σ ∈ [0.1, 2]).
-    """
-
-    def __init__(self, config: AnoMemConfig) -> None:
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
-        self.crop_scale = config.crop_scale
-        self.jitter = config.jitter
-        self.noise_std = config.noise_std
-        self.blur = GaussianBlur(config.blur_sigma)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        u = x * self.std + self.mean
-        u = self.colour(self.crop_and_flip(u))
-        u = self.random_blur(u) + self.noise_std * torch.randn_like(u)
-        return (u.clamp(0, 1) - self.mean) / self.std
-
-    def uniform(self, x: torch.Tensor, low: float, high: float) -> torch.Tensor:
-        return torch.empty(x.shape[0], device=x.device).uniform_(low, high)
-
-    def crop_and_flip(self, u: torch.Tensor) -> torch.Tensor:
-        area = self.uniform(u, *self.crop_scale)
-        aspect = torch.exp(self.uniform(u, math.log(3 / 4), math.log(4 / 3)))
-        sx, sy = (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
-        tx, ty = (1 - sx) * self.uniform(u, -1, 1), (1 - sy) * self.uniform(u, -1, 1)
-        flip = torch.where(torch.rand_like(sx) < 0.5, -1.0, 1.0)
-        zero = torch.zeros_like(sx)
-        theta = torch.stack([torch.stack([sx * flip, zero, tx], 1), torch.stack([zero, sy, ty], 1)], 1)
-        grid = F.affine_grid(theta, list(u.shape), align_corners=False)
-        return F.grid_sample(u, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-    def colour(self, u: torch.Tensor) -> torch.Tensor:
-        j = self.jitter
-        u = u * self.uniform(u, 1 - j, 1 + j).view(-1, 1, 1, 1)  # brightness
-        grey = u.mean(dim=1, keepdim=True)
-        level = grey.mean(dim=(2, 3), keepdim=True)
-        u = level + (u - level) * self.uniform(u, 1 - j, 1 + j).view(-1, 1, 1, 1)  # contrast
-        grey = u.mean(dim=1, keepdim=True)
-        return grey + (u - grey) * self.uniform(u, 1 - j, 1 + j).view(-1, 1, 1, 1)  # saturation
-
-    def random_blur(self, u: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = u.shape
-        blurred = self.blur(u.reshape(b * c, 1, h, w)).reshape(b, c, h, w)
-        return torch.where(torch.rand(b, 1, 1, 1, device=u.device) < 0.5, blurred, u)
-
-
 # --- losses ------------------------------------------------------------------------------------------
-
-
-def nt_xent(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Eq. 2 without the memory: mean over the 2B anchors of ℓ_NTX, for pairs (a_k, b_k).
-
-    ``a``, ``b``: ``[..., B, D]``; returns ``[...]``. Each anchor's positive is its partner in the other
-    view and the denominator runs over every other vector of the 2B multi-view batch (p ≠ anchor).
-    """
-    n = a.shape[-2]
-    z = F.normalize(torch.cat([a, b], dim=-2), dim=-1)
-    sim = (z @ z.transpose(-1, -2)) / temperature
-    self_mask = torch.eye(2 * n, dtype=torch.bool, device=z.device)
-    log_p = torch.log_softmax(sim.masked_fill(self_mask, float("-inf")), dim=-1)
-    positives = torch.cat(
-        [log_p[..., :n, n:].diagonal(dim1=-2, dim2=-1), log_p[..., n:, :n].diagonal(dim1=-2, dim2=-1)], -1
-    )
-    return -positives.mean(dim=-1)
 
 
 def variance_loss(recalled: torch.Tensor, normal: torch.Tensor, eps: float = 1e-4) -> torch.Tensor:
@@ -278,7 +154,14 @@ class AnoMem(AnomalyModel):
         self.lambdas = config.scale_weights or tuple(2.0**s for s in range(len(self.taps)))  # λ^(s) = 2^(s−1)
         merge = torch.tensor(self.lambdas) / sum(self.lambdas)  # eq. 9's λ^(s) / Σ λ^(s)
         self.register_buffer("merge_weights", merge, persistent=False)
-        self.views = ContrastiveViews(config)
+        self.views = ContrastiveViews(
+            config.mean,
+            config.std,
+            crop_scale=config.crop_scale,
+            jitter=config.jitter,
+            blur_sigma=config.blur_sigma,
+            noise_std=config.noise_std,
+        )
         self.blur = GaussianBlur(config.heatmap_sigma)
 
     # scoring (the exported path) ----------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from mnemo import models
-from mnemo.models.anomem import channels_last, double_hinge, nt_xent, sample_positions, variance_loss
+from mnemo.models.anomem import channels_last, double_hinge, sample_positions, variance_loss
+from mnemo.models.contrastive import nt_xent
 from mnemo.models.memory import HopfieldMemory
 from tests.export_check import assert_exports_match
 
