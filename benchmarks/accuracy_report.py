@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 
 from mnemo.benchmarks import paper_tables
-from mnemo.benchmarks.accuracy import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET, TEXTURES
+from mnemo.benchmarks.accuracy_plan import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET
+from mnemo.training.synthetic import TEXTURES
 
 METRICS = {
     "roco": ("auroc", "auprc", "f1"),

@@ -189,7 +189,7 @@ def _serve(sub) -> None:
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:
-    from mnemo.benchmarks import accuracy
+    from mnemo.benchmarks import accuracy, accuracy_plan
     from mnemo.benchmarks.accuracy_report import write_markdown
 
     results = Path(args.results)
@@ -206,7 +206,7 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    cells = accuracy.plan(args.datasets, args.models, args.classes, args.seeds, args.max_epochs)
+    cells = accuracy_plan.plan(args.datasets, args.models, args.classes, args.seeds, args.max_epochs)
     accuracy.run(
         cells,
         Path(args.data),

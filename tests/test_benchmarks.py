@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnemo.benchmarks import accuracy, serve
+from mnemo.benchmarks import accuracy, accuracy_plan, serve
 from mnemo.benchmarks.accuracy_report import render
 
 
@@ -38,34 +38,34 @@ def fake_mnist(tmp_path) -> Path:
 
 
 def test_plan_applies_each_model_where_its_paper_does():
-    cells = accuracy.plan(["mnist", "fashion-mnist"], ["ae", "daad"], [0, 1], [2022, 1997], max_epochs=3)
+    cells = accuracy_plan.plan(["mnist", "fashion-mnist"], ["ae", "daad"], [0, 1], [2022, 1997], max_epochs=3)
     assert {(c.dataset, c.model, c.protocol) for c in cells} == {
         ("mnist", "ae", "roco"),
         ("fashion-mnist", "ae", "roco"),
         ("mnist", "daad", "one_class"),
     }
     assert [c.seed for c in cells[: len(cells) // 2]] == [2022] * (len(cells) // 2)  # one seed over all first
-    assert accuracy.model_overrides("mnist", "memorizer")["memory_size"] == 8
-    assert "memory_size" not in accuracy.model_overrides("fashion-mnist", "memorizer")
+    assert accuracy_plan.model_overrides("mnist", "memorizer")["memory_size"] == 8
+    assert "memory_size" not in accuracy_plan.model_overrides("fashion-mnist", "memorizer")
 
 
 def test_plan_runs_every_model_on_the_three_textures_for_at_most_20_epochs():
-    cells = accuracy.plan(["textures", "mnist"], ["ae", "daad_plus"], range(10), [2022], max_epochs=100)
+    cells = accuracy_plan.plan(["textures", "mnist"], ["ae", "daad_plus"], range(10), [2022], max_epochs=100)
     textures = [c for c in cells if c.dataset == "textures"]
     assert {(c.model, c.target_class) for c in textures} == {
         (m, t) for m in ("ae", "daad_plus") for t in range(3)
     }
     assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {20}
     assert {c.model for c in cells if c.dataset == "mnist"} == {"ae"}  # DAAD+ has no MNIST protocol
-    assert accuracy.model_overrides("textures", "ae")["backbone"] == "conv"
+    assert accuracy_plan.model_overrides("textures", "ae")["backbone"] == "conv"
 
 
 def test_texture_cell_records_pixel_metrics_and_renders_them(tmp_path, monkeypatch):
-    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_train", 20)
-    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_test_good", 6)
-    monkeypatch.setitem(accuracy.TEXTURE_SET, "n_test_defect", 2)
+    monkeypatch.setitem(accuracy_plan.TEXTURE_SET, "n_train", 20)
+    monkeypatch.setitem(accuracy_plan.TEXTURE_SET, "n_test_good", 6)
+    monkeypatch.setitem(accuracy_plan.TEXTURE_SET, "n_test_defect", 2)
     results = tmp_path / "accuracy.json"
-    cells = accuracy.plan(["textures"], ["daad"], [2], [7], max_epochs=1)
+    cells = accuracy_plan.plan(["textures"], ["daad"], [2], [7], max_epochs=1)
     out = accuracy.run(
         cells, tmp_path / "unused", results, tmp_path / "work", markdown_path=results.with_suffix(".md")
     )
@@ -83,7 +83,7 @@ def test_texture_cell_records_pixel_metrics_and_renders_them(tmp_path, monkeypat
 
 def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path, monkeypatch):
     results = tmp_path / "results" / "accuracy.json"
-    cells = accuracy.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1)
+    cells = accuracy_plan.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1)
     out = accuracy.run(
         cells, fake_mnist, results, tmp_path / "work", markdown_path=results.with_suffix(".md")
     )
@@ -202,7 +202,7 @@ def test_merge_folds_parallel_runs_into_one_results_file(tmp_path, capsys):
     from mnemo.cli import main
 
     def record(model: str, target: int, auroc: float) -> dict:
-        cell = accuracy.Cell("mnist", "roco", model, target, 2022, 5)
+        cell = accuracy_plan.Cell("mnist", "roco", model, target, 2022, 5)
         return {**dataclasses.asdict(cell), "key": cell.key, "auroc": auroc, "auprc": auroc, "f1": auroc,
                 "epochs": 5, "seconds": 1.0, "commit": "c" * 40}  # fmt: skip
 
