@@ -15,6 +15,7 @@ TINY_CONFIGS: dict[str, dict] = {
     "rftm": dict(hidden_dims=(64, 32, 16), hippocampus=(20, 5, 0.1), cortex=(40, 3, 0.5)),
     "daad": dict(image_size=32, widths=(8, 16, 16), memory_size=10),
     "daad_plus": dict(image_size=32, widths=(8, 16, 16), memory_size=10, disc_widths=(8, 16)),
+    "restore": dict(image_size=32, widths=(8, 16, 16), memory_size=10, head_widths=(8, 16), score_pool=5),
     "anomem": dict(
         image_size=32,
         stage_widths=(8, 16, 16, 32),

@@ -12,7 +12,7 @@ from mnemo.training.config import OptimConfig
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 from tests.export_check import assert_exports_match
 
-EXPECTED = {"ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem"}
+EXPECTED = {"ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore"}
 
 
 def test_registry_lists_every_model_with_a_description():

@@ -35,16 +35,38 @@ def _train(subparsers) -> None:
         "plots/.",
     )
     p.add_argument("config", nargs="?", help=CONFIG_HELP)
-    p.add_argument("--model", help="model name (see `mnemo models`); overrides the config's `model`")
+    p.add_argument(
+        "--recipe",
+        help=f"a shipped run config ({', '.join(_recipes())}); without a config file and without --model "
+        "the default recipe, 'restore', trains (the best defect finder measured on real images)",
+    )
+    p.add_argument(
+        "--model",
+        help="model name (see `mnemo models`); overrides the config's `model`. Alone (no config, no "
+        "--recipe) it trains that model with its papers' defaults",
+    )
     p.add_argument("--data", help="dataset directory; overrides data.path")
     p.add_argument("--out", help="run directory; overrides out_dir (default runs/<model>)")
     p.add_argument("--epochs", type=int, help="maximum epochs; overrides optim.max_epochs")
+    p.add_argument(
+        "--max-minutes",
+        type=float,
+        help="time budget of the training loop (optim.max_minutes): training stops after the step that "
+        "reaches it and the run finishes as usual (best weights, calibration, evaluation, report, plots). "
+        "The first Ctrl-C does the same; a second aborts",
+    )
     p.add_argument("--device", help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:N")
     p.add_argument("--seed", type=int, help="random seed for weights, shuffling and training randomness")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
     p.set_defaults(func=lambda args: _run("train", args))
+
+
+def _recipes() -> list[str]:
+    from mnemo.training.config import list_recipes  # yaml only: keeps `mnemo --help` instant
+
+    return list_recipes()
 
 
 def _evaluate(subparsers) -> None:

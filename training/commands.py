@@ -21,13 +21,26 @@ def cmd_train(args: argparse.Namespace) -> int:
         "data.path": args.data,
         "out_dir": args.out,
         "optim.max_epochs": args.epochs,
+        "optim.max_minutes": args.max_minutes,
         "device": args.device,
         "seed": args.seed,
     }
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
-    cfg = run_config.load(args.config, overrides)
+    cfg = run_config.load(train_config_path(args.config, args.recipe, args.model), overrides)
     train_run(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
+
+
+def train_config_path(config: str | None, recipe: str | None, model: str | None) -> Path | None:
+    """A config file, else the named recipe, else the default recipe unless ``--model`` picks a model
+    (which then trains with its own, paper-faithful defaults)."""
+    if config and recipe:
+        raise ValueError("give a config file or --recipe, not both")
+    if config:
+        return Path(config)
+    if recipe or not model:
+        return run_config.recipe_path(recipe or run_config.DEFAULT_RECIPE)
+    return None
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

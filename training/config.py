@@ -36,6 +36,9 @@ class DataConfig:
     num_workers: int = 0  # DataLoader worker processes
 
 
+SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class OptimConfig:
     lr: float | None = None  # Adam learning rate; None = the model's paper default (1e-3; DAAD 1e-4)
@@ -44,6 +47,12 @@ class OptimConfig:
     patience: int = 10  # early stopping: epochs without a better validation loss
     weight_decay: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps an epoch (quick runs, smoke tests)
+    max_minutes: float = 0.0  # time budget of the training loop; 0 = none (Ctrl-C also stops cleanly)
+    schedule: str = "constant"  # learning rate: "constant" (papers) or "cosine" (to 0 at the epoch/time cap)
+
+    def __post_init__(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
 
 
 FALLBACK_OPTIM = {"lr": 1e-3, "batch_size": 256}  # papers 000/001 §4
@@ -96,6 +105,22 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if f.name in values:
             coerced[f.name] = coerce(values[f.name], f.type, f"{where}.{f.name}")
     return cls(**coerced)
+
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+DEFAULT_RECIPE = "restore"  # what `mnemo train --data DIR` trains when given no config and no --model
+
+
+def list_recipes() -> list[str]:
+    """Names of the recipes shipped in ``training/recipes/`` (run configs without a data path)."""
+    return sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_path(name: str) -> Path:
+    path = RECIPES_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ValueError(f"unknown recipe {name!r}; shipped recipes: {', '.join(list_recipes())}")
+    return path
 
 
 def load(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from mnemo.imaging import (
@@ -103,6 +104,29 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
     if not samples:
         raise DatasetError(f"{test} has no class folders (expected test/good and test/<defect>)")
     return samples
+
+
+GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+
+
+def image_channels(root: str | Path, sample: int = 16) -> int:
+    """The channel count a folder's good images call for: 1 when every sampled one is grayscale, else 3.
+
+    Decided from the file's mode (PIL), not its content: a gray-looking RGB photo stays RGB.
+    """
+    root = Path(root)
+    paths = [
+        s.path for s in (mvtec_samples(root, "train") if is_mvtec_layout(root) else folder_samples(root))
+    ]
+    step = max(1, len(paths) // sample)
+    for path in paths[::step][:sample]:
+        try:
+            with Image.open(path) as img:
+                if img.mode not in GRAY_MODES:
+                    return 3
+        except OSError as exc:
+            raise DatasetError(f"cannot read {path}: {exc}") from None
+    return 1
 
 
 def folder_samples(root: str | Path) -> list[Sample]:
@@ -352,8 +376,8 @@ def folder_splits(
         counts |= {"test": len(test), "test_anomalous": int(test.labels.sum())}
     summary: dict[str, Any] = {"kind": "folder", "path": str(root), "layout": "mvtec" if mvtec else "plain"}
     summary["counts"] = counts
-    if test is not None and test.missing_masks:
-        summary["missing_masks"] = [str(p) for p in test.missing_masks]
+    if test is not None and test.missing_masks:  # a count: a real set can lack hundreds of masks
+        summary["missing_masks"] = len(test.missing_masks)
     return Splits(
         train=ImageFolderDataset([good[i] for i in tr], prep, flips=flips),
         val=ImageFolderDataset([good[i] for i in va], prep),

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 
 from mnemo import models
 from mnemo.bundle import Manifest
-from mnemo.calibration import Calibration
+from mnemo.calibration import Calibration, is_anomalous
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
 from mnemo.training import config as run_config
@@ -118,6 +118,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    cfg = with_image_channels(cfg)
     model = models.create(cfg.model, **cfg.model_config)
     prep = preprocessing_of(model, cfg.data.resize)
     splits = load_splits(cfg.data, prep)
@@ -127,7 +128,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     workers = cfg.data.num_workers
     train_loader = loader(splits.train, optim.batch_size, workers, shuffle=True, seed=cfg.seed)
     val_loader = loader(splits.val, optim.batch_size, workers)
-    print(f"training {cfg.model} on {device} → {out}  ({json.dumps(splits.summary, default=str)[:200]})")
+    print(f"training {cfg.model} on {device} → {out}  ({json.dumps(splits.summary, default=str)})")
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
     write_json(out / HISTORY_FILE, state.history)
 
@@ -153,6 +154,8 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "data": splits.summary,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
+        "stop_reason": state.stop_reason,
+        "train_seconds": state.train_seconds,
         "best_val_loss": state.best_val,
         "device": str(device),
     }
@@ -162,6 +165,21 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     write_json(out / REPORT_FILE, report)
     print(summary_line(report, calibration))
     return out
+
+
+def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
+    """Fill ``in_channels`` from a folder's own images (1 for grayscale files, else 3) unless the config
+    sets it; a per-channel mean/std of the wrong length collapses to its first value (broadcast)."""
+    if cfg.data.kind != "folder" or not cfg.data.path or "in_channels" in cfg.model_config:
+        return cfg
+    defaults = models.make_config(cfg.model, **cfg.model_config)  # an unknown model fails first
+    channels = datasets.image_channels(cfg.data.path)
+    fitted: dict[str, Any] = {"in_channels": channels}
+    for key in ("mean", "std"):
+        values = tuple(getattr(defaults, key))
+        if len(values) not in (1, channels):
+            fitted[key] = values[:1]
+    return dataclasses.replace(cfg, model_config={**cfg.model_config, **fitted})
 
 
 # ----------------------------------------------------------------------------------------- evaluate
@@ -198,7 +216,7 @@ def evaluate_run(
 def evaluation_report(scored: ScoredSet, calibration: Calibration) -> dict[str, Any]:
     """The papers' metrics plus how the calibrated threshold behaves on this labelled set."""
     report = compute_metrics(scored)
-    flagged = scored.scores > calibration.threshold
+    flagged = is_anomalous(scored.scores, calibration.threshold)
     normal, anomalous = scored.labels == 0, scored.labels == 1
     report["at_threshold"] = {
         "threshold": calibration.threshold,

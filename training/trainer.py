@@ -1,8 +1,12 @@
-"""The training loop: Adam, early stopping on validation loss, checkpoints and resume.
+"""The training loop: Adam, early stopping on validation loss, a time budget, checkpoints and resume.
 
 Kept nanoGPT-short on purpose: the model builds its own optimisers (``configure_optimizers``) and takes
 its own steps (``training_step``), so a model that trains differently (DAAD+'s D step then G step) needs
 nothing here (``models/base.py``).
+
+Training ends at ``max_epochs``, at early stopping, at the time budget (``max_minutes``) or at the first
+Ctrl-C; the last three stop after the current step, validate that partial epoch, and hand the best
+weights back, so the run still calibrates, evaluates and reports. A second Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
@@ -10,6 +14,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import signal
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +56,49 @@ class TrainState:
     best_epoch: int = -1
     bad_epochs: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    stop_reason: str = ""  # why training ended: max epochs, early stopping, time budget, interrupted
+    train_seconds: float = 0.0  # wall time in the training loop, validation included, over all resumes
+
+
+class StopRequest:
+    """Asks the loop to stop after the current step: at the deadline, or on the first Ctrl-C (SIGINT).
+
+    A second Ctrl-C raises ``KeyboardInterrupt`` as usual. The handler is installed only in the main
+    thread (Python allows no other) and the previous one is restored on exit.
+    """
+
+    def __init__(self, max_minutes: float) -> None:
+        self.budget_s = 60 * max_minutes
+        self.deadline = time.monotonic() + self.budget_s if max_minutes > 0 else math.inf
+        self.reason = ""
+        self._previous = None
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+    def progress(self, epoch_share: float) -> float:
+        """How far training is, 0…1: the larger of the epoch share and the share of the time budget."""
+        if math.isinf(self.deadline):
+            return epoch_share
+        return max(epoch_share, 1 - (self.deadline - time.monotonic()) / self.budget_s)
+
+    def _on_sigint(self, signum, frame) -> None:
+        if self.reason == "interrupted":
+            raise KeyboardInterrupt
+        self.reason = "interrupted"
+        tqdm.write("Ctrl-C: stopping after this step and finishing the run (Ctrl-C again aborts)")
+
+    @property
+    def requested(self) -> bool:
+        if not self.reason and time.monotonic() >= self.deadline:
+            self.reason = "time budget"
+        return bool(self.reason)
 
 
 @torch.no_grad()
@@ -93,40 +143,65 @@ def fit(
     resume: bool = False,
     progress: bool = True,
 ) -> TrainState:
-    """Train until ``max_epochs`` or early stopping; leaves the best weights loaded in ``model``."""
+    """Train until a stop (module docstring); leaves the best weights loaded in ``model``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     model.to(device)
     optimizers = model.configure_optimizers(cfg)
     state = TrainState()
     if resume and (out_dir / CHECKPOINT_LAST).exists():
         state = load_training_state(out_dir / CHECKPOINT_LAST, model, optimizers, device)
-    while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience:
-        model.train()
-        desc = f"epoch {state.epoch + 1}/{cfg.max_epochs}"
-        bar = tqdm(train_loader, desc=desc, disable=not progress, leave=False)
-        sums: dict[str, float] = {}
-        steps = 0
-        for steps, batch in enumerate(bar, start=1):
-            logs = model.training_step(images_of(batch).to(device), optimizers)
-            for k, v in logs.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{logs['loss']:.4g}")
-            if cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch:
-                break
-        val = validation_loss(model, val_loader, device)
-        state.epoch += 1
-        record = {"epoch": state.epoch, "val_loss": val, **{k: v / max(steps, 1) for k, v in sums.items()}}
-        state.history.append(record)
-        if val < state.best_val:
-            state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
-            save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
-        else:
-            state.bad_epochs += 1
-        save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
-        tqdm.write(f"epoch {state.epoch}: train loss {record.get('loss', math.nan):.5g}  val loss {val:.5g}")
+    started = time.monotonic() - state.train_seconds
+    with StopRequest(cfg.max_minutes) as stop:
+        while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience and not stop.requested:
+            record = train_epoch(model, train_loader, optimizers, cfg, state, device, stop, progress)
+            record["val_loss"] = val = validation_loss(model, val_loader, device)
+            state.history.append(record)
+            if val < state.best_val:
+                state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
+                save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
+            else:
+                state.bad_epochs += 1
+            state.train_seconds = time.monotonic() - started
+            save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
+            loss = record.get("loss", math.nan)
+            tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}")
+        state.stop_reason = stop.reason or (
+            "early stopping" if state.bad_epochs >= cfg.patience else "max epochs"
+        )
+    tqdm.write(f"training stopped ({state.stop_reason}); best epoch {state.best_epoch}")
     best = torch.load(out_dir / CHECKPOINT_BEST, map_location=device, weights_only=False)
     model.load_state_dict(best["model"])
     return state
+
+
+def train_epoch(model, loader, optimizers, cfg, state, device, stop: StopRequest, progress: bool) -> dict:
+    """One pass over ``loader`` (or less: ``max_steps_per_epoch``, a stop request); mean logs."""
+    model.train()
+    bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.max_epochs}", disable=not progress, leave=False)
+    sums: dict[str, float] = {}
+    steps = 0
+    for steps, batch in enumerate(bar, start=1):
+        if cfg.schedule == "cosine":
+            set_cosine_lr(optimizers, stop.progress((state.epoch + steps / len(loader)) / cfg.max_epochs))
+        logs = model.training_step(images_of(batch).to(device), optimizers)
+        for k, v in logs.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{logs['loss']:.4g}")
+        if (cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch) or stop.requested:
+            break
+    bar.close()
+    state.epoch += 1
+    return {"epoch": state.epoch, "steps": steps, **{k: v / max(steps, 1) for k, v in sums.items()}}
+
+
+def set_cosine_lr(optimizers: list[torch.optim.Optimizer], progress: float) -> None:
+    """lr = lr₀ · ½(1 + cos(π · progress)) (SGDR without restarts, Loshchilov & Hutter 2017): the
+    weights settle at the end of the budget instead of stopping mid-stride."""
+    factor = 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * factor
 
 
 def load_training_state(path: Path, model, optimizers, device) -> TrainState:

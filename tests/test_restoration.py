@@ -1,0 +1,108 @@
+"""The restoring memory UNet (``restore``): synthetic anomalies, SSIM, and what the model learns from them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mnemo import models
+from mnemo.models.anomaly_synthesis import perlin_masks, polyline_masks, synthesize
+from mnemo.models.structural import SSIMMap
+from tests.conftest import TINY_CONFIGS
+
+
+def _good_batch(n: int = 6, size: int = 32, seed: int = 0) -> torch.Tensor:
+    """Striped 'parts' with noise: a texture with structure, in [0, 1]."""
+    gen = torch.Generator().manual_seed(seed)
+    stripes = (torch.arange(size) % 8 < 2).float().view(1, 1, size, 1) * 0.3 + 0.4
+    return (
+        (stripes + 0.05 * torch.randn(n, 1, size, size, generator=gen)).clamp(0, 1).expand(n, 1, size, size)
+    )
+
+
+def test_synthesis_is_deterministic_for_a_seed_and_differs_across_seeds():
+    x = _good_batch()
+    a = synthesize(x, torch.Generator().manual_seed(3), share=1.0)
+    b = synthesize(x, torch.Generator().manual_seed(3), share=1.0)
+    c = synthesize(x, torch.Generator().manual_seed(4), share=1.0)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1])
+    assert not torch.equal(a[0], c[0])
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_synthesis_masks_mark_exactly_the_changed_pixels(seed):
+    x = _good_batch(8, 48, seed)
+    out, mask = synthesize(x, torch.Generator().manual_seed(seed), share=1.0, min_change=0.02)
+    change = (out - x).abs().amax(dim=1, keepdim=True)
+    assert mask.shape == (8, 1, 48, 48) and set(mask.unique().tolist()) <= {0.0, 1.0}
+    assert (change[mask == 1] >= 0.02).all()
+    assert (change[mask == 0] < 0.02).all()
+    assert mask.sum() > 0, "share=1 must corrupt something"
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_share_zero_leaves_the_batch_untouched():
+    x = _good_batch()
+    out, mask = synthesize(x, torch.Generator().manual_seed(0), share=0.0)
+    torch.testing.assert_close(out, x)
+    assert mask.sum() == 0
+
+
+def test_mask_shapes_cover_plausible_areas():
+    gen = torch.Generator().manual_seed(0)
+    blotch = perlin_masks(16, 64, gen).mean(dim=(1, 2, 3))
+    assert ((blotch > 0.01) & (blotch < 0.2)).all()
+    lines = polyline_masks(16, 64, gen).mean(dim=(1, 2, 3))
+    assert ((lines > 0) & (lines < 0.1)).all()  # thin strokes
+
+
+def test_ssim_is_one_for_identical_images_and_drops_where_they_differ():
+    x = _good_batch(2, 32)
+    ssim_map = SSIMMap(1)
+    torch.testing.assert_close(ssim_map(x, x), torch.ones(2, 1, 32, 32), atol=1e-5, rtol=0)
+    y = x.clone()
+    y[:, :, 8:16, 8:16] = 1.0 - y[:, :, 8:16, 8:16]
+    sim = ssim_map(x, y)
+    assert sim[:, :, 10:14, 10:14].max() < 0.5 and sim[:, :, 28:, 28:].min() > 0.99
+
+
+def test_config_rejects_unknown_score_maps_and_even_pools():
+    with pytest.raises(ValueError, match="score_map"):
+        models.create("restore", score_map="max")
+    with pytest.raises(ValueError, match="score_pool"):
+        models.create("restore", score_pool=4)
+
+
+@pytest.mark.parametrize("score_map", ["segment", "ssim", "l2"])
+def test_every_score_map_scores_and_exports(score_map, tmp_path):
+    from tests.export_check import assert_exports_match
+
+    torch.manual_seed(0)
+    model = models.create("restore", **{**TINY_CONFIGS["restore"], "score_map": score_map})
+    x = _good_batch(3, model.config.image_size) * 2 - 1  # the default normalisation: mean 0.5, std 0.5
+    assert_exports_match(model, x[:2], x, tmp_path)
+
+
+def test_training_teaches_the_head_where_synthetic_anomalies_are():
+    """A few hundred steps on striped parts: a painted blotch scores above the clean part."""
+    torch.manual_seed(0)
+    model = models.create("restore", **TINY_CONFIGS["restore"])
+    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
+    good = _good_batch(32, model.config.image_size, seed=1) * 2 - 1
+    model.train()
+    for _ in range(150):
+        x = good[torch.randperm(32)[:8]]
+        loss = model.loss(x)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    test = _good_batch(4, model.config.image_size, seed=9)
+    bad = test.clone()
+    bad[:, :, 10:20, 12:22] = 0.0  # a dark blotch
+    with torch.no_grad():
+        s_good, _ = model.score(test * 2 - 1)
+        s_bad, heat = model.score(bad * 2 - 1)
+    assert s_bad.min() > s_good.max()
+    assert heat[:, :, 10:20, 12:22].mean() > heat[:, :, :, 26:].mean()

@@ -1,0 +1,153 @@
+"""What a user of `mnemo train --data DIR` relies on: the default recipe, channels from the images, a time
+budget and Ctrl-C that both finish the run properly, and a learning-rate schedule that follows them."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from mnemo.training import config as run_config
+from mnemo.training.datasets import image_channels
+from mnemo.training.trainer import StopRequest, set_cosine_lr
+from tests.test_training import mnemo
+
+# The default recipe shrunk to 32 px so it trains in seconds; everything else is the recipe's.
+TINY_RESTORE = [
+    "model_config.image_size=32",
+    "model_config.widths=[8,16,16]",
+    "model_config.head_widths=[8,16]",
+    "model_config.memory_size=10",
+    "model_config.score_pool=5",
+    "optim.batch_size=8",
+]
+FINISHED_RUN = ("model.pt", "calibration.json", "report.json", "history.json", "plots/roc.png")
+
+
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("budget") / "data"
+    mnemo(
+        "data", "synth", str(data), "--size", "32", "--train", "40", "--test-good", "6", "--test-defect", "2"
+    )
+    return data
+
+
+def _sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def test_default_recipe_trains_end_to_end_and_is_visible_in_the_config(synth_data, tmp_path):
+    run = tmp_path / "run"
+    mnemo("train", "--data", str(synth_data), "--out", str(run), "--epochs", "2", "--no-progress",
+          *_sets(TINY_RESTORE))  # fmt: skip
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"] == run_config.DEFAULT_RECIPE == "restore"
+    assert config["model_config"]["in_channels"] == 1  # the synthetic set is grayscale PNG
+    assert config["data"]["flips"] is True  # from the recipe file
+    report = json.loads((run / "report.json").read_text())
+    assert report["epochs"] == 2 and report["stop_reason"] == "max epochs"
+    assert 0.0 <= report["test"]["image"]["auroc"] <= 1.0
+    bundle = tmp_path / "bundle"
+    mnemo("export", str(run), "--out", str(bundle))  # verified against PyTorch within 1e-4
+    assert (bundle / "model.onnx").is_file()
+
+
+def test_max_minutes_stops_training_and_finishes_the_run(synth_data, tmp_path):
+    run = tmp_path / "run"
+    started = time.monotonic()
+    mnemo("train", "--data", str(synth_data), "--out", str(run), "--epochs", "10000", "--max-minutes", "0.05",
+          "--no-progress", *_sets([*TINY_RESTORE, "optim.patience=10000"]))  # fmt: skip
+    assert time.monotonic() - started < 120
+    report = json.loads((run / "report.json").read_text())
+    assert report["stop_reason"] == "time budget" and 1 <= report["epochs"] < 10000
+    assert report["train_seconds"] >= 3.0
+    for name in FINISHED_RUN:
+        assert (run / name).is_file(), name
+
+
+def test_ctrl_c_once_finishes_the_run_with_a_model_and_a_report(synth_data, tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "--data", str(synth_data), "--out", str(run), "--epochs", "10000", "--no-progress",
+            *_sets([*TINY_RESTORE, "optim.patience=10000"])]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mnemo", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    for line in proc.stdout:  # wait until training is under way
+        if line.startswith("epoch 1:"):
+            break
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Ctrl-C" in out + err
+    report = json.loads((run / "report.json").read_text())
+    assert report["stop_reason"] == "interrupted"
+    for name in FINISHED_RUN:
+        assert (run / name).is_file(), name
+
+
+def test_a_second_ctrl_c_aborts():
+    with StopRequest(0) as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.reason == "interrupted"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the old handler is back
+
+
+def test_the_time_budget_is_a_stop_request_and_a_progress_measure():
+    stop = StopRequest(max_minutes=1e-4)  # 6 ms
+    assert 0.0 <= stop.progress(0.0) < 1.0
+    time.sleep(0.02)
+    assert stop.requested and stop.reason == "time budget" and stop.progress(0.0) >= 1.0
+    assert StopRequest(0).progress(0.25) == 0.25 and not StopRequest(0).requested
+
+
+def test_cosine_schedule_anneals_from_the_initial_rate_to_zero():
+    opt = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
+    rates = []
+    for progress in (0.0, 0.5, 1.0, 2.0):
+        set_cosine_lr([opt], progress)
+        rates.append(opt.param_groups[0]["lr"])
+    assert rates[0] == pytest.approx(0.01) and rates[1] == pytest.approx(0.005)
+    assert rates[2] == pytest.approx(0.0, abs=1e-12) and rates[3] == rates[2]
+    with pytest.raises(ValueError, match="schedule"):
+        run_config.OptimConfig(schedule="linear")
+
+
+def _write(folder: Path, mode: str, count: int = 3) -> Path:
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        shape = (16, 16, 3) if mode == "RGB" else (16, 16)
+        Image.fromarray(rng.integers(0, 255, shape, np.uint8), mode).save(folder / f"{i}.png")
+    return folder
+
+
+def test_channels_come_from_the_images(tmp_path):
+    assert image_channels(_write(tmp_path / "gray", "L")) == 1
+    assert image_channels(_write(tmp_path / "rgb", "RGB")) == 3
+    mvtec = tmp_path / "mvtec"
+    _write(mvtec / "train" / "good", "RGB")
+    assert image_channels(mvtec) == 3
+
+
+def test_an_rgb_folder_trains_a_three_channel_model(tmp_path):
+    data = _write(tmp_path / "rgb", "RGB", count=12)
+    run = tmp_path / "run"
+    mnemo("train", "--data", str(data), "--out", str(run), "--epochs", "1", "--no-progress",
+          *_sets(TINY_RESTORE))  # fmt: skip
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model_config"]["in_channels"] == 3
+    assert math.isfinite(json.loads((run / "history.json").read_text())[0]["val_loss"])
