@@ -7,30 +7,45 @@ The pipeline, one small function per step:
     resize_pixels(pixels, size)  → the model's square size, by the declared policy
     normalise(pixels, mean, std) → float32 [C, H, W] = (pixel/255 - mean) / std   (models/base.py)
 
-Pixels stay float from decoding on, so 16-bit and float sources keep their precision until the model sees
-them (there is no intermediate 8-bit rounding). ``preprocess`` chains the steps; ``display_rgb`` cuts the
-image as the model saw it, for ``mnemo.heatmaps`` to draw a heatmap onto.
+``decode_image`` keeps the full size and goes to float at once, so 16-bit and float sources keep their
+precision (training reads its data this way). The request path instead asks for what the model needs:
+``open_image`` reads the header only, and ``decode_for_model`` decodes straight to the model's size and
+cut — JPEGs are reduced while decoding (DCT scaling, ``draft``), and everything is shrunk by Pillow in its
+own mode (8-bit stays 8-bit; box ``reduce`` first for large ratios) before any float conversion, so a
+40-megapixel frame never exists as floats. Below a ratio of 3 the two paths agree to within the 8-bit
+rounding; ``preprocess`` uses the request path. ``display_rgb`` cuts the image as the model saw it, for
+``mnemo.heatmaps`` to draw a heatmap onto.
 
 Safety: decoding reads the header first and refuses images whose declared pixel count exceeds a per-call
 ``max_pixels`` *before* any pixel buffer is allocated, so a decompression bomb (a few KB declaring
-30000×30000) costs nothing. Every decoding failure is an ``ImageDecodeError`` carrying a machine ``reason``.
+30000×30000) costs nothing. Images whose pixel data is missing are refused as ``truncated`` rather than
+filled in: Pillow's ``LOAD_TRUNCATED_IMAGES`` is never used (``decode`` refuses to run with it set), its
+load errors surface, and a PNG whose compressed stream ends cleanly before the last row (which Pillow
+accepts and fills with zeros) is caught by counting the stream's rows before decoding. Every decoding
+failure is an ``ImageDecodeError`` carrying a machine ``reason``.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 
 # 40 megapixels: larger than any inspection camera frame we expect, far below Pillow's own 89 MP guard.
 DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_POLICIES = ("resize", "center_crop")
+# The request path shrinks in two steps when the ratio is large: JPEG DCT scaling and Pillow's box
+# ``reduce`` down to at least REDUCING_GAP × the target size, then bilinear. At 3 Pillow documents the
+# result as indistinguishable from a direct resize; below a ratio of 3 nothing is reduced at all.
+REDUCING_GAP = 3.0
 
 # Modes Pillow converts losslessly (or by its documented rule) to RGB / RGBA / L before we read pixels.
 _TO_RGB = {"CMYK", "YCbCr", "LAB", "HSV", "RGBX"}
@@ -117,22 +132,84 @@ class Preprocessing:
 # --------------------------------------------------------------------------------------------- decoding
 
 
-def decode_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode bytes or a file into float32 pixels [H, W, C] (C = 1 or 3) on the 0…255 scale.
+class OpenImage:
+    """An image whose header was read and accepted (size within the limit); no pixels decoded yet.
+
+    ``open_image`` makes one; ``decode_for_model`` turns it into model-sized pixels. Cheap to hold: it
+    keeps the encoded bytes and Pillow's parsed header. Close it (or use ``with``) when done.
+    """
+
+    def __init__(self, image: Image.Image, data: bytes) -> None:
+        self.image, self.data = image, data
+
+    @property
+    def pixels(self) -> int:
+        """Declared width × height: what decoding at full size would cost."""
+        return self.image.width * self.image.height
+
+    def close(self) -> None:
+        self.image.close()
+
+    def __enter__(self) -> OpenImage:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenImage:
+    """Read the header of bytes or a file and check its declared size; decodes no pixels.
 
     A path is read into memory first (``OSError`` such as ``FileNotFoundError`` propagates unchanged);
-    decoding errors are ``ImageDecodeError`` whose message starts with the path. Multi-frame files (GIF,
-    TIFF stacks) give their first frame.
+    decoding errors are ``ImageDecodeError`` whose message starts with the path.
     """
     if isinstance(source, bytes | bytearray | memoryview):
-        return _decode_bytes(bytes(source), max_pixels)
+        return _open_bytes(bytes(source), max_pixels)
     try:
-        return _decode_bytes(Path(source).read_bytes(), max_pixels)
+        return _open_bytes(Path(source).read_bytes(), max_pixels)
     except ImageDecodeError as exc:
         raise ImageDecodeError(exc.reason, f"{source}: {exc}") from None
 
 
-def _decode_bytes(data: bytes, max_pixels: int) -> np.ndarray:
+def decode_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode bytes or a file into float32 pixels [H, W, C] (C = 1 or 3) on the 0…255 scale, full size.
+
+    Errors as ``open_image``. Multi-frame files (GIF, TIFF stacks) give their first frame.
+    """
+    with open_image(source, max_pixels=max_pixels) as opened:
+        _load(opened)
+        return image_to_pixels(opened.image)
+
+
+def decode_for_model(opened: OpenImage | Source, prep: Preprocessing, **open_args: Any) -> np.ndarray:
+    """An image at the model's size and cut: float32 [size, size, C] on 0…255, C = 1 or 3 as the source
+    has it (``to_channels`` and ``normalise`` are left to ``prepare_pixels``).
+
+    Memory and time follow the model's size, not the file's (see the module docstring): a JPEG decodes at
+    1/2, 1/4 or 1/8 scale when that still leaves ``REDUCING_GAP`` × the target, and every image is shrunk
+    in its own 8-bit (or 16/32-bit) mode before it becomes float. Accepts an ``OpenImage``, which it
+    closes (so the full-size pixels are freed as soon as the small ones exist), or anything
+    ``open_image`` takes (with its ``max_pixels``).
+    """
+    if not isinstance(opened, OpenImage):
+        opened = open_image(opened, **open_args)
+    with opened:
+        image = opened.image
+        new_w, new_h = _scaled_size(image.width, image.height, prep.size, prep.resize)
+        if image.format == "JPEG":
+            image.draft(None, (math.ceil(new_w * REDUCING_GAP), math.ceil(new_h * REDUCING_GAP)))
+        _load(opened)
+        image, scale = _narrow_mode(image)
+        if image.size != (new_w, new_h):
+            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
+        pixels = _with_channels(np.array(image, dtype=np.float32))  # a copy: Pillow's buffer is read-only
+    if scale != 1.0:
+        pixels *= np.float32(scale)
+    top, left = (new_h - prep.size) // 2, (new_w - prep.size) // 2
+    return np.ascontiguousarray(pixels[top : top + prep.size, left : left + prep.size])
+
+
+def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
     if not data:
         raise ImageDecodeError("empty", "empty input (0 bytes)")
     try:
@@ -146,13 +223,25 @@ def _decode_bytes(data: bytes, max_pixels: int) -> np.ndarray:
         raise ImageDecodeError("too_large", f"image exceeds the decoder's pixel limit ({exc})") from None
     except (OSError, SyntaxError, ValueError, struct.error, EOFError) as exc:
         raise ImageDecodeError("truncated", f"corrupt image header ({exc})") from None
-    with image:
+    try:
         _check_size(image, max_pixels)
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
-            raise ImageDecodeError("truncated", f"truncated or corrupt {image.format} data ({exc})") from None
-        return image_to_pixels(image)
+    except ImageDecodeError:
+        image.close()
+        raise
+    return OpenImage(image, data)
+
+
+def _load(opened: OpenImage) -> None:
+    """Decode the pixels; missing pixel data is ``truncated``, never filled in."""
+    image = opened.image
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide Pillow switch; it would hide every truncation
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; mnemo refuses to fill in images")
+    if image.format == "PNG" and png_rows_missing(opened.data):
+        raise ImageDecodeError("truncated", "PNG pixel data ends before the last row")
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
+        raise ImageDecodeError("truncated", f"truncated or corrupt {image.format} data ({exc})") from None
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:
@@ -166,6 +255,53 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
         )
 
 
+# Adam7 passes: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+
+
+def png_rows_missing(data: bytes) -> bool:
+    """Whether a PNG's image data (IDAT) inflates to fewer bytes than its header's rows need.
+
+    Pillow takes a zlib stream that ends cleanly before the last row as the end of the image and leaves
+    the rest zero. Counting costs one inflate pass, in 1 MiB pieces that are dropped at once, and stops
+    as soon as every row is there. A file this cannot parse is left to Pillow (False).
+    """
+    view = memoryview(data)
+    pos, header, parts = 8, None, []
+    while pos + 8 <= len(view):
+        length, kind = struct.unpack(">I4s", view[pos : pos + 8])
+        body = view[pos + 8 : pos + 8 + length]
+        if kind == b"IHDR" and len(body) >= 13:
+            header = struct.unpack(">IIBBBBB", body[:13])
+        elif kind == b"IDAT":
+            parts.append(body)
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    if header is None or header[3] not in _PNG_CHANNELS:
+        return False
+    width, height, depth, colour, _, _, interlace = header
+    bits = depth * _PNG_CHANNELS[colour]
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte + packed pixels
+    stream, inflated = zlib.decompressobj(), 0
+    try:
+        for part in parts:
+            while part and inflated < expected and not stream.eof:
+                inflated += len(stream.decompress(part, min(1 << 20, expected - inflated)))
+                part = stream.unconsumed_tail
+            if inflated >= expected or stream.eof:
+                break
+    except zlib.error:
+        return False  # corrupt rather than short: Pillow's own decoder reports it
+    return inflated < expected
+
+
 def image_to_pixels(image: Image.Image) -> np.ndarray:
     """Any supported Pillow mode → float32 [H, W, C] on the 0…255 scale, C = 1 (gray) or 3 (colour).
 
@@ -175,17 +311,7 @@ def image_to_pixels(image: Image.Image) -> np.ndarray:
     by 255/65535; 32-bit ``I`` by its true bit depth (see ``_int_bit_depth``); float ``F`` is read as
     intensities in [0, 1] (clipped, non-finite → 0) — the usual convention for float images.
     """
-    mode = image.mode
-    if mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
-    elif mode == "1":
-        image = image.convert("L")
-    elif mode in _TO_RGB:
-        image = image.convert("RGB")
-    elif mode in _TO_RGBA:
-        image = image.convert("RGBA")
-    elif mode in _TO_LA:
-        image = image.convert("LA")
+    image = _common_mode(image)
     mode = image.mode
     if mode in ("L", "RGB"):
         return _with_channels(np.asarray(image, dtype=np.float32))
@@ -196,15 +322,61 @@ def image_to_pixels(image: Image.Image) -> np.ndarray:
         return _with_channels(np.asarray(image).astype(np.float32) * (255.0 / 65535.0))
     if mode == "I":
         arr = np.asarray(image).astype(np.float64)
-        scale = 255.0 / (2.0 ** _int_bit_depth(image, arr) - 1.0)
+        scale = 255.0 / (2.0 ** _int_bit_depth(image, arr.max() if arr.size else 0) - 1.0)
         return _with_channels(np.clip(arr, 0.0, None) * scale)
     if mode == "F":
-        arr = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-        return _with_channels(np.clip(arr, 0.0, 1.0) * 255.0)
+        return _with_channels(_unit_floats(image) * 255.0)
     raise ImageDecodeError("unsupported_mode", f"unsupported image mode {image.mode!r}")
 
 
-def _int_bit_depth(image: Image.Image, arr: np.ndarray) -> int:
+def _common_mode(image: Image.Image) -> Image.Image:
+    """The conversions both paths share: palettes, bilevel and other colour spaces to L/RGB(A)/LA."""
+    mode = image.mode
+    if mode == "P":
+        return image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if mode == "1":
+        return image.convert("L")
+    if mode in _TO_RGB:
+        return image.convert("RGB")
+    if mode in _TO_RGBA:
+        return image.convert("RGBA")
+    if mode in _TO_LA:
+        return image.convert("LA")
+    return image
+
+
+def _narrow_mode(image: Image.Image) -> tuple[Image.Image, float]:
+    """``image_to_pixels``'s rules, kept in Pillow's own modes so that resizing can follow: L or RGB
+    (alpha premultiplied, i.e. composited on black, in 8 bits), or I/F for wide data, with the factor that
+    takes the resized values to the 0…255 scale."""
+    image = _common_mode(image)
+    mode = image.mode
+    if mode in ("L", "RGB"):
+        return image, 1.0
+    if mode in ("LA", "RGBA"):
+        premultiplied = image.convert("La" if mode == "LA" else "RGBa")
+        bands = premultiplied.split()[:-1]
+        return (bands[0] if len(bands) == 1 else Image.merge("RGB", bands)), 1.0
+    if mode in _SIXTEEN_BIT:  # Pillow resizes 16-bit data only as 32-bit I
+        return image.convert("I"), 255.0 / 65535.0
+    if mode == "I":
+        low, high = image.getextrema()
+        scale = 255.0 / (2.0 ** _int_bit_depth(image, high) - 1.0)
+        if low < 0:
+            image = Image.fromarray(np.clip(np.asarray(image), 0, None).astype(np.int32))
+        return image, scale
+    if mode == "F":
+        return Image.fromarray(_unit_floats(image)), 255.0
+    raise ImageDecodeError("unsupported_mode", f"unsupported image mode {image.mode!r}")
+
+
+def _unit_floats(image: Image.Image) -> np.ndarray:
+    """A float image as intensities in [0, 1]: clipped, non-finite → 0."""
+    arr = np.nan_to_num(np.asarray(image, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(arr, 0.0, 1.0)
+
+
+def _int_bit_depth(image: Image.Image, max_value: float) -> int:
     """Bit depth of a 32-bit-integer (``I``) image.
 
     Pillow uses ``I`` for several sources, so the depth is read where the file says it (TIFF
@@ -215,7 +387,7 @@ def _int_bit_depth(image: Image.Image, arr: np.ndarray) -> int:
     if tags is not None and 258 in tags:
         bits = tags[258]
         return int(bits[0] if isinstance(bits, tuple) else bits)
-    return 16 if arr.size == 0 or arr.max() <= 65535 else 32
+    return 16 if max_value <= 65535 else 32
 
 
 def _with_channels(arr: np.ndarray) -> np.ndarray:
@@ -246,14 +418,18 @@ def resize_pixels(pixels: np.ndarray, size: int, policy: str = "resize", nearest
     if policy not in RESIZE_POLICIES:
         raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
     height, width = pixels.shape[:2]
-    if policy == "center_crop":
-        scale = size / min(height, width)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-    else:
-        new_w, new_h = size, size
+    new_w, new_h = _scaled_size(width, height, size, policy)
     out = pixels if (new_h, new_w) == (height, width) else _resize_channels(pixels, new_w, new_h, nearest)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(out[top : top + size, left : left + size])
+
+
+def _scaled_size(width: int, height: int, size: int, policy: str) -> tuple[int, int]:
+    """The size an image is resized to before the centred ``size``×``size`` cut (see ``Preprocessing``)."""
+    if policy == "center_crop":
+        scale = size / min(height, width)
+        return max(size, round(width * scale)), max(size, round(height * scale))
+    return size, size
 
 
 def _resize_channels(pixels: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
@@ -288,8 +464,8 @@ def prepare_pixels(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
 
 
 def preprocess(source: Source, prep: Preprocessing, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Bytes or a path → model input float32 [C, size, size]."""
-    return prepare_pixels(decode_image(source, max_pixels=max_pixels), prep)
+    """Bytes or a path → model input float32 [C, size, size], as the service computes it."""
+    return prepare_pixels(decode_for_model(source, prep, max_pixels=max_pixels), prep)
 
 
 def preprocess_batch(

@@ -28,10 +28,21 @@ def png_bytes(array: np.ndarray, mode: str | None = None, fmt: str = "PNG") -> b
 
 def png_declaring(width: int, height: int) -> bytes:
     """A ~100-byte PNG whose header declares width×height 8-bit gray: a decompression bomb's shape."""
+    return png_of_zero_rows(width, height, rows=0, colour=0, tail=b"\0" * 64)
+
+
+def png_of_zero_rows(
+    width: int, height: int, rows: int | None = None, colour: int = 2, tail: bytes = b""
+) -> bytes:
+    """A PNG declaring width×height, 8 bits, colour type ``colour`` (0 gray, 2 RGB), whose one IDAT holds
+    ``rows`` all-zero rows (default: all of them) and ``tail``, maximally compressed: 8000×5000 RGB with
+    two rows is the 126-byte file of issue 13, with every row a complete 116 KB one."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    row = 1 + width * (3 if colour == 2 else 1)  # a filter byte, then the pixels
+    raw = b"\0" * (row * (height if rows is None else rows)) + tail
+    header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body

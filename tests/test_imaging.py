@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from PIL import Image
 
 from mnemo import imaging
 from mnemo.imaging import ImageDecodeError, Preprocessing
-from tests.image_bytes import encode, png_declaring
+from tests.image_bytes import encode, png_declaring, png_of_zero_rows
 
 
 def test_module_does_not_import_torch():
@@ -166,3 +168,139 @@ def test_display_crop_is_the_models_view_in_8_bit_rgb():
     image = imaging.display_rgb(imaging.decode_image(encode(Image.fromarray(GRAY))), Preprocessing(size=16))
     assert image.shape == (16, 16, 3) and image.dtype == np.uint8
     assert np.array_equal(image[..., 0], image[..., 2])  # gray replicated, as to_channels does
+
+
+# ------------------------------------------------------- the request path: model-sized decoding (issue 13)
+
+
+SMOOTH = np.clip(
+    np.linspace(0, 255, 300)[None, :, None] / 2
+    + np.linspace(0, 255, 200)[:, None, None] / 2
+    + RNG.normal(0, 3, (200, 300, 3)),
+    0,
+    255,
+).astype(np.uint8)
+
+
+@pytest.mark.parametrize(
+    "image",
+    [
+        Image.fromarray(SMOOTH),
+        Image.fromarray(SMOOTH[..., 0]),
+        Image.fromarray(np.concatenate([SMOOTH, SMOOTH[..., :1]], axis=-1), "RGBA"),
+        Image.fromarray(SMOOTH).convert("P"),
+        Image.fromarray(SMOOTH[..., 0].astype(np.uint16) * 257),
+        Image.fromarray((SMOOTH[..., 0] / 255).astype(np.float32)),
+    ],
+    ids=["RGB", "L", "RGBA", "P", "I;16", "F"],
+)
+@pytest.mark.parametrize(
+    "prep",
+    [Preprocessing(1, 28), Preprocessing(3, 64, resize="center_crop"), Preprocessing(3, 150)],
+    ids=["gray-28", "rgb-64-crop", "rgb-150"],
+)
+def test_model_sized_decoding_matches_the_full_size_float_path(image, prep):
+    data = encode(image, "TIFF" if image.mode == "F" else "PNG")
+    full = imaging.prepare_pixels(imaging.decode_image(data), prep)
+    sized = imaging.preprocess(data, prep)
+    assert sized.shape == full.shape == (prep.channels, prep.size, prep.size)
+    # 8-bit resizing rounds to whole levels, and ratios over 3 reduce by box averaging first
+    tolerance = 2.5 if 200 / prep.size > imaging.REDUCING_GAP else 1.3
+    assert np.abs(sized - full).max() * 255 * max(prep.std) < tolerance
+
+
+def test_model_sized_decoding_never_holds_the_image_as_floats():
+    import tracemalloc
+
+    data = png_of_zero_rows(4000, 2500)  # 10 MP RGB: 120 MB as float32, 30 MB as Pillow's 8 bits
+    tracemalloc.start()  # numpy's allocations are traced; Pillow's own buffers are not
+    try:
+        x = imaging.preprocess(data, Preprocessing(3, 64))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert x.shape == (3, 64, 64) and peak < 8_000_000
+
+
+def test_jpeg_is_reduced_while_decoding():
+    big = encode(Image.fromarray(np.repeat(np.repeat(SMOOTH, 8, axis=0), 8, axis=1)), "JPEG")  # 2400×1600
+    with imaging.open_image(big) as opened:
+        x = imaging.decode_for_model(opened, Preprocessing(3, 64))
+        assert opened.image.size == (300, 200)  # decoded at 1/8 scale: still ≥ 3 × 64 on the short side
+    assert x.shape == (64, 64, 3)
+    reference = imaging.resize_pixels(imaging.decode_image(big), 64)
+    assert np.abs(x - reference).mean() < 2.0
+
+
+@pytest.mark.parametrize(
+    ("data", "missing"),
+    [
+        (png_of_zero_rows(8000, 5000, rows=2), True),  # issue 13: 126 bytes declaring 40 MP
+        (png_of_zero_rows(300, 200, rows=20, colour=0), True),
+        (png_of_zero_rows(300, 200, colour=0), False),
+        (encode(Image.fromarray(SMOOTH)), False),
+        (encode(Image.fromarray(SMOOTH).convert("1")), False),
+        (encode(Image.fromarray(SMOOTH).convert("P")), False),
+        (encode(Image.fromarray(SMOOTH[..., 0].astype(np.uint16) * 257)), False),
+    ],
+    ids=["issue-126-bytes", "20-of-200-rows", "all-rows", "rgb", "bilevel", "palette", "16-bit"],
+)
+def test_png_rows_are_counted_before_decoding(data, missing):
+    assert imaging.png_rows_missing(data) is missing
+
+
+def adam7_png(pixels: np.ndarray, keep: float = 1.0) -> bytes:
+    """An interlaced (Adam7) 8-bit RGB PNG of ``pixels``, its image data cut to ``keep`` of its rows
+    (Pillow cannot write interlaced PNGs)."""
+    rows = []
+    for x0, y0, dx, dy in imaging._ADAM7:
+        sub = pixels[y0::dy, x0::dx]
+        if sub.size:
+            rows += [b"\0" + row.tobytes() for row in sub]
+    raw = b"".join(rows[: round(len(rows) * keep)])
+    height, width = pixels.shape[:2]
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 1)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    body = chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
+def test_interlaced_png_rows_are_counted_per_pass():
+    pixels = SMOOTH[:37, :53]  # sizes that leave every Adam7 pass a ragged edge
+    complete = adam7_png(pixels)
+    assert not imaging.png_rows_missing(complete)
+    assert np.array_equal(imaging.decode_image(complete).astype(np.uint8), pixels)
+    assert imaging.png_rows_missing(adam7_png(pixels, keep=0.9))
+    with pytest.raises(ImageDecodeError, match="last row"):
+        imaging.decode_image(adam7_png(pixels, keep=0.9))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_of_zero_rows(8000, 5000, rows=2),
+        png_of_zero_rows(300, 200, rows=20, colour=0),
+        encode(Image.fromarray(SMOOTH), "JPEG")[:1500],
+        encode(Image.fromarray(SMOOTH), "GIF")[:1500],
+        encode(Image.fromarray(SMOOTH), "TIFF")[:20000],
+        encode(Image.fromarray(SMOOTH), "BMP")[:20000],
+        encode(Image.fromarray(SMOOTH), "WEBP")[:500],
+    ],
+    ids=["png-issue-13", "png-20-rows", "jpeg", "gif", "tiff", "bmp", "webp"],
+)
+def test_missing_pixel_data_is_truncated_in_every_format_and_path(data):
+    for decode in (imaging.decode_image, lambda d: imaging.preprocess(d, Preprocessing(1, 28))):
+        with pytest.raises(ImageDecodeError) as err:
+            decode(data)
+        assert err.value.reason == "truncated", err.value
+
+
+def test_decoding_refuses_to_run_with_pillows_fill_in_switch(monkeypatch):
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    with pytest.raises(RuntimeError, match="LOAD_TRUNCATED_IMAGES"):
+        imaging.decode_image(PNG)
