@@ -24,6 +24,9 @@ from typing import Any
 from mnemo.benchmarks.accuracy_plan import (
     DATASETS,
     PAPER_PATIENCE,
+    REAL_DATASETS,
+    REAL_MINUTES,
+    REAL_RECIPES,
     TEXTURE_DATASET,
     TEXTURE_OPTIM,
     TEXTURE_SET,
@@ -135,6 +138,8 @@ def data_config(cell: Cell, data_root: Path, work: Path):
 def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: str):
     from mnemo.training import config as run_cfg
 
+    if cell.dataset in REAL_DATASETS:
+        return real_run_config(cell, data_root, work, patience, device)
     optim = TEXTURE_OPTIM if cell.dataset == TEXTURE_DATASET else {}
     return run_cfg.RunConfig(
         model=cell.model,
@@ -147,17 +152,36 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
     )
 
 
+def real_run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: str):
+    """The model's shipped recipe on the real-defect folder, under ``REAL_MINUTES`` of training."""
+    from mnemo.training import config as run_cfg
+
+    cfg = run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[cell.model]))
+    return dataclasses.replace(
+        cfg,
+        data=dataclasses.replace(cfg.data, path=str(data_root / REAL_DATASETS[cell.dataset])),
+        optim=dataclasses.replace(
+            cfg.optim, max_epochs=cell.max_epochs, patience=patience, max_minutes=REAL_MINUTES
+        ),
+        seed=cell.seed,
+        device=device,
+        out_dir=str(work / cell.key.replace("/", "_")),
+    )
+
+
 def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
     from mnemo import models
+    from mnemo.training import config as run_cfg
     from mnemo.training.run import train_run
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()
     out = train_run(cfg, progress=False)
     seconds = time.perf_counter() - started
+    cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
     image, pixel = report["test"]["image"], report["test"].get("pixel", {})
     if not keep:
@@ -178,6 +202,9 @@ def run_cell(
         **{name: pixel[key] for name, key in (("pixel_auroc", "auroc"), ("pro", "pro")) if key in pixel},
         "epochs": report["epochs"],
         "best_epoch": report["best_epoch"],
+        "train_seconds": report.get("train_seconds"),
+        "stop_reason": report.get("stop_reason"),
+        **({"recipe": REAL_RECIPES[cell.model]} if cell.dataset in REAL_DATASETS else {}),
         "seconds": round(seconds, 1),
         "device": report["device"],
     }

@@ -6,6 +6,8 @@ Which models run where (papers 000/001, paper 003 table 2):
 
 * ``roco`` on every IDX dataset: ae, memae, memorizer (N = 8 on MNIST, 10 elsewhere, paper 000 §4.5), rftm;
 * ``one_class`` on MNIST: daad (paper 003 table 2) and anomem, both at 32 px gray (see ``MODEL_OVERRIDES``);
+* ``real`` on real-defect folders (``REAL_DATASETS``, e.g. elpv-mono): each model with its shipped recipe
+  under one time budget (``REAL_MINUTES``), image AUROC / AUPRC (no pixel masks);
 * ``synthetic`` on ``textures`` (our own benchmark, no paper numbers): every model on the synthetic-defect
   sets of ``training.synthetic`` (class 0/1/2 = brick/grass/gravel), scored by image AUROC, pixel AUROC and
   PRO. One protocol for all models, so they compare fairly: 64 px gray, 500 training images (10 % held out
@@ -29,7 +31,12 @@ TEXTURE_DATASET = "textures"  # generated on the spot by training.synthetic; cla
 ROCO_MODELS = ("ae", "memae", "memorizer", "rftm")
 ONE_CLASS_MODELS = ("daad", "anomem")
 ONE_CLASS_DATASETS = ("mnist",)
-TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem")
+TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore")
+# Real defects (issue "real defects"): MVTec-layout folders under --data, each model trained with its
+# shipped recipe (training/recipes/) under the same time budget, as `mnemo train --recipe R --max-minutes`.
+REAL_DATASETS = {"elpv-mono": "elpv-mono"}  # name -> subfolder of --data
+REAL_RECIPES = {"restore": "restore", "ae": "ae-cpu", "memae": "memae-cpu", "daad": "daad-cpu"}
+REAL_MINUTES = 15.0
 PAPER_MAX_EPOCHS, PAPER_PATIENCE = 100, 10
 FULL_EPOCHS = {"synthetic": 20}  # a protocol's full epoch count when it is not the papers' 100
 TEXTURE_SET = {"size": 64, "n_train": 500, "n_test_good": 100, "n_test_defect": 20, "seed": 0}
@@ -55,6 +62,8 @@ TEXTURE_OVERRIDES: dict[str, dict[str, Any]] = {
     # AnoMem's deviations on the unit sphere: with raw features a smooth synthetic hole (weak activations)
     # deviates less from the memory than busy brick texture (brick, seed 2022: image AUROC 38.8 -> 85.4).
     "anomem": {**GRAY64, "stage_widths": (32, 64, 128, 256), "hopfield_normalize": True},
+    # The real-defect default recipe (training/recipes/restore.yaml) at the textures' 64 px.
+    "restore": {**GRAY64},
 }
 
 
@@ -103,7 +112,7 @@ def plan(
 
 def classes_of(dataset: str, classes: Iterable[int]) -> list[int]:
     """The requested classes the dataset has: 10 digits / garments, or one per texture."""
-    count = len(TEXTURES) if dataset == TEXTURE_DATASET else 10
+    count = len(TEXTURES) if dataset == TEXTURE_DATASET else 1 if dataset in REAL_DATASETS else 10
     return [c for c in classes if 0 <= c < count]
 
 
@@ -112,6 +121,8 @@ def protocol_of(dataset: str, model: str) -> str | None:
     every model on the textures, else None."""
     if dataset == TEXTURE_DATASET:
         return "synthetic" if model in TEXTURE_MODELS else None
+    if dataset in REAL_DATASETS:
+        return "real" if model in REAL_RECIPES else None
     if model in ROCO_MODELS:
         return "roco"
     if model in ONE_CLASS_MODELS and dataset in ONE_CLASS_DATASETS:

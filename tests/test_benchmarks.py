@@ -218,3 +218,28 @@ def test_merge_folds_parallel_runs_into_one_results_file(tmp_path, capsys):
     assert "3 records" in capsys.readouterr().out
     with pytest.raises(FileNotFoundError, match="no results file"):
         accuracy.merge_results(main_file, [tmp_path / "missing.json"])
+
+
+def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_references(
+    tmp_path, monkeypatch, capsys
+):
+    from mnemo.benchmarks.cli import _dataset_present
+    from mnemo.training.synthetic import generate
+
+    assert not _dataset_present("elpv-mono", tmp_path)  # absent: skipped with a message, not an error
+    assert "skipping elpv-mono" in capsys.readouterr().out
+    generate(tmp_path / "elpv-mono", size=32, n_train=20, n_test_good=4, n_test_defect=1)
+    assert _dataset_present("elpv-mono", tmp_path)
+    cells = accuracy_plan.plan(["elpv-mono"], ["restore", "anomem"], range(10), [7], max_epochs=1)
+    assert [(c.model, c.protocol, c.target_class) for c in cells] == [("restore", "real", 0)]
+    monkeypatch.setattr(accuracy, "REAL_MINUTES", 5.0)
+    results = tmp_path / "real.json"
+    out = accuracy.run(cells, tmp_path, results, tmp_path / "work", markdown_path=results.with_suffix(".md"))
+    (record,) = out["records"]
+    assert record["recipe"] == "restore" and record["stop_reason"] == "max epochs"
+    assert record["resolved_model_config"]["in_channels"] == 1 and record["train_seconds"] > 0
+    assert 0 <= record["auroc"] <= 1 and 0 <= record["auprc"] <= 1
+    text = results.with_suffix(".md").read_text()
+    assert (
+        "## elpv-mono, real" in text and "| restore | restore |" in text and "40-line plain conv AE" in text
+    )

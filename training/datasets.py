@@ -106,6 +106,7 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
     return samples
 
 
+CACHE_BYTES = 1 << 30  # good images are kept decoded in memory when they fit in this (float32 at model size)
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
@@ -148,11 +149,15 @@ class ImageFolderDataset(Dataset):
         *,
         flips: bool = False,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        cache: bool = False,
     ) -> None:
         self.samples = list(samples)
         self.prep = prep
         self.flips = flips
         self.max_pixels = max_pixels
+        # Decoded, resized, normalised images by index: a small training set then decodes once, not once
+        # an epoch (a 300 px PNG costs about as much to decode as a training step spends on it).
+        self._cache: dict[int, torch.Tensor] | None = {} if cache else None
 
     @property
     def labels(self) -> np.ndarray:
@@ -167,7 +172,7 @@ class ImageFolderDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
-        image = torch.from_numpy(prepare_pixels(self._decode(sample.path), self.prep))
+        image = self._image(index)
         mask = torch.from_numpy(self._mask(sample))
         if self.flips:
             for dim in (2, 1):
@@ -180,6 +185,14 @@ class ImageFolderDataset(Dataset):
             "has_mask": sample.label == 0 or sample.mask_path is not None,
             "path": str(sample.path),
         }
+
+    def _image(self, index: int) -> torch.Tensor:
+        if self._cache is not None and index in self._cache:
+            return self._cache[index]
+        image = torch.from_numpy(prepare_pixels(self._decode(self.samples[index].path), self.prep))
+        if self._cache is not None:
+            self._cache[index] = image
+        return image
 
     def _decode(self, path: Path) -> np.ndarray:
         try:
@@ -378,9 +391,10 @@ def folder_splits(
     summary["counts"] = counts
     if test is not None and test.missing_masks:  # a count: a real set can lack hundreds of masks
         summary["missing_masks"] = len(test.missing_masks)
+    cache = len(good) * prep.channels * prep.size**2 * 4 <= CACHE_BYTES
     return Splits(
-        train=ImageFolderDataset([good[i] for i in tr], prep, flips=flips),
-        val=ImageFolderDataset([good[i] for i in va], prep),
+        train=ImageFolderDataset([good[i] for i in tr], prep, flips=flips, cache=cache),
+        val=ImageFolderDataset([good[i] for i in va], prep, cache=cache),
         test=test,
         summary=summary,
     )
