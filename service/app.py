@@ -1,8 +1,10 @@
 """The FastAPI application: ``create_app(settings)`` wires the model store, metrics, auth and routes.
 
 Models load in the background at start-up, so ``/healthz`` answers at once while ``/readyz`` stays 503
-until every bundle is loaded and warmed. The routes are in ``service/routes.py``; they reach the objects
-made here through ``service/dependencies.py``.
+until every bundle is loaded and warmed (or, with ``MNEMO_READY_REQUIRES=any``, one of them). The routes
+are in ``service/routes.py``; they reach the objects made here through ``service/dependencies.py``. The
+API key check, and with it the security scheme and the 401 answers in the OpenAPI document, exist only
+when a key is configured. The server around the app (connection limits) is ``service/server.py``.
 """
 
 from __future__ import annotations
@@ -12,16 +14,18 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import anyio
 from fastapi import Depends, FastAPI
+from PIL import ImageFile
 
 from mnemo import __version__
 from mnemo.service.body_limit import BodyLimitMiddleware
+from mnemo.service.decoding import CpuSlots
 from mnemo.service.dependencies import api_key_check
 from mnemo.service.errors import install_error_handlers
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import ModelStore
 from mnemo.service.routes import ops, v1
+from mnemo.service.schemas import ErrorResponse
 from mnemo.service.settings import Settings
 
 logger = logging.getLogger("mnemo.service")
@@ -42,13 +46,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     too_large = metrics.errors.labels("payload_too_large")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, on_reject=too_large.inc)
     app.include_router(ops)
-    app.include_router(v1, dependencies=[Depends(api_key_check(settings))])
+    if settings.api_key is None:
+        app.include_router(v1)
+    else:
+        app.include_router(
+            v1, dependencies=[Depends(api_key_check(settings))], responses={401: {"model": ErrorResponse}}
+        )
+    if ImageFile.LOAD_TRUNCATED_IMAGES:  # process-wide; it would score images with missing rows
+        logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; turning it off")
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
     return app
 
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.cpu_limiter = anyio.CapacityLimiter(app.state.settings.decode_concurrency)
+    app.state.cpu_slots = CpuSlots.create(app.state.settings.decode_concurrency)
     store: ModelStore = app.state.store
     loading = asyncio.create_task(_initial_load(store))
     try:

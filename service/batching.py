@@ -6,8 +6,10 @@ keeps taking more until ``max_batch_size`` images are in hand or ``max_wait_s`` 
 arrived while the previous batch ran form the next one),
 and runs the batch in the model's own worker thread, so the event loop never blocks and the next batch
 fills while this one runs. Admission is bounded (``QueueFullError`` beyond ``max_queue`` waiting images),
-a caller that gives up (timeout, disconnect) is skipped when its batch forms, and a failing batch fails
-only the callers in it.
+and a failing batch fails only the callers in it. A caller that gives up cancels its ``submit``
+(``service/scoring.py`` does so at the request's deadline and when its client disconnects): that cancels
+its images' futures, and the collector drops cancelled images when it forms a batch, so they are never
+computed (an image already in a running batch is computed, and its result dropped).
 """
 
 from __future__ import annotations

@@ -22,9 +22,38 @@ FLAGS = {
         "longest a queued image waits for batch mates; 0 = greedy (default 0)",
     ),
     "--max-queue": ("max_queue", int, "most images waiting per model before 503 (default 256)"),
-    "--request-timeout": ("request_timeout_s", float, "seconds of queue + inference before 504 (default 10)"),
+    "--request-timeout": (
+        "request_timeout_s",
+        float,
+        "seconds of decoding + queue + inference before 504 (default 10)",
+    ),
     "--max-upload-bytes": ("max_upload_bytes", int, "largest request body before 413 (default 20 MiB)"),
     "--max-files": ("max_files", int, "most images in one request (default 16)"),
+    "--max-request-pixels": (
+        "max_request_pixels",
+        int,
+        "most pixels a request's images may declare together, refused before decoding (default 80000000)",
+    ),
+    "--header-timeout": (
+        "header_timeout_s",
+        float,
+        "seconds a client has to send a request's headers, else 408 and close (default 10)",
+    ),
+    "--body-timeout": (
+        "body_timeout_s",
+        float,
+        "longest silence in seconds while receiving a request body, else 408 and close (default 10)",
+    ),
+    "--shutdown-timeout": (
+        "shutdown_timeout_s",
+        float,
+        "on SIGTERM/SIGINT, seconds running requests may take before they are cancelled (default 5)",
+    ),
+    "--ready-requires": (
+        "ready_requires",
+        str,
+        "/readyz is 200 when 'all' bundles are served, or 'any' one (default all)",
+    ),
     "--log-level": ("log_level", str, "critical, error, warning, info or debug (default info)"),
 }
 
@@ -38,8 +67,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "is also read from an environment variable MNEMO_<NAME> (flags win); MNEMO_API_KEY turns on "
         "API-key auth (header MNEMO_API_KEY_HEADER, default X-API-Key), kept out of flags so it never shows "
         "in the process list. Other variables: MNEMO_RETRY_AFTER_S, MNEMO_MAX_IMAGE_PIXELS, "
-        "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_ORT_SPINNING, MNEMO_DECODE_CONCURRENCY "
-        "(service/settings.py).",
+        "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_ORT_SPINNING, MNEMO_DECODE_CONCURRENCY, "
+        "MNEMO_MAX_HEADER_BYTES (request line + headers, else 431; default 32768), "
+        "MNEMO_KEEP_ALIVE_TIMEOUT_S (idle kept-alive connections; default 5) (service/settings.py; the "
+        "limits: docs/security.md).",
     )
     for flag, (field, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")
@@ -52,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from mnemo.service.app import create_app
+    from mnemo.service.server import server_config
     from mnemo.service.settings import Settings
 
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
@@ -59,5 +91,5 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    uvicorn.Server(server_config(settings, create_app(settings))).run()
     return 0

@@ -1,4 +1,4 @@
-"""What the routes use, as FastAPI dependencies: settings, model store, metrics, the decode limiter, one
+"""What the routes use, as FastAPI dependencies: settings, model store, metrics, the CPU slots, one
 loaded model, and the API key check.
 
 ``create_app`` and its lifespan put the shared objects on ``app.state``; routes reach them only through
@@ -12,10 +12,10 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
-from anyio import CapacityLimiter
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from mnemo.service.decoding import CpuSlots
 from mnemo.service.errors import ApiError
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import LoadedModel, ModelStore
@@ -34,15 +34,15 @@ async def get_metrics(request: Request) -> ServiceMetrics:
     return request.app.state.metrics
 
 
-async def get_cpu_limiter(request: Request) -> CapacityLimiter:
-    """Bounds the threads that decode and draw images (made at start-up: it needs the running loop)."""
-    return request.app.state.cpu_limiter
+async def get_cpu_slots(request: Request) -> CpuSlots:
+    """Bound the threads that decode and draw images (made at start-up: they need the running loop)."""
+    return request.app.state.cpu_slots
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[ModelStore, Depends(get_store)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
-CpuLimiterDep = Annotated[CapacityLimiter, Depends(get_cpu_limiter)]
+CpuSlotsDep = Annotated[CpuSlots, Depends(get_cpu_slots)]
 
 
 def find_model(store: ModelStore, name: str) -> LoadedModel:
@@ -62,15 +62,18 @@ ModelDep = Annotated[LoadedModel, Depends(loaded_model)]
 
 
 def api_key_check(settings: Settings) -> Callable[..., Awaitable[None]]:
-    """A dependency enforcing the API key when one is configured (also declared in the OpenAPI document).
+    """A dependency enforcing the configured API key (``create_app`` adds it only when a key is set, so
+    the OpenAPI document declares the security scheme exactly when the server enforces it).
 
     Built from the settings rather than injected: the header's name must be known when routes are added.
     """
+    if settings.api_key is None:
+        raise ValueError("no API key is configured")
     header = APIKeyHeader(name=settings.api_key_header, auto_error=False)
-    expected = settings.api_key.get_secret_value().encode() if settings.api_key else None
+    expected = settings.api_key.get_secret_value().encode()
 
     async def check(key: str | None = Depends(header)) -> None:  # not Annotated: `header` is a local
-        if expected is not None and not (key and secrets.compare_digest(key.encode(), expected)):
+        if not (key and secrets.compare_digest(key.encode(), expected)):
             raise ApiError(
                 401, "unauthorized", f"missing or wrong API key in the {settings.api_key_header} header"
             )

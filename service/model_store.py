@@ -172,8 +172,15 @@ class ModelStore:
 
     @property
     def ready(self) -> bool:
-        """Serving: the start-up load has finished and at least one model is loaded."""
-        return self.started and bool(self.models)
+        """The start-up load has finished and, per ``ready_requires``, every bundle of the model directory
+        is served (``all``: none failed, unless its previous version still serves) or at least one is
+        (``any``). Either way, no model at all is never ready."""
+        if not (self.started and self.models):
+            return False
+        if self.settings.ready_requires == "any":
+            return True
+        served = {str(model.path) for model in self.models.values()}
+        return all(path in served for path in self.last_report.failed)
 
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)

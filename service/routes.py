@@ -2,6 +2,9 @@
 
 ``create_app`` puts ``/v1`` behind the API key check when a key is configured. Routes take what they use
 as dependencies (``service/dependencies.py``); a score request itself is ``scoring.score_request``.
+A model name in a path never contains ``:`` (``model_store.NAME_PATTERN``), so ``GET`` or ``OPTIONS`` on
+``/v1/models/NAME:score`` reaches the score route and is answered 405 with ``Allow: POST`` rather than
+being read as a model called ``NAME:score``.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import HTMLResponse
 from prometheus_client.exposition import choose_encoder
+from starlette.convertors import StringConvertor, register_url_convertor
 
 from mnemo.service.dependencies import (
-    CpuLimiterDep,
+    CpuSlotsDep,
     MetricsDep,
     ModelDep,
     SettingsDep,
@@ -39,7 +43,7 @@ from mnemo.service.scoring import ScoreOptions, score_request
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 UNKNOWN_MODEL = "_unknown"  # metrics label for unknown names, so clients cannot grow label sets at will
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 415, 422, 500, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 500, 503, 504)}
 UPLOAD_BODY = {
     "requestBody": {
         "required": True,
@@ -48,8 +52,13 @@ UPLOAD_BODY = {
             "multipart/form-data": {
                 "schema": {
                     "type": "object",
+                    "required": ["files"],
                     "properties": {
-                        "files": {"type": "array", "items": {"type": "string", "format": "binary"}}
+                        "files": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {"type": "string", "format": "binary"},
+                        }
                     },
                 }
             },
@@ -58,8 +67,16 @@ UPLOAD_BODY = {
     }
 }
 
+
+class ModelNameConvertor(StringConvertor):
+    """A path segment without ``:``: what ``model_store.NAME_PATTERN`` allows, and never ``NAME:score``."""
+
+    regex = "[^/:]+"
+
+
+register_url_convertor("model_name", ModelNameConvertor())
 ops = APIRouter()
-v1 = APIRouter(prefix="/v1", responses={401: {"model": ErrorResponse}})
+v1 = APIRouter(prefix="/v1")  # create_app adds the API key check and its 401 when a key is configured
 
 
 # ------------------------------------------------------------------------------------------ operations
@@ -81,10 +98,21 @@ async def healthz() -> Health:
     return Health()
 
 
-@ops.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, summary="models loaded")
+@ops.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness}},
+    summary="readiness: the bundles are loaded and warmed (all of them, or any, per MNEMO_READY_REQUIRES)",
+)
 async def readyz(response: Response, store: StoreDep) -> Readiness:
-    response.status_code = 200 if store.ready else 503
-    return Readiness(ready=store.ready, models=sorted(store.models), failed=store.last_report.failed)
+    ready = store.ready
+    response.status_code = 200 if ready else 503
+    return Readiness(
+        ready=ready,
+        requires=store.settings.ready_requires,
+        models=sorted(store.models),
+        failed=store.last_report.failed,
+    )
 
 
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
@@ -96,12 +124,14 @@ async def metrics(request: Request, service_metrics: MetricsDep) -> Response:
 # ------------------------------------------------------------------------------------------------- /v1
 
 
-@v1.get("/models", response_model=ModelList, summary="the loaded models")
+@v1.get("/models", response_model=ModelList, summary="the loaded models, and the bundles that failed to load")
 async def list_models(store: StoreDep) -> ModelList:
-    return ModelList(models=[store.models[name].info() for name in sorted(store.models)])
+    return ModelList(
+        models=[store.models[name].info() for name in sorted(store.models)], failed=store.last_report.failed
+    )
 
 
-@v1.get("/models/{name}", response_model=ModelInfo, responses=ERRORS, summary="one loaded model")
+@v1.get("/models/{name:model_name}", response_model=ModelInfo, responses=ERRORS, summary="one loaded model")
 async def get_model(model: ModelDep) -> ModelInfo:
     return model.info()
 
@@ -112,7 +142,7 @@ async def reload_models(store: StoreDep) -> ReloadResult:
 
 
 @v1.post(
-    "/models/{name}:score",
+    "/models/{name:model_name}:score",
     response_model=ScoreResponse,
     response_model_exclude_none=True,
     responses=ERRORS,
@@ -125,7 +155,7 @@ async def score(
     store: StoreDep,
     settings: SettingsDep,
     service_metrics: MetricsDep,
-    limiter: CpuLimiterDep,
+    slots: CpuSlotsDep,
     heatmap: Annotated[
         HeatmapFormat, Query(description="overlay/gray: base64 PNG; grid: float grid")
     ] = "none",
@@ -142,7 +172,7 @@ async def score(
         model = find_model(store, name)
         label = name
         options = ScoreOptions(heatmap, threshold)
-        response = await score_request(request, model, options, settings, limiter, started)
+        response = await score_request(request, model, options, settings, slots, started)
         status = 200
         return response
     except ApiError as exc:

@@ -62,6 +62,10 @@ class ModelInfo(BaseModel):
 
 class ModelList(BaseModel):
     models: list[ModelInfo]
+    failed: dict[str, str] = Field(
+        description="bundle path -> why it was refused, from the last (re)load; a bundle that failed to "
+        "reload but is still served in its previous version is listed here and in models"
+    )
 
 
 class ErrorDetail(BaseModel):
@@ -80,6 +84,9 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     ready: bool
+    requires: Literal["all", "any"] = Field(
+        description="MNEMO_READY_REQUIRES: all = ready only while every bundle is served; any = one is enough"
+    )
     models: list[str]
     failed: dict[str, str] = Field(description="bundle path -> why it was refused, from the last (re)load")
 

@@ -1,7 +1,10 @@
 """One score request, start to end: ``score_request`` reads and decodes the images, waits for the model's
 batcher, judges and draws every image, counts it in the model's metrics and times the steps.
 
-Decoding and PNG drawing are CPU work, so they run in worker threads bounded by the app's CPU limiter.
+Decoding and PNG drawing are CPU work, so they run in worker threads bounded by the app's CPU slots
+(``service/decoding.py``). Once the upload is in, decoding, queueing and inference share one deadline,
+``request_timeout_s`` (504), and a client that disconnects meanwhile is noticed at once: its queued
+images are withdrawn from the batcher and the request is counted as ``client_closed`` (status 499).
 The verdict is ``mnemo.calibration.is_anomalous``, the rule the model's threshold was calibrated for.
 """
 
@@ -15,13 +18,14 @@ from dataclasses import dataclass
 from functools import partial
 
 import anyio
+import anyio.to_thread
 import numpy as np
 from starlette.requests import Request
 
 from mnemo.calibration import is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
-from mnemo.imaging import ImageDecodeError, decode_image, display_rgb, prepare_pixels
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
+from mnemo.service.decoding import CpuSlots, Decoded, PixelLimits, decode_uploads
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
 from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore, ModelRef, ScoreResponse, Timings
@@ -40,33 +44,40 @@ class ScoreOptions:
     threshold: float | None = None  # overrides the model's calibrated threshold
 
 
-@dataclass(frozen=True)
-class Decoded:
-    inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation; the batcher stacks them once
-    displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
-
-
 async def score_request(
     request: Request,
     model: LoadedModel,
     options: ScoreOptions,
     settings: Settings,
-    limiter: anyio.CapacityLimiter,
+    slots: CpuSlots,
     started: float,
 ) -> ScoreResponse:
     """Score the request's images; ``started`` (``time.perf_counter``) is when the request arrived, so the
     decode time includes receiving the upload. Failures are ``ApiError``s."""
     uploads = await read_uploads(request, settings.max_files)
-    decode = partial(decode_uploads, uploads, model, settings.max_image_pixels, options.heatmap == "overlay")
-    decoded = await anyio.to_thread.run_sync(decode, limiter=limiter)
-    decoded_at = time.perf_counter()
-    results = await _infer(model, decoded, settings)
+    limits = PixelLimits(settings.max_image_pixels, settings.max_request_pixels)
+    with anyio.CancelScope() as gone:
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, gone))
+        try:
+            with anyio.fail_after(settings.request_timeout_s):
+                decoded = await decode_uploads(
+                    uploads, model.preprocessing, limits, slots, options.heatmap == "overlay"
+                )
+                decoded_at = time.perf_counter()
+                results = await _infer(model, decoded, settings)
+        except TimeoutError:
+            message = f"no result within {settings.request_timeout_s:g} s (decoding, queue and inference)"
+            raise ApiError(504, "timeout", message) from None
+        finally:
+            watcher.cancel()
+    if gone.cancelled_caught:
+        raise ApiError(499, "client_closed", "the client disconnected before its images were scored")
     threshold = model.threshold if options.threshold is None else options.threshold
     draw = partial(
         judge, model, uploads, results, decoded, threshold, options.heatmap, settings.heatmap_grid_size
     )
     in_thread = options.heatmap in PNG_FORMATS
-    images = await anyio.to_thread.run_sync(draw, limiter=limiter) if in_thread else draw()
+    images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
     for image in images:
         model.metrics.observe_image(image.score, image.p_value, image.verdict)
     return ScoreResponse(
@@ -76,16 +87,22 @@ async def score_request(
     )
 
 
+async def _cancel_on_disconnect(request: Request, scope: anyio.CancelScope) -> None:
+    """Cancel ``scope`` when the client goes away. The body has been read, so the next ASGI message is
+    the disconnect (or nothing, until this watcher is cancelled with the request's work)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    scope.cancel()
+
+
 async def _infer(model: LoadedModel, decoded: Decoded, settings: Settings) -> list[ImageResult]:
-    """The batcher's results, its failures mapped to the API's errors."""
+    """The batcher's results, its failures mapped to the API's errors. Cancelling this (deadline,
+    disconnect) withdraws the request's queued images: the batcher skips them."""
     try:
-        return await asyncio.wait_for(model.batcher.submit(decoded.inputs), settings.request_timeout_s)
+        return await model.batcher.submit(decoded.inputs)
     except QueueFullError as exc:
         headers = {"Retry-After": str(settings.retry_after_s)}
         raise ApiError(503, "queue_full", f"{model.name} is busy: {exc}", headers=headers) from None
-    except TimeoutError:
-        message = f"no result within {settings.request_timeout_s:g} s"
-        raise ApiError(504, "timeout", message) from None
     except BatchFailedError as exc:
         logger.error("inference failed for %s: %s", model.name, exc)
         raise ApiError(500, "inference_failed", f"inference failed for this batch: {exc}") from None
@@ -101,23 +118,6 @@ def _timings(started: float, decoded_at: float, results: list[ImageResult]) -> T
         inference_ms=1000 * max(r.inference_s for r in results),
         total_ms=1000 * (time.perf_counter() - started),
     )
-
-
-def decode_uploads(uploads: list[Upload], model: LoadedModel, max_pixels: int, overlay: bool) -> Decoded:
-    """Decode every upload or fail the request on the first bad one, naming it."""
-    pre = model.preprocessing
-    inputs = []
-    displays = [] if overlay else None
-    for i, upload in enumerate(uploads):
-        name = upload.filename or f"image {i}"
-        try:
-            pixels = decode_image(upload.data, max_pixels=max_pixels)
-        except ImageDecodeError as exc:
-            raise ApiError(400, exc.reason, f"{name}: {exc}", file=upload.filename) from None
-        inputs.append(prepare_pixels(pixels, pre))
-        if displays is not None:
-            displays.append(display_rgb(pixels, pre))
-    return Decoded(inputs, displays)
 
 
 def judge(

@@ -2,7 +2,8 @@
 
 Defaults favour a single line camera on a small CPU box: a lone image runs at once, and under load the
 images that queued while a batch ran form the next one (up to 16); at most 256 images may wait per
-model, and a request gives up after 10 s.
+model, and a request gives up after 10 s. The limits that protect the service from its clients (sizes,
+pixels, slow connections) are listed together in docs/security.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from mnemo.imaging import DEFAULT_MAX_PIXELS
 
 Backend = Literal["auto", "onnxruntime", "torchscript"]
+ReadyRequires = Literal["all", "any"]
 
 
 class Settings(BaseSettings):
@@ -50,16 +52,51 @@ class Settings(BaseSettings):
         256, ge=1, description="most images waiting per model; beyond it requests get 503 + Retry-After"
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a queue-full 503")
-    request_timeout_s: float = Field(10.0, gt=0, description="per-request limit for queue + inference (504)")
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="per-request limit for decoding + queue + inference, once the upload is in (504)",
+    )
     max_upload_bytes: int = Field(20 * 2**20, ge=1, description="largest request body accepted (413)")
     max_files: int = Field(16, ge=1, description="most images in one multipart request")
     max_image_pixels: int = Field(
         DEFAULT_MAX_PIXELS,
         ge=1,
-        description="largest decoded image (width × height); more is a bomb",
+        description="largest image (width × height as its header declares); more is a bomb (400 too_large)",
+    )
+    max_request_pixels: int = Field(
+        2 * DEFAULT_MAX_PIXELS,
+        ge=1,
+        description="most pixels one request's images declare together; more is refused before anything "
+        "is decoded (400 request_too_large)",
     )
     decode_concurrency: int = Field(
-        4, ge=1, description="images decoded at once; bounds decode memory (a 40 MP colour image is ~0.5 GB)"
+        4,
+        ge=1,
+        description="images decoded at once; large ones (over 4 MP) get at most this - 1 of the slots, so "
+        "small images always find one free",
+    )
+    max_header_bytes: int = Field(
+        32768,
+        ge=1024,
+        description="longest request line + headers; more is answered 431 and the connection closed",
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a request's headers must be complete this long after it starts (else 408)"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="longest silence while a request body is being received (else 408 and close)"
+    )
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="idle kept-alive connections close after this")
+    shutdown_timeout_s: float = Field(
+        5.0,
+        ge=0,
+        description="on SIGTERM/SIGINT, longest wait for running requests before they are cancelled",
+    )
+    ready_requires: ReadyRequires = Field(
+        "all",
+        description="when /readyz answers 200: all = every bundle in the model directory is served, "
+        "any = at least one is",
     )
     heatmap_grid_size: int = Field(32, ge=1, le=256, description="side of the float-grid heatmap format")
     api_key: SecretStr | None = Field(

@@ -1,7 +1,8 @@
 """The images of a score request: the file parts of a multipart body, or one raw ``image/*`` body.
 
 Starlette reports multipart limits and syntax errors as ``HTTPException``; here they become the service's
-own error codes (``too_many_files``, ``bad_multipart``), so clients branch on one JSON shape.
+own error codes (``too_many_files``, ``bad_multipart``), so clients branch on one JSON shape. A client
+that disconnects mid-upload (or is cut off by the server's body timeout) becomes ``client_closed`` (499).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from mnemo.service.errors import ApiError
 
@@ -24,15 +25,18 @@ class Upload:
 async def read_uploads(request: Request, max_files: int) -> list[Upload]:
     """Every image of the request, in order; at most ``max_files`` file parts."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media.startswith("image/"):
-        return [Upload(None, await request.body())]
-    if media != "multipart/form-data":
+    if not (media.startswith("image/") or media == "multipart/form-data"):
         raise ApiError(
             415,
             "unsupported_media_type",
             f"got {media or 'no content type'}; send multipart/form-data or image/*",
         )
-    return await _read_multipart(request, max_files)
+    try:
+        if media.startswith("image/"):
+            return [Upload(None, await request.body())]
+        return await _read_multipart(request, max_files)
+    except ClientDisconnect:
+        raise ApiError(499, "client_closed", "the client disconnected during the upload") from None
 
 
 async def _read_multipart(request: Request, max_files: int) -> list[Upload]:

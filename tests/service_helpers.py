@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from mnemo import models
 from mnemo.imaging import Preprocessing
 from mnemo.service.app import create_app
+from mnemo.service.server import server_config
 from mnemo.service.settings import Settings
 from mnemo.training.calibration import calibrate
 from mnemo.training.export import export_bundle
@@ -84,18 +85,21 @@ def free_socket() -> socket.socket:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, app: FastAPI | None = None, timeout_s: float = 20.0) -> Iterator[str]:
-    """Serve ``app`` (default ``create_app(settings)``) with uvicorn on an ephemeral loopback port until
-    it is ready; yields the base URL."""
+def running_server(
+    settings: Settings, app: FastAPI | None = None, timeout_s: float = 20.0, ready: bool = True
+) -> Iterator[str]:
+    """Serve ``app`` (default ``create_app(settings)``) with uvicorn, configured as ``mnemo serve`` does
+    it (``server_config``: the guarded protocol and its limits), on an ephemeral loopback port until it is
+    ready (``ready=False``: until its start-up load has finished, ready or not); yields the base URL."""
     app = app or create_app(settings)
     sock = free_socket()
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn.Server(server_config(settings, app, log_level="warning", lifespan="on"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         deadline = time.monotonic() + timeout_s
-        while not (server.started and _ready(url)):
+        while not (server.started and (_ready(url) if ready else app.state.store.started)):
             if time.monotonic() > deadline or not thread.is_alive():
                 raise RuntimeError("the test server did not become ready")
             time.sleep(0.02)

@@ -130,7 +130,7 @@ def test_model_listing_reports_manifest_facts(server, bundle_dir):
 def test_health_readiness_and_openapi(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz").json()
-    assert ready == {"ready": True, "models": ["color", "gray"], "failed": {}}
+    assert ready == {"ready": True, "requires": "all", "models": ["color", "gray"], "failed": {}}
     spec = httpx.get(f"{server}/openapi.json").json()
     operation = spec["paths"]["/v1/models/{name}:score"]["post"]
     assert {"multipart/form-data", "image/*"} <= set(operation["requestBody"]["content"])

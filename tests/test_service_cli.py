@@ -40,21 +40,26 @@ def test_serve_help_explains_every_flag():
     assert "MNEMO_API_KEY" in out and len(FLAGS) >= 10
 
 
-def test_mnemo_serve_scores_on_onnx_without_importing_torch(bundle_dir):
+def start_serving(*args: str) -> tuple[subprocess.Popen, str]:
+    """``mnemo serve ARGS`` on a free loopback port, once it is ready: (process, base URL)."""
     port = free_port()
-    command = [sys.executable, "-c", WRAPPER, "serve", "--model-dir", str(bundle_dir), "--port", str(port)]
+    command = [sys.executable, "-c", WRAPPER, "serve", *args, "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.poll() is None and time.monotonic() < deadline, "mnemo serve did not get ready"
+        try:
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+
+
+def test_mnemo_serve_scores_on_onnx_without_importing_torch(bundle_dir):
+    process, url = start_serving("--model-dir", str(bundle_dir))
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            assert process.poll() is None and time.monotonic() < deadline, "mnemo serve did not get ready"
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
         image = png_bytes(smooth_images(1, 1, 28)[0])
         response = httpx.post(
             f"{url}/v1/models/gray:score", content=image, headers={"content-type": "image/png"}
@@ -65,3 +70,24 @@ def test_mnemo_serve_scores_on_onnx_without_importing_torch(bundle_dir):
         process.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown
         output, _ = process.communicate(timeout=20)
     assert "TORCH_IMPORTED False" in output, output
+
+
+def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_timeout(bundle_dir):
+    # A body timeout far beyond the test: only the bounded graceful shutdown can end the stalled upload.
+    process, url = start_serving(
+        "--model-dir", str(bundle_dir), "--shutdown-timeout", "1", "--body-timeout", "60"
+    )
+    try:
+        with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1]))) as stalled:
+            head = "POST /v1/models/gray:score HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\n"
+            stalled.sendall(f"{head}Content-Length: 100000\r\n\r\n".encode() + b"\x89PNG")
+            time.sleep(0.3)  # the request is in the app, waiting for the rest of its body
+            start = time.monotonic()
+            process.send_signal(signal.SIGTERM)  # what `docker stop` sends
+            output, _ = process.communicate(timeout=15)
+            stopped_s = time.monotonic() - start
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert stopped_s < 4.0, output  # 1 s for the upload, then the lifespan shutdown; was: never
+    assert "timeout graceful shutdown exceeded" in output

@@ -1,0 +1,179 @@
+"""The uvicorn server that ``mnemo serve`` runs, with the connection limits an ASGI app cannot enforce.
+
+uvicorn's httptools protocol parses request headers of any size (a 100 MB header is read, and stalls the
+event loop while it is) and has no timer before a request's headers are complete or between body
+chunks, so a client that sends part of a request and goes silent holds its connection for ever.
+``GuardedHttpToolsProtocol`` adds, per connection:
+
+* ``max_header_bytes``: the request line and headers together; a longer head is answered 431 and the
+  connection closed, and the excess never reaches the parser;
+* ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
+  connection, to the end of the headers; a late head is answered 408 and the connection closed;
+* ``body_timeout_s``: the longest silence while a request body is expected; then the connection is closed
+  and the app sees a disconnect. Time in which the server itself holds the body back (flow control, or a
+  ``100-continue`` the app has not asked for yet) does not count.
+
+Idle kept-alive connections close after ``keep_alive_timeout_s`` (uvicorn's ``timeout_keep_alive``), and
+on SIGTERM/SIGINT whatever still runs after ``shutdown_timeout_s`` is cancelled (uvicorn's
+``timeout_graceful_shutdown``). ``server_config`` builds the ``uvicorn.Config`` with all of it; the tests
+serve through it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from mnemo.service.settings import Settings
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with header size, header time and body silence limits."""
+
+    max_header_bytes: ClassVar[int] = 32768
+    header_timeout_s: ClassVar[float] = 10.0
+    body_timeout_s: ClassVar[float] = 10.0
+    on_refuse: ClassVar[Callable[[str], None] | None] = None  # counts refusals by error code
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._in_head = True  # the next bytes belong to a request line or headers
+        self._head_bytes = 0
+        self._in_body = False
+        self._last_data = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------------------- transport events
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm(self.header_timeout_s)  # a connection that never sends a byte is timed too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            if self._timer is None:  # first byte of a later request on a kept-alive connection
+                self._arm(self.header_timeout_s)
+            room = self.max_header_bytes - self._head_bytes
+            if len(data) > room:
+                self._head_bytes = self.max_header_bytes
+                if room > 0:
+                    super().data_received(data[:room])
+                if self.transport.is_closing():
+                    return
+                if self._in_head:  # the head did not end within the limit
+                    self._refuse(
+                        431,
+                        "headers_too_large",
+                        f"request line and headers exceed {self.max_header_bytes} bytes",
+                    )
+                    return
+                self.data_received(
+                    data[room:]
+                )  # the head ended in time: the rest is body or the next request
+                return
+            self._head_bytes += len(data)
+        else:
+            self._last_data = self.loop.time()
+        super().data_received(data)
+
+    # ------------------------------------------------------------------------------- parser callbacks
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._in_head, self._in_body = False, True
+        self._last_data = self.loop.time()
+        self._disarm()
+        self._arm(self.body_timeout_s)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._in_head, self._head_bytes, self._in_body = True, 0, False
+        self._disarm()  # re-armed by the next request's first byte; uvicorn times the idle gap
+
+    # ------------------------------------------------------------------------------------------ timers
+
+    def _arm(self, delay: float) -> None:
+        self._disarm()
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._in_head:
+            self._refuse(
+                408, "header_timeout", f"request headers not complete within {self.header_timeout_s:g} s"
+            )
+            return
+        if not self._in_body:
+            return
+        now = self.loop.time()
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            self._last_data = now  # the server holds the body back, not the client
+        silence = now - self._last_data
+        if silence < self.body_timeout_s:
+            self._arm(self.body_timeout_s - silence)
+            return
+        self._refuse(408, "body_timeout", f"no request body data for {self.body_timeout_s:g} s")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        """Answer ``status`` with the service's JSON error shape (unless a response is already under way)
+        and close the connection."""
+        if self.on_refuse is not None:
+            self.on_refuse(code)
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete or not cycle.response_started:
+            body = json.dumps({"error": {"code": code, "message": message}}).encode()
+            head = (
+                f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode("latin-1") + body)
+        self.transport.close()
+
+
+def guarded_protocol(settings: Settings, on_refuse: Callable[[str], None] | None = None) -> type:
+    """A ``GuardedHttpToolsProtocol`` subclass carrying these settings' limits (uvicorn makes one
+    protocol instance per connection from the class)."""
+    return type(
+        "MnemoHttpProtocol",
+        (GuardedHttpToolsProtocol,),
+        {
+            "max_header_bytes": settings.max_header_bytes,
+            "header_timeout_s": settings.header_timeout_s,
+            "body_timeout_s": settings.body_timeout_s,
+            "on_refuse": staticmethod(on_refuse) if on_refuse is not None else None,
+        },
+    )
+
+
+def server_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Config:
+    """The ``uvicorn.Config`` for ``app`` under ``settings``: address, log level, the guarded protocol,
+    keep-alive and graceful-shutdown timeouts. ``overrides`` go to ``uvicorn.Config`` as they are."""
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    on_refuse = (lambda code: metrics.errors.labels(code).inc()) if metrics is not None else None
+    options: dict[str, Any] = dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        http=guarded_protocol(settings, on_refuse),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
+    )
+    return uvicorn.Config(app, **{**options, **overrides})

@@ -1,0 +1,399 @@
+"""Issue 13, the service under hostile clients: every attack runs against a real uvicorn server (configured
+as ``mnemo serve`` configures it), and where it matters a normal client is served while it runs."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from mnemo.bundle import ONNX_FILE
+from mnemo.service.metrics import ServiceMetrics
+from mnemo.service.model_store import ModelStore
+from tests.image_bytes import encode, png_bytes, png_of_zero_rows
+from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
+
+pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
+
+SMALL = png_bytes(smooth_images(1, 1, 28, seed=4)[0])
+RGB = smooth_images(1, 3, 120, seed=5)[0]
+RAW = {"content-type": "image/png"}
+
+
+@pytest.fixture(scope="module")
+def big_png() -> bytes:
+    """A complete 6000×3333 RGB PNG of zero rows: 20 MP in 60 KB, a decompression bomb's honest cousin
+    (four of them just fit the default 80 MP a request)."""
+    return png_of_zero_rows(6000, 3333)
+
+
+def post_files(url: str, *images: bytes, model: str = "gray", timeout: float = 30) -> httpx.Response:
+    files = [("files", (f"f{i}.png", data, "image/png")) for i, data in enumerate(images)]
+    return httpx.post(f"{url}/v1/models/{model}:score", files=files, timeout=timeout)
+
+
+def small_request_seconds(url: str) -> float:
+    """One normal request's latency; it must succeed."""
+    start = time.perf_counter()
+    response = httpx.post(f"{url}/v1/models/gray:score", content=SMALL, headers=RAW, timeout=60)
+    assert response.status_code == 200, response.text
+    return time.perf_counter() - start
+
+
+def while_running(attacks: list[Callable[[], None]], url: str) -> tuple[list[float], float]:
+    """Run the attacks in threads and time normal requests until they are done: (latencies, attack s)."""
+    threads = [threading.Thread(target=attack) for attack in attacks]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    latencies = []
+    while any(thread.is_alive() for thread in threads) or not latencies:
+        latencies.append(small_request_seconds(url))
+        time.sleep(0.02)
+    for thread in threads:
+        thread.join()
+    return latencies, time.perf_counter() - start
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+@contextmanager
+def raw(url: str) -> Iterator[socket.socket]:
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        yield sock
+
+
+def read_until_closed(sock: socket.socket, timeout_s: float) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when that was."""
+    start, chunks = time.perf_counter(), []
+    sock.settimeout(timeout_s)
+    try:
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    except ConnectionResetError:
+        pass
+    return b"".join(chunks), time.perf_counter() - start
+
+
+def score_request_head(content_length: int, model: str = "gray") -> bytes:
+    return (
+        f"POST /v1/models/{model}:score HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+        f"Content-Length: {content_length}\r\n\r\n"
+    ).encode()
+
+
+# ------------------------------------------------------------------------------ D1: decode amplification
+
+
+def test_the_126_byte_file_declaring_40_megapixels_costs_nothing(server):
+    tiny = png_of_zero_rows(8000, 5000, rows=2)  # the issue's file: two rows of data, 126 bytes
+    assert len(tiny) == 126
+    start = time.perf_counter()
+    assert error_of(httpx.post(f"{server}/v1/models/color:score", content=tiny, headers=RAW), 400)[
+        "code"
+    ] == ("truncated")
+    sixteen = error_of(post_files(server, *[tiny] * 16, model="color"), 400)  # 640 MP declared in 2 KB
+    assert sixteen["code"] == "request_too_large" and "80,000,000" in sixteen["message"]
+    assert time.perf_counter() - start < 1.0  # was 4.7 s per copy, 18 s and 1.3 GB for sixteen
+
+
+def test_a_request_declaring_too_many_pixels_is_refused_before_decoding(server, big_png):
+    start = time.perf_counter()
+    error = error_of(post_files(server, *[big_png] * 5), 400)  # 5 × 20 MP > 80 MP
+    assert error["code"] == "request_too_large" and "file" not in error
+    assert time.perf_counter() - start < 1.0
+    metrics = httpx.get(f"{server}/metrics").text
+    assert metric_value(metrics, "mnemo_errors_total", kind="request_too_large") >= 1
+
+
+def test_huge_images_decode_at_model_size_while_small_clients_keep_being_served(server, big_png):
+    outcomes: list[httpx.Response] = []
+
+    def attacker() -> None:
+        outcomes.append(post_files(server, big_png, big_png, model="color", timeout=60))
+
+    latencies, attack_s = while_running([attacker] * 3, server)
+    assert [r.status_code for r in outcomes] == [200] * 3, [r.text for r in outcomes]
+    assert all(np.isfinite(res["score"]) for r in outcomes for res in r.json()["results"])
+    assert attack_s < 20  # six 20 MP decodes: about a second here, was ~10 s per image as floats
+    assert max(latencies) < 1.0, latencies  # one CPU slot stays free for small images (was: 33 s)
+
+
+def test_decoding_counts_against_the_request_timeout(bundle_dir, big_png):
+    with running_server(make_settings(bundle_dir, request_timeout_s=0.25)) as url:
+        start = time.perf_counter()
+        error = error_of(post_files(url, *[big_png] * 4, model="color"), 504)
+        assert error["code"] == "timeout" and "decoding" in error["message"]
+        assert time.perf_counter() - start < 3.0  # cut off after the image being decoded, not all four
+        assert small_request_seconds(url) < 1.0
+
+
+# --------------------------------------------------------------------------- D2: missing pixel data
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        png_of_zero_rows(8000, 5000, rows=20, colour=0),  # the issue's 235-byte kind: 20 rows of 5000
+        png_of_zero_rows(300, 200, rows=199),
+        encode(Image.fromarray(RGB), "JPEG")[:1000],
+        encode(Image.fromarray(RGB), "GIF")[:2000],
+        encode(Image.fromarray(RGB), "TIFF")[:20000],
+        encode(Image.fromarray(RGB), "BMP")[:20000],
+        encode(Image.fromarray(RGB), "WEBP")[:400],
+    ],
+    ids=["png-20-rows", "png-one-row-short", "jpeg", "gif", "tiff", "bmp", "webp"],
+)
+def test_images_with_missing_pixel_data_are_400_truncated(server, data):
+    assert error_of(httpx.post(f"{server}/v1/models/color:score", content=data, headers=RAW), 400)[
+        "code"
+    ] == ("truncated")
+    named = error_of(post_files(server, SMALL, data), 400)
+    assert named["code"] == "truncated" and named["file"] == "f1.png"
+
+
+# --------------------------------------------------------------------------------------- D6: readiness
+
+
+@pytest.fixture
+def one_bundle_broken(bundle_dir, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(bundle_dir, root)
+    shutil.copytree(root / "gray", root / "broken")
+    (root / "broken" / ONNX_FILE).write_bytes(b"corrupted on disk")
+    return root
+
+
+def test_readyz_needs_every_bundle_by_default_and_models_lists_the_failures(one_bundle_broken):
+    with running_server(make_settings(one_bundle_broken), ready=False) as url:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503
+        body = ready.json()
+        assert body["ready"] is False and body["requires"] == "all" and body["models"] == ["color", "gray"]
+        assert [path.rsplit("/", 1)[-1] for path in body["failed"]] == ["broken"]
+        listing = httpx.get(f"{url}/v1/models").json()
+        assert [m["name"] for m in listing["models"]] == ["color", "gray"]
+        [(path, reason)] = listing["failed"].items()
+        assert path.endswith("broken") and "model.onnx is corrupt" in reason
+        assert httpx.post(f"{url}/v1/models/gray:score", content=SMALL, headers=RAW).status_code == 200
+        assert metric_value(httpx.get(f"{url}/metrics").text, "mnemo_ready") == 0
+    with running_server(make_settings(one_bundle_broken, ready_requires="any")) as url:
+        body = httpx.get(f"{url}/readyz").json()
+        assert body["ready"] is True and body["requires"] == "any" and len(body["failed"]) == 1
+
+
+def test_a_failed_reload_that_keeps_the_old_version_stays_ready(bundle_dir, tmp_path):
+    root = tmp_path / "models"
+    shutil.copytree(bundle_dir, root)
+    store = ModelStore(make_settings(root), ServiceMetrics())
+
+    async def steps() -> tuple[bool, bool, bool]:
+        await store.load_at_start()
+        before = store.ready
+        (root / "gray" / ONNX_FILE).write_bytes(b"broken")
+        await store.reload()  # gray fails, its old version keeps serving: every bundle is still served
+        kept = store.ready
+        shutil.copytree(root / "color", root / "extra")
+        (root / "extra" / ONNX_FILE).write_bytes(b"broken")
+        await store.reload()  # a bundle that never loaded: not every bundle is served
+        after = store.ready
+        await store.close()
+        return before, kept, after
+
+    assert asyncio.run(steps()) == (True, True, False)
+
+
+# ----------------------------------------------------------------------------- D3: request-header size
+
+
+def test_oversized_headers_get_431_at_once_and_the_loop_keeps_serving(server):
+    def flood(sock: socket.socket) -> None:
+        head = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: "
+        try:
+            sock.sendall(head)
+            for _ in range(100):  # up to 100 MB, as in the issue; the server stops reading after 32 KB
+                sock.sendall(b"a" * (1 << 20))
+        except OSError:
+            pass  # the server closed the connection: what we want
+
+    with raw(server) as sock:
+        sender = threading.Thread(target=flood, args=(sock,), daemon=True)
+        sender.start()
+        answer, seconds = read_until_closed(sock, timeout_s=10)
+        assert seconds < 2.0
+        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]  # or reset before it
+        assert small_request_seconds(server) < 1.0
+        sender.join(timeout=10)
+    counted = metric_value(
+        httpx.get(f"{server}/metrics").text, "mnemo_errors_total", kind="headers_too_large"
+    )
+    assert counted >= 1
+    fine = httpx.get(f"{server}/healthz", headers={"X-Filler": "a" * 20_000})  # under the 32 KiB limit
+    assert fine.status_code == 200
+
+
+def test_an_oversized_header_that_arrives_whole_is_answered_431(server):
+    with raw(server) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: " + b"a" * 40_000 + b"\r\n\r\n")
+        answer, _ = read_until_closed(sock, timeout_s=5)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+    assert b'"code": "headers_too_large"' in answer
+
+
+# -------------------------------------------------------------------------------- D4: slow clients
+
+
+@pytest.fixture(scope="module")
+def impatient(bundle_dir) -> Iterator[str]:
+    settings = make_settings(bundle_dir, header_timeout_s=0.5, body_timeout_s=0.5, keep_alive_timeout_s=0.5)
+    with running_server(settings) as url:
+        yield url
+
+
+def test_slow_clients_are_cut_off_while_others_are_served(impatient):
+    outcomes: dict[str, tuple[bytes, float]] = {}
+
+    def silent() -> None:  # connects and sends nothing
+        with raw(impatient) as sock:
+            outcomes["silent"] = read_until_closed(sock, 10)
+
+    def partial_head() -> None:  # half the headers, then silence
+        with raw(impatient) as sock:
+            sock.sendall(b"POST /v1/models/gray:score HTTP/1.1\r\nHost: test\r\n")
+            outcomes["partial_head"] = read_until_closed(sock, 10)
+
+    def dribble() -> None:  # one header byte every 50 ms: never silent, never done
+        with raw(impatient) as sock:
+            start = time.perf_counter()
+            try:
+                for byte in b"GET /healthz HTTP/1.1\r\nX-Slow: " + b"a" * 200:
+                    sock.sendall(bytes([byte]))
+                    time.sleep(0.05)
+            except OSError:
+                pass
+            answer, _ = read_until_closed(sock, 10)
+            outcomes["dribble"] = answer, time.perf_counter() - start
+
+    def stalled_body() -> None:  # complete headers, 10 of 1000 body bytes, then silence
+        with raw(impatient) as sock:
+            sock.sendall(score_request_head(1000) + SMALL[:10])
+            outcomes["stalled_body"] = read_until_closed(sock, 10)
+
+    latencies, _ = while_running([silent, partial_head, dribble, stalled_body], impatient)
+    assert max(latencies) < 1.0
+    for name in ("silent", "partial_head", "dribble"):
+        answer, seconds = outcomes[name]
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"header_timeout" in answer, (name, answer)
+        assert seconds < 2.0, (name, seconds)  # 0.5 s limit; was: open for at least 60 s
+    answer, seconds = outcomes["stalled_body"]
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"body_timeout" in answer and seconds < 2.0
+    metrics = httpx.get(f"{impatient}/metrics").text
+    assert metric_value(metrics, "mnemo_errors_total", kind="header_timeout") >= 3
+    assert metric_value(metrics, "mnemo_errors_total", kind="body_timeout") >= 1
+    # the app saw the stalled upload end as a disconnect: counted, never scored
+    assert metric_value(metrics, "mnemo_requests_total", model="gray", status="499") >= 1
+
+
+def test_an_idle_kept_alive_connection_is_closed(impatient):
+    with raw(impatient) as sock:
+        sock.sendall(score_request_head(len(SMALL)) + SMALL)
+        answer, seconds = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 200 ") and seconds < 2.0  # kept alive for 0.5 s, then closed
+
+
+def test_a_slow_but_steady_upload_is_not_cut_off(impatient):
+    with raw(impatient) as sock:
+        sock.sendall(score_request_head(len(SMALL)))
+        for start in range(0, len(SMALL), len(SMALL) // 4 + 1):  # four pieces 0.3 s apart: 0.9 s in all
+            time.sleep(0.3)
+            sock.sendall(SMALL[start : start + len(SMALL) // 4 + 1])
+        answer, _ = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+# ------------------------------------------------------------------- D7-D9: OpenAPI and method routing
+
+
+def test_openapi_declares_api_key_security_only_when_a_key_is_set(server, bundle_dir):
+    def security_of(spec: dict) -> tuple[set, set]:
+        secured, with_401 = set(), set()
+        for path, operations in spec["paths"].items():
+            for method, operation in operations.items():
+                if operation.get("security"):
+                    secured.add((path, method))
+                if "401" in operation["responses"]:
+                    with_401.add((path, method))
+        return secured, with_401
+
+    open_spec = httpx.get(f"{server}/openapi.json").json()
+    assert "securitySchemes" not in open_spec.get("components", {})
+    assert security_of(open_spec) == (set(), set())
+    with running_server(make_settings(bundle_dir, api_key="k", api_key_header="X-Key")) as url:
+        keyed = httpx.get(f"{url}/openapi.json").json()
+    schemes = keyed["components"]["securitySchemes"]
+    assert [(s["type"], s["in"], s["name"]) for s in schemes.values()] == [("apiKey", "header", "X-Key")]
+    v1 = {(path, method) for path, ops in keyed["paths"].items() if path.startswith("/v1") for method in ops}
+    assert security_of(keyed) == (v1, v1) and len(v1) == 4
+
+
+def test_the_score_request_schema_requires_a_file(server):
+    spec = httpx.get(f"{server}/openapi.json").json()
+    body = spec["paths"]["/v1/models/{name}:score"]["post"]["requestBody"]
+    multipart = body["content"]["multipart/form-data"]["schema"]
+    assert multipart["required"] == ["files"] and multipart["properties"]["files"]["minItems"] == 1
+
+
+@pytest.mark.parametrize("method", ["GET", "OPTIONS", "PUT", "DELETE"])
+def test_other_methods_on_the_score_path_are_405_allow_post(server, method):
+    response = httpx.request(method, f"{server}/v1/models/gray:score")
+    assert error_of(response, 405)["code"] == "method_not_allowed"
+    assert response.headers["allow"] == "POST"
+
+
+def test_model_paths_still_route_as_before(server):
+    assert httpx.get(f"{server}/v1/models/gray").json()["name"] == "gray"
+    assert error_of(httpx.get(f"{server}/v1/models/gray:other"), 404)["code"] == "not_found"
+    assert error_of(httpx.get(f"{server}/v1/models/nope"), 404)["code"] == "unknown_model"
+
+
+# ------------------------------------------------------------------------------ D10: clients that left
+
+
+def test_a_request_whose_client_left_is_withdrawn_and_counted_499(bundle_dir):
+    # A lone image waits 0.8 s for batch mates: time enough to hang up while it is queued.
+    with running_server(make_settings(bundle_dir, max_wait_ms=800, max_batch_size=16)) as url:
+
+        def gray(name: str, **labels: str) -> float:
+            return metric_value(httpx.get(f"{url}/metrics").text, name, model="gray", **labels)
+
+        with raw(url) as sock:
+            sock.sendall(score_request_head(len(SMALL)) + SMALL)
+            deadline = time.monotonic() + 5
+            while gray("mnemo_queue_depth") < 1:
+                assert time.monotonic() < deadline, "the request never queued"
+                time.sleep(0.01)
+        deadline = time.monotonic() + 5
+        while gray("mnemo_requests_total", status="499") < 1:
+            assert time.monotonic() < deadline, "the hang-up was not noticed"
+            time.sleep(0.01)
+        while gray("mnemo_queue_depth") > 0:  # the collector took the withdrawn image out of the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert gray("mnemo_batch_size_count") == 0 and gray("mnemo_images_scored_total") == 0  # never run
+        assert gray("mnemo_requests_total", status="200") == 0
+        assert small_request_seconds(url) < 2.0
+        assert gray("mnemo_requests_total", status="200") == 1
