@@ -258,6 +258,7 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
 # Adam7 passes: (first column, first row, column step, row step).
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
+_PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
 
 
 def png_rows_missing(data: bytes) -> bool:
@@ -267,15 +268,13 @@ def png_rows_missing(data: bytes) -> bool:
     the rest zero. Counting costs one inflate pass, in 1 MiB pieces that are dropped at once, and stops
     as soon as every row is there. A file this cannot parse is left to Pillow (False).
     """
-    view = memoryview(data)
-    pos, header, parts = 8, None, []
-    while pos + 8 <= len(view):
-        length, kind = struct.unpack(">I4s", view[pos : pos + 8])
-        body = view[pos + 8 : pos + 8 + length]
-        if kind == b"IHDR" and len(body) >= 13:
-            header = struct.unpack(">IIBBBBB", body[:13])
-        elif kind == b"IDAT":
-            parts.append(body)
+    pos, end, header, parts = 8, len(data), None, []
+    while pos + 8 <= end:
+        length, kind = _PNG_CHUNK.unpack_from(data, pos)
+        if kind == b"IDAT":
+            parts.append(memoryview(data)[pos + 8 : pos + 8 + length])
+        elif kind == b"IHDR" and length >= 13 and pos + 21 <= end:
+            header = _PNG_IHDR.unpack_from(data, pos + 8)
         elif kind == b"IEND":
             break
         pos += 12 + length

@@ -9,12 +9,13 @@ always left to small images and one client's huge frames cannot stall everyone's
 
 Decoding goes straight to the model's size (``mnemo.imaging.decode_for_model``): memory and time follow
 the model, not the file. After a large image, freed memory is handed back to the system (glibc keeps it
-otherwise), so resident memory returns near its baseline after a burst. The caller runs all of it under
-the request's deadline: waiting for a slot is cancelled at once, a running decode at its end.
+otherwise), so resident memory returns near its baseline after a burst. ``Decoding`` runs the two steps;
+the caller puts the second under the request's deadline (see its docstring).
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 from collections.abc import Callable
@@ -69,26 +70,67 @@ class PixelLimits:
     request: int  # most pixels a request's images may declare together
 
 
-async def decode_uploads(
-    uploads: list[Upload], pre: Preprocessing, limits: PixelLimits, slots: CpuSlots, overlay: bool
-) -> Decoded:
-    """Every upload as model input (and display crop for overlays), in upload order; the first bad one
-    fails the request with a 400 that names it."""
-    opened: list[OpenImage] = []
-    done: list[Pixels | None] = []
-    try:
-        first = partial(_open_and_decode_small, uploads, pre, limits, overlay, opened, done)
+class Decoding:
+    """One request's images on their way to model input, in two steps.
+
+    ``start`` reads every header, checks the pixel limits and decodes the small images, in one worker
+    thread call that is not interrupted (its cost is bounded: small images only). ``finish`` decodes the
+    large images one at a time, each once a large-image slot is free; it may be cancelled at any await
+    (the request's deadline, its client leaving), and a decode already running then keeps both its slots
+    until it returns, so the slots always bound the threads at work. ``close`` drops what is left.
+    """
+
+    def __init__(self, uploads: list[Upload], pre: Preprocessing, overlay: bool) -> None:
+        self.uploads, self.pre, self.overlay = uploads, pre, overlay
+        self.opened: list[OpenImage] = []
+        self.done: list[Pixels | None] = []
+
+    async def start(self, limits: PixelLimits, slots: CpuSlots) -> None:
+        first = partial(
+            _open_and_decode_small, self.uploads, self.pre, limits, self.overlay, self.opened, self.done
+        )
         await anyio.to_thread.run_sync(first, limiter=slots.any)
-        for i, image in enumerate(opened):
-            if done[i] is None:
-                async with slots.large:
-                    large = partial(_decode_large, uploads[i], i, image, pre, overlay)
-                    done[i] = await anyio.to_thread.run_sync(large, limiter=slots.any)
-    finally:
-        for image in opened:
+
+    async def finish(self, slots: CpuSlots) -> Decoded:
+        """Every upload as model input (and display crop for overlays), in upload order."""
+        for i, image in enumerate(self.opened):
+            if self.done[i] is None:
+                decode = partial(_decode_large, self.uploads[i], i, image, self.pre, self.overlay)
+                self.done[i] = await _large_in_thread(decode, slots)
+        self.close()
+        inputs = [item[0] for item in self.done]
+        return Decoded(inputs, [item[1] for item in self.done] if self.overlay else None)
+
+    def close(self) -> None:
+        for image in self.opened:
             image.close()
-    inputs = [item[0] for item in done]
-    return Decoded(inputs, [item[1] for item in done] if overlay else None)
+
+
+async def _large_in_thread(decode: Callable[[], Pixels], slots: CpuSlots) -> Pixels:
+    """``decode()`` in a worker thread holding a large-image slot and a CPU slot. Cancelled while waiting
+    for the slots, it gives up; cancelled while decoding, it returns at once and the decode finishes in
+    the background, still holding its slots (native cancellation would release them early)."""
+    running = False
+
+    async def job() -> Pixels:
+        nonlocal running
+        async with slots.large:
+            running = True
+            return await anyio.to_thread.run_sync(decode, limiter=slots.any)
+
+    task = asyncio.ensure_future(job())
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        if not running:
+            task.cancel()
+        task.add_done_callback(_retrieve)  # nobody waits for its result or error any more
+        raise
+
+
+def _retrieve(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _open_and_decode_small(

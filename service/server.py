@@ -61,8 +61,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
-            if self._timer is None:  # first byte of a later request on a kept-alive connection
-                self._arm(self.header_timeout_s)
             room = self.max_header_bytes - self._head_bytes
             if len(data) > room:
                 self._head_bytes = self.max_header_bytes
@@ -71,11 +69,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 if self.transport.is_closing():
                     return
                 if self._in_head:  # the head did not end within the limit
-                    self._refuse(
-                        431,
-                        "headers_too_large",
-                        f"request line and headers exceed {self.max_header_bytes} bytes",
-                    )
+                    message = f"request line and headers exceed {self.max_header_bytes} bytes"
+                    self._refuse(431, "headers_too_large", message)
                     return
                 self.data_received(
                     data[room:]
@@ -85,6 +80,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             self._last_data = self.loop.time()
         super().data_received(data)
+        # Timers only for what is still incomplete once this chunk is parsed: a request that arrives whole
+        # (the usual case) costs no timer at all.
+        if self._timer is None and not self.transport.is_closing():
+            if self._in_body:
+                self._arm(self.body_timeout_s)
+            elif (
+                self._in_head and self._head_bytes
+            ):  # a later request's head, begun on a kept-alive connection
+                self._arm(self.header_timeout_s)
 
     # ------------------------------------------------------------------------------- parser callbacks
 
@@ -93,12 +97,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head, self._in_body = False, True
         self._last_data = self.loop.time()
         self._disarm()
-        self._arm(self.body_timeout_s)
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes, self._in_body = True, 0, False
-        self._disarm()  # re-armed by the next request's first byte; uvicorn times the idle gap
+        self._disarm()  # the next request's first bytes arm it again; uvicorn times the idle gap
 
     # ------------------------------------------------------------------------------------------ timers
 
