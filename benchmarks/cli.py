@@ -1,4 +1,4 @@
-"""``mnemo bench accuracy`` / ``mnemo bench serve``: argparse only; the work is imported when it runs."""
+"""``mnemo bench accuracy`` / ``serve`` / ``decode``: argparse only; the work is imported when it runs."""
 
 from __future__ import annotations
 
@@ -13,11 +13,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmarks: the papers' accuracy tables, serving speed against raw ONNX Runtime",
         description="Benchmarks. `accuracy` reproduces the papers' ROCO / one-class tables with the real "
-        "training pipeline; `serve` load-tests a real `mnemo serve` against raw ONNX Runtime.",
+        "training pipeline; `serve` load-tests a real `mnemo serve` against raw ONNX Runtime; `decode` "
+        "measures what decoding one large image costs.",
     )
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
     _accuracy(sub)
     _serve(sub)
+    _decode(sub)
 
 
 def _ints(text: str) -> list[int]:
@@ -251,4 +253,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         spinning=args.spinning,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
+    return 0
+
+
+def _decode(sub) -> None:
+    p = sub.add_parser(
+        "decode",
+        help="decode time and peak memory per image, before and after issue 13, and a burst on a real server",
+        description="Decode a 40 MP PNG, a 40 MP JPEG, the 126-byte PNG declaring 40 MP and a complete 40 MP "
+        "PNG of zero rows to a 256 px model input, the old way (full size as floats) and the new way "
+        "(decoded to the model's size), each in a fresh interpreter: median seconds and peak resident "
+        "memory. Then bursts against a real `mnemo serve` (bundles/brick) with a small client probing. "
+        "Writes decode.json and decode.md (benchmarks/decode.py).",
+    )
+    p.add_argument("--results", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.add_argument(
+        "--work", default="runs/bench-decode", help="where the input files go (default runs/bench-decode)"
+    )
+    p.add_argument(
+        "--repeats", type=int, default=3, help="decodes per file and path; the median is kept (default 3)"
+    )
+    p.add_argument("--no-service", action="store_true", help="skip the bursts against a real server")
+    p.set_defaults(func=cmd_decode)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    from mnemo.benchmarks import decode
+
+    decode.run(Path(args.results), Path(args.work), repeats=args.repeats, service=not args.no_service)
+    print(f"results: {Path(args.results) / 'decode.json'} and decode.md")
     return 0
