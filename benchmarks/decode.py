@@ -6,8 +6,9 @@ Part 1, per file and path, each in a fresh interpreter so its peak resident memo
 * ``before``: the request path as it was — Pillow decodes the whole image, it becomes float32 at full
   size, and is resized as floats (``image_to_pixels`` + ``prepare_pixels``), with no check for missing
   rows;
-* ``after``: the request path now — header first, ``decode_for_model`` (JPEG DCT scaling, Pillow's
-  ``reduce``/``resize`` in 8 bits, missing rows refused), then ``prepare_pixels`` at model size.
+* ``after``: the request path now — header first, ``decode_for_model`` (missing rows refused; a large
+  image shrunk before it becomes float: JPEG DCT scaling, Pillow's ``reduce`` in 8 bits down to 3–6 times
+  the model's size), then ``prepare_pixels``.
 
 Files: a 40 MP (8000×5000) RGB PNG and the same picture as a JPEG, the issue's 126-byte PNG that
 declares 8000×5000 with two rows of data, and a complete 8000×5000 PNG of zero rows (116 KB). The model
@@ -301,7 +302,8 @@ def render(report: dict[str, Any]) -> str:
         f"input {report['model']['size']} px RGB. Per file and path: median of {report['repeats']} decodes "
         "in a fresh interpreter, and its peak resident memory above the interpreter's baseline. *Before*: "
         "the whole image as float32, resized as floats, missing rows not detected; *after*: header first, "
-        "decoded to the model's size (JPEG DCT scaling, Pillow's reduce in 8 bits), missing rows refused.",
+        "missing rows refused, shrunk before it becomes float (JPEG DCT scaling, Pillow's reduce in 8 bits "
+        "down to 3–6 times the model's size).",
         "",
         "| file | bytes | before: s | before: peak MB | after: s | after: peak MB | after: outcome |",
         "| --- | --- | --- | --- | --- | --- | --- |",

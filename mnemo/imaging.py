@@ -8,13 +8,15 @@ The pipeline, one small function per step:
     normalise(pixels, mean, std) → float32 [C, H, W] = (pixel/255 - mean) / std   (models/base.py)
 
 ``decode_image`` keeps the full size and goes to float at once, so 16-bit and float sources keep their
-precision (training reads its data this way). The request path instead asks for what the model needs:
-``open_image`` reads the header only, and ``decode_for_model`` decodes straight to the model's size and
-cut — JPEGs are reduced while decoding (DCT scaling, ``draft``), and everything is shrunk by Pillow in its
-own mode (8-bit stays 8-bit; box ``reduce`` first for large ratios) before any float conversion, so a
-40-megapixel frame never exists as floats. Below a ratio of 3 the two paths agree to within the 8-bit
-rounding; ``preprocess`` uses the request path. ``display_rgb`` cuts the image as the model saw it, for
-``mnemo.heatmaps`` to draw a heatmap onto.
+precision. That is bounded when the image is not much larger than the model's input, but a 40-megapixel
+frame would be 480 MB of floats for a 256 px model; ``decode_for_model`` (the request path, and
+``preprocess``) therefore shrinks a large image before it becomes float: a JPEG is decoded at 1/2, 1/4 or
+1/8 scale (DCT scaling, ``draft``), then Pillow's box ``reduce`` averages it in its own 8-bit (or 16/32-bit)
+mode, each step only as far as leaves ``REDUCING_GAP`` × the model's size, from where the float steps run
+as usual. An image less than 2 × ``REDUCING_GAP`` times the model's size in either direction (768 px for a
+128 px model) is not reduced at all, so its pixels are exactly ``decode_image``'s, the ones training reads.
+``open_image`` reads the header alone, so a caller can see what decoding would cost first.
+``display_rgb`` cuts the image as the model saw it, for ``mnemo.heatmaps`` to draw a heatmap onto.
 
 Safety: decoding reads the header first and refuses images whose declared pixel count exceeds a per-call
 ``max_pixels`` *before* any pixel buffer is allocated, so a decompression bomb (a few KB declaring
@@ -42,9 +44,9 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # 40 megapixels: larger than any inspection camera frame we expect, far below Pillow's own 89 MP guard.
 DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_POLICIES = ("resize", "center_crop")
-# The request path shrinks in two steps when the ratio is large: JPEG DCT scaling and Pillow's box
-# ``reduce`` down to at least REDUCING_GAP × the target size, then bilinear. At 3 Pillow documents the
-# result as indistinguishable from a direct resize; below a ratio of 3 nothing is reduced at all.
+# decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
+# REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
+# a reduce-then-resize is indistinguishable from a direct resize.
 REDUCING_GAP = 3.0
 
 # Modes Pillow converts losslessly (or by its documented rule) to RGB / RGBA / L before we read pixels.
@@ -182,31 +184,29 @@ def decode_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
 
 
 def decode_for_model(opened: OpenImage | Source, prep: Preprocessing, **open_args: Any) -> np.ndarray:
-    """An image at the model's size and cut: float32 [size, size, C] on 0…255, C = 1 or 3 as the source
-    has it (``to_channels`` and ``normalise`` are left to ``prepare_pixels``).
+    """Decode for a model with ``prep``: float32 pixels [H, W, C] on 0…255 as ``decode_image`` gives
+    them, but at most about 2 × ``REDUCING_GAP`` times the size the model needs (see the module
+    docstring); ``prepare_pixels`` and ``display_rgb`` take it from there.
 
-    Memory and time follow the model's size, not the file's (see the module docstring): a JPEG decodes at
-    1/2, 1/4 or 1/8 scale when that still leaves ``REDUCING_GAP`` × the target, and every image is shrunk
-    in its own 8-bit (or 16/32-bit) mode before it becomes float. Accepts an ``OpenImage``, which it
-    closes (so the full-size pixels are freed as soon as the small ones exist), or anything
-    ``open_image`` takes (with its ``max_pixels``).
+    Accepts an ``OpenImage``, which it closes (so the full-size pixels are freed as soon as the small ones
+    exist), or anything ``open_image`` takes (with its ``max_pixels``).
     """
     if not isinstance(opened, OpenImage):
         opened = open_image(opened, **open_args)
     with opened:
         image = opened.image
         new_w, new_h = _scaled_size(image.width, image.height, prep.size, prep.resize)
-        if image.format == "JPEG":
+        if image.format == "JPEG":  # decodes at 1/s scale only where that leaves ≥ REDUCING_GAP × the target
             image.draft(None, (math.ceil(new_w * REDUCING_GAP), math.ceil(new_h * REDUCING_GAP)))
         _load(opened)
-        image, scale = _narrow_mode(image)
-        if image.size != (new_w, new_h):
-            image = image.resize((new_w, new_h), Image.Resampling.BILINEAR, reducing_gap=REDUCING_GAP)
-        pixels = _with_channels(np.array(image, dtype=np.float32))  # a copy: Pillow's buffer is read-only
+        factor = int(min(image.width / new_w, image.height / new_h) / REDUCING_GAP)
+        if factor < 2:
+            return image_to_pixels(image)
+        narrowed, scale = _narrow_mode(image)
+        pixels = _with_channels(np.array(narrowed.reduce(factor), dtype=np.float32))
     if scale != 1.0:
         pixels *= np.float32(scale)
-    top, left = (new_h - prep.size) // 2, (new_w - prep.size) // 2
-    return np.ascontiguousarray(pixels[top : top + prep.size, left : left + prep.size])
+    return pixels
 
 
 def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
@@ -345,9 +345,9 @@ def _common_mode(image: Image.Image) -> Image.Image:
 
 
 def _narrow_mode(image: Image.Image) -> tuple[Image.Image, float]:
-    """``image_to_pixels``'s rules, kept in Pillow's own modes so that resizing can follow: L or RGB
+    """``image_to_pixels``'s rules, kept in Pillow's own modes so that reducing can follow: L or RGB
     (alpha premultiplied, i.e. composited on black, in 8 bits), or I/F for wide data, with the factor that
-    takes the resized values to the 0…255 scale."""
+    takes the reduced values to the 0…255 scale."""
     image = _common_mode(image)
     mode = image.mode
     if mode in ("L", "RGB"):

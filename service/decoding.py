@@ -7,8 +7,8 @@ images then decode in that same worker thread. Each large one (over ``LARGE_IMAG
 for a large-image slot: there are ``decode_concurrency - 1`` of them (at least one), so one CPU slot is
 always left to small images and one client's huge frames cannot stall everyone's small ones.
 
-Decoding goes straight to the model's size (``mnemo.imaging.decode_for_model``): memory and time follow
-the model, not the file. After a large image, freed memory is handed back to the system (glibc keeps it
+Large images are shrunk before they become float (``mnemo.imaging.decode_for_model``): memory and time
+follow the model, not the file. After a large image, freed memory is handed back to the system (glibc keeps it
 otherwise), so resident memory returns near its baseline after a burst. ``Decoding`` runs the two steps;
 the caller puts the second under the request's deadline (see its docstring).
 """

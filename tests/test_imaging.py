@@ -204,9 +204,10 @@ def test_model_sized_decoding_matches_the_full_size_float_path(image, prep):
     full = imaging.prepare_pixels(imaging.decode_image(data), prep)
     sized = imaging.preprocess(data, prep)
     assert sized.shape == full.shape == (prep.channels, prep.size, prep.size)
-    # 8-bit resizing rounds to whole levels, and ratios over 3 reduce by box averaging first
-    tolerance = 2.5 if 200 / prep.size > imaging.REDUCING_GAP else 1.3
-    assert np.abs(sized - full).max() * 255 * max(prep.std) < tolerance
+    if 200 / prep.size < 2 * imaging.REDUCING_GAP:  # not reduced: training's pixels exactly
+        assert np.array_equal(sized, full)
+    else:  # box-averaged in 8 bits first: within a few levels
+        assert np.abs(sized - full).max() * 255 * max(prep.std) < 2.5
 
 
 def test_model_sized_decoding_never_holds_the_image_as_floats():
@@ -222,14 +223,17 @@ def test_model_sized_decoding_never_holds_the_image_as_floats():
     assert x.shape == (3, 64, 64) and peak < 8_000_000
 
 
-def test_jpeg_is_reduced_while_decoding():
+def test_large_images_are_reduced_before_they_become_floats():
     big = encode(Image.fromarray(np.repeat(np.repeat(SMOOTH, 8, axis=0), 8, axis=1)), "JPEG")  # 2400×1600
+    prep = Preprocessing(3, 64)
     with imaging.open_image(big) as opened:
-        x = imaging.decode_for_model(opened, Preprocessing(3, 64))
+        x = imaging.decode_for_model(opened, prep)
         assert opened.image.size == (300, 200)  # decoded at 1/8 scale: still ≥ 3 × 64 on the short side
-    assert x.shape == (64, 64, 3)
-    reference = imaging.resize_pixels(imaging.decode_image(big), 64)
-    assert np.abs(x - reference).mean() < 2.0
+    assert x.shape == (200, 300, 3)
+    reference = imaging.prepare_pixels(imaging.decode_image(big), prep)
+    assert np.abs(imaging.prepare_pixels(x, prep) - reference).mean() * 255 < 2.0
+    png = encode(Image.fromarray(np.repeat(np.repeat(SMOOTH, 8, axis=0), 8, axis=1)))
+    assert imaging.decode_for_model(png, prep).shape == (200, 300, 3)  # box-averaged 8 × 8 in Pillow
 
 
 @pytest.mark.parametrize(
