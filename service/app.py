@@ -10,7 +10,6 @@ when a key is configured. The server around the app (connection limits) is ``ser
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -74,9 +73,4 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 async def _initial_load(store: ModelStore) -> None:
     report = await store.load_at_start()
-    # Everything made so far (modules, the app, the models) lives as long as the process: out of the
-    # garbage collector's sight, a full collection scans only what requests make. Under load at c=64 on the
-    # small brick model that took the collector's share from about 70 to 20 µs a request.
-    gc.collect()
-    gc.freeze()
     logger.info("ready: %d model(s) loaded, %d bundle(s) refused", len(report.loaded), len(report.failed))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import shutil
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -143,3 +145,20 @@ def test_onnx_provider_choice():
     assert OnnxRunner._providers(with_cuda, "auto")[-1] == "CPUExecutionProvider"  # CPU fallback kept
     with pytest.raises(RuntimeError, match="no CUDA provider"):
         OnnxRunner._providers(cpu_only, "cuda")
+
+
+def test_a_retired_model_is_freed_although_the_store_froze_the_start_up_objects(bundle_dir, tmp_path):
+    root = copy_bundles(bundle_dir, tmp_path / "models")
+    store = ModelStore(make_settings(root), ServiceMetrics())
+
+    async def steps():
+        await store.load_at_start()  # ends with gc.freeze()
+        old = weakref.ref(store.models["gray"].runner)
+        export_tiny_bundle(root, "gray", version="2", seed=3)
+        await store.reload()  # replaces gray: the old version is retired
+        await store.close()
+        return old
+
+    old = in_loop(steps)
+    gc.collect()
+    assert old() is None  # its ONNX Runtime session is gone, not frozen for good
