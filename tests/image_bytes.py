@@ -46,3 +46,18 @@ def png_of_zero_rows(
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
     body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body
+
+
+def missing_pixel_data(pixels: np.ndarray) -> dict[str, bytes]:
+    """Files whose pixel data is missing, one per format, by name: PNGs with rows short (the issue-13
+    shape: a 40 MP header over 20 rows, and one row short), and the others cut part-way through the data."""
+    image = Image.fromarray(pixels)
+    cut = {"JPEG": 0.3, "GIF": 0.5, "TIFF": 0.5, "BMP": 0.5, "WEBP": 0.3}
+    files = {
+        "png-20-of-5000-rows": png_of_zero_rows(8000, 5000, rows=20, colour=0),
+        "png-one-row-short": png_of_zero_rows(300, 200, rows=199),
+    }
+    for fmt, share in cut.items():
+        data = encode(image, fmt)
+        files[fmt.lower()] = data[: int(len(data) * share)]
+    return files

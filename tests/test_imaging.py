@@ -14,7 +14,7 @@ from PIL import Image
 
 from mnemo import imaging
 from mnemo.imaging import ImageDecodeError, Preprocessing
-from tests.image_bytes import encode, png_declaring, png_of_zero_rows
+from tests.image_bytes import encode, missing_pixel_data, png_declaring, png_of_zero_rows
 
 
 def test_module_does_not_import_torch():
@@ -282,19 +282,7 @@ def test_interlaced_png_rows_are_counted_per_pass():
         imaging.decode_image(adam7_png(pixels, keep=0.9))
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        png_of_zero_rows(8000, 5000, rows=2),
-        png_of_zero_rows(300, 200, rows=20, colour=0),
-        encode(Image.fromarray(SMOOTH), "JPEG")[:1500],
-        encode(Image.fromarray(SMOOTH), "GIF")[:1500],
-        encode(Image.fromarray(SMOOTH), "TIFF")[:20000],
-        encode(Image.fromarray(SMOOTH), "BMP")[:20000],
-        encode(Image.fromarray(SMOOTH), "WEBP")[:500],
-    ],
-    ids=["png-issue-13", "png-20-rows", "jpeg", "gif", "tiff", "bmp", "webp"],
-)
+@pytest.mark.parametrize("data", missing_pixel_data(SMOOTH).values(), ids=missing_pixel_data(SMOOTH).keys())
 def test_missing_pixel_data_is_truncated_in_every_format_and_path(data):
     for decode in (imaging.decode_image, lambda d: imaging.preprocess(d, Preprocessing(1, 28))):
         with pytest.raises(ImageDecodeError) as err:

@@ -15,12 +15,11 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
-from PIL import Image
 
 from mnemo.bundle import ONNX_FILE
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import ModelStore
-from tests.image_bytes import encode, png_bytes, png_of_zero_rows
+from tests.image_bytes import missing_pixel_data, png_bytes, png_of_zero_rows
 from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
@@ -145,23 +144,10 @@ def test_decoding_counts_against_the_request_timeout(bundle_dir, big_png):
 # --------------------------------------------------------------------------- D2: missing pixel data
 
 
-@pytest.mark.parametrize(
-    "data",
-    [
-        png_of_zero_rows(8000, 5000, rows=20, colour=0),  # the 235-byte kind: 20 rows of 5000
-        png_of_zero_rows(300, 200, rows=199),
-        encode(Image.fromarray(RGB), "JPEG")[:1000],
-        encode(Image.fromarray(RGB), "GIF")[:2000],
-        encode(Image.fromarray(RGB), "TIFF")[:20000],
-        encode(Image.fromarray(RGB), "BMP")[:20000],
-        encode(Image.fromarray(RGB), "WEBP")[:400],
-    ],
-    ids=["png-20-rows", "png-one-row-short", "jpeg", "gif", "tiff", "bmp", "webp"],
-)
+@pytest.mark.parametrize("data", missing_pixel_data(RGB).values(), ids=missing_pixel_data(RGB).keys())
 def test_images_with_missing_pixel_data_are_400_truncated(server, data):
-    assert error_of(httpx.post(f"{server}/v1/models/color:score", content=data, headers=RAW), 400)[
-        "code"
-    ] == ("truncated")
+    alone = httpx.post(f"{server}/v1/models/color:score", content=data, headers=RAW)
+    assert error_of(alone, 400)["code"] == "truncated"
     named = error_of(post_files(server, SMALL, data), 400)
     assert named["code"] == "truncated" and named["file"] == "f1.png"
 
