@@ -57,9 +57,9 @@ def perlin_masks(batch: int, size: int, generator: torch.Generator) -> torch.Ten
 
 
 def polyline_masks(batch: int, size: int, generator: torch.Generator, segments: int = 4) -> torch.Tensor:
-    """Thin polylines [B, 1, size, size]: ``segments`` joined strokes of 10-40 % of the side, 1-3 px wide."""
+    """Thin polylines [B, 1, size, size]: ``segments`` joined strokes of 10-60 % of the side, 1-3 px wide."""
     steps = torch.rand(batch, segments, 2, generator=generator)
-    angle, length = steps[..., 0] * 2 * math.pi, (0.1 + 0.3 * steps[..., 1]) * size
+    angle, length = steps[..., 0] * 2 * math.pi, (0.1 + 0.5 * steps[..., 1]) * size
     start = (0.1 + 0.8 * torch.rand(batch, 1, 2, generator=generator)) * size
     moves = torch.stack([torch.cos(angle), torch.sin(angle)], dim=-1) * length[..., None]
     points = torch.cat([start, start + moves.cumsum(1)], dim=1).clamp(0, size - 1)  # [B, S+1, 2]
@@ -69,7 +69,7 @@ def polyline_masks(batch: int, size: int, generator: torch.Generator, segments: 
     ab = b - a
     t = (((p - a) * ab).sum(-1) / (ab * ab).sum(-1).clamp_min(1e-6)).clamp(0, 1)
     dist = (p - (a + t[..., None] * ab)).norm(dim=-1).amin(dim=1)  # [B, H, W] to the nearest stroke
-    width = 0.5 + 1.0 * torch.rand(batch, 1, 1, generator=generator)
+    width = 0.3 + 1.2 * torch.rand(batch, 1, 1, generator=generator)
     return (dist <= width).float().unsqueeze(1)
 
 
@@ -96,9 +96,8 @@ def synthesize(
     other = other.transpose(-1, -2) if torch.rand(1, generator=generator).item() < 0.5 else other.flip(-2)
     sign = torch.where(_pick(batch, generator, 0.5) > 0, 1.0, -1.0)
     shift = sign * (0.15 + 0.35 * torch.rand(batch, 1, 1, 1, generator=generator))
-    line_level = _pick(batch, generator, 0.5)  # dark (0) or bright (1) strokes
 
-    target = torch.where(kind == 0, other, torch.where(kind == 1, (x + shift).clamp(0, 1), line_level))
+    target = torch.where(kind == 0, other, (x + shift).clamp(0, 1))  # stains and strokes shift brightness
     region = torch.where(kind == 2, polyline_masks(batch, size, generator), blotch)
     region = region * _pick(batch, generator, share)
     out = torch.lerp(x, target.expand_as(x), beta * region)

@@ -58,7 +58,7 @@ class RestorationConfig(ModelConfig):
     synth_share: float = 0.5  # share of training images that get a synthetic anomaly
     ssim_weight: float = 1.0  # λ_ssim in L_rec
     focal_gamma: float = 2.0
-    score_pool: int = 9  # side of the local mean whose maximum is the image score (odd, pixels)
+    score_pool: int = 5  # side of the local mean whose maximum is the image score (odd, pixels)
 
     def __post_init__(self) -> None:
         if self.score_map not in SCORE_MAPS:
