@@ -102,9 +102,13 @@ def merge_results(path: Path, others: list[Path]) -> dict[str, Any]:
     for other in others:
         if not other.is_file():
             raise FileNotFoundError(f"no results file {other}")
-        records = load_results(other)["records"]
+        theirs = load_results(other)
+        records = theirs["records"]
         keys = {r["key"] for r in records}
         results["records"] = [r for r in results["records"] if r["key"] not in keys] + records
+        for key in ("machine", "commit"):  # a fresh file takes the provenance of what it merges
+            if key in theirs:
+                results.setdefault(key, theirs[key])
     save_results(path, results)
     return results
 
