@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 
 CONFIG_HELP = (
-    "a run config file (YAML or TOML; see docs/training.md). Without one, the defaults are the papers' "
-    "(Adam 1e-3, batch 256, early stopping with patience 10)."
+    "a run config file (YAML or TOML; see docs/training.md). Without one, `mnemo train --data DIR` trains "
+    "the default recipe 'restore' (training/recipes/restore.yaml); --model NAME alone trains that model "
+    "with its papers' defaults (Adam 1e-3, batch 256, early stopping with patience 10)."
 )
 SET_HELP = (
     "override one config value, e.g. --set optim.lr=1e-4 --set model_config.memory_size=8 "
