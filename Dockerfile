@@ -33,9 +33,9 @@ COPY service ./service
 COPY models ./models
 COPY training ./training
 COPY benchmarks ./benchmarks
+# -P: the check must import the installed package, not the source folder mnemo/ in the working directory
 RUN /opt/venv/bin/pip install --no-cache-dir --no-deps . \
- && cd / \
- && /opt/venv/bin/python -c "import mnemo.service.app, importlib.util as u; assert u.find_spec('torch') is None" \
+ && /opt/venv/bin/python -P -c "import mnemo.service.app, importlib.util as u; assert u.find_spec('torch') is None" \
  && /opt/venv/bin/mnemo serve --help > /dev/null
 
 # ---------------------------------------------------------------------------------------- build-gpu

@@ -234,7 +234,7 @@ image_facts() {
   local size
   size="$("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE")" || return 1
   "$DOCKER" run --rm --entrypoint /opt/venv/bin/python "$IMAGE" -c "
-import importlib.util, os, service.app
+import importlib.util, os, mnemo.service.app
 assert importlib.util.find_spec('torch') is None, 'torch is in the CPU image'
 assert os.getuid() != 0, 'the image runs as root'
 print('no torch, uid', os.getuid(), end='; ')" || return 1
