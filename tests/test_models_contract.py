@@ -13,6 +13,7 @@ from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 from tests.export_check import assert_exports_match
 
 EXPECTED = {"ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore"}
+FITTED_AFTER_TRAINING = {"daad_plus", "restore"}  # after_fit measures statistics on training images
 
 
 def test_registry_lists_every_model_with_a_description():
@@ -93,16 +94,21 @@ def test_scoring_exports_to_torchscript_and_onnx_with_dynamic_batch(model_name, 
 
 
 def test_training_hooks_default_to_one_optimiser_and_nothing_after_training(model_name):
-    """Only DAAD+ overrides the trainer's hooks; every other model takes the plain-autoencoder defaults."""
+    """Only DAAD+ trains with two optimisers; DAAD+ and restore fit statistics after training (after_fit)."""
     model = tiny_model(model_name)
     optimizers = model.configure_optimizers(OptimConfig(lr=1e-3))
     assert len(optimizers) == (2 if model_name == "daad_plus" else 1)
     logs = model.training_step(batch_for(model, 4), optimizers)
     assert set(model.loss(batch_for(model, 4))) <= set(logs)
     assert ("d_loss" in logs) == (model_name == "daad_plus")
-    if model_name != "daad_plus":
+    if model_name not in FITTED_AFTER_TRAINING:
         model.after_fit(iter(()))  # the default never reads the batches
         assert model.export_facts() is None
+    else:  # they need images, and refuse to export before they have seen them
+        with pytest.raises(ValueError):
+            model.after_fit(iter(()))
+        with pytest.raises(ValueError, match="not fitted"):
+            model.export_facts()
 
 
 def test_example_reconstruction_is_the_reconstruction_or_none(model_name):
@@ -110,7 +116,7 @@ def test_example_reconstruction_is_the_reconstruction_or_none(model_name):
     x = batch_for(model, 2)
     with torch.no_grad():
         shown = model.example_reconstruction(x)
-    if isinstance(model, models.ReconstructionModel):
+    if isinstance(model, models.ReconstructionModel) or model_name == "restore":
         assert shown is not None and shown.shape == x.shape
     else:
         assert shown is None

@@ -67,21 +67,65 @@ def test_ssim_is_one_for_identical_images_and_drops_where_they_differ():
     assert sim[:, :, 10:14, 10:14].max() < 0.5 and sim[:, :, 28:, 28:].min() > 0.99
 
 
-def test_config_rejects_unknown_score_maps_and_even_pools():
-    with pytest.raises(ValueError, match="score_map"):
-        models.create("restore", score_map="max")
+def test_config_rejects_unknown_or_repeated_score_maps_and_even_pools():
+    for bad in (("max",), (), ("ssim", "ssim")):
+        with pytest.raises(ValueError, match="score_maps"):
+            models.create("restore", score_maps=bad)
     with pytest.raises(ValueError, match="score_pool"):
         models.create("restore", score_pool=4)
 
 
-@pytest.mark.parametrize("score_map", ["segment", "ssim", "l2"])
-def test_every_score_map_scores_and_exports(score_map, tmp_path):
+@pytest.mark.parametrize("score_maps", [("segment",), ("ssim",), ("l2",), ("segment", "ssim", "l2")])
+def test_every_score_map_scores_and_exports_with_its_fitted_statistics(score_maps, tmp_path):
     from tests.export_check import assert_exports_match
 
     torch.manual_seed(0)
-    model = models.create("restore", **{**TINY_CONFIGS["restore"], "score_map": score_map})
+    model = models.create("restore", **{**TINY_CONFIGS["restore"], "score_maps": score_maps})
+    assert (model.head is not None) == ("segment" in score_maps)
     x = _good_batch(3, model.config.image_size) * 2 - 1  # the default normalisation: mean 0.5, std 0.5
+    model.after_fit([_good_batch(4, model.config.image_size, seed=s) * 2 - 1 for s in (1, 2)])
+    assert model.map_mean.abs().sum() > 0, "fitted statistics must be in the exported graph"
     assert_exports_match(model, x[:2], x, tmp_path)
+
+
+def test_map_statistics_are_each_cues_mean_and_std_at_every_position():
+    torch.manual_seed(0)
+    model = models.create("restore", **TINY_CONFIGS["restore"]).eval()
+    images = [_good_batch(3, 32, seed=s) * 2 - 1 for s in range(3)]
+    with pytest.raises(ValueError, match="not fitted"):
+        model.export_facts()
+    assert model.fit_map_statistics(images) == 9
+    with torch.no_grad():
+        maps = model.cue_maps(torch.cat(images))
+    assert model.map_mean.shape == (1, 2, 32, 32)
+    torch.testing.assert_close(model.map_mean, maps.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(model.map_std, maps.std(dim=0, keepdim=True), atol=1e-6, rtol=1e-4)
+    assert model.export_facts() == {"map_stats_images": 9.0}
+    with pytest.raises(ValueError, match="at least 2"):
+        model.fit_map_statistics(iter(()))
+
+
+def test_standardised_heatmap_is_the_sum_of_per_position_z_scores():
+    """A position that is always unusual on good parts (a fixture edge) is quiet once standardised."""
+    from mnemo.models.restoration import STD_FLOOR
+
+    torch.manual_seed(0)
+    model = models.create("restore", **TINY_CONFIGS["restore"]).eval()
+    x = _good_batch(2, 32, seed=5) * 2 - 1
+    with torch.no_grad():
+        raw = model.cue_maps(x)
+        _, unfitted = model.score(x)
+        torch.testing.assert_close(unfitted, raw.sum(dim=1, keepdim=True))  # identity until fitted
+        model.map_mean.copy_(raw.mean(dim=0, keepdim=True))
+        model.map_std.fill_(0.5)
+        _, heat = model.score(x)
+    expected = ((raw - raw.mean(dim=0, keepdim=True)) / (0.5 + STD_FLOOR)).sum(dim=1, keepdim=True)
+    torch.testing.assert_close(heat, expected)
+    raw_only = models.create("restore", **{**TINY_CONFIGS["restore"], "standardize": False}).eval()
+    raw_only.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(raw_only.score(x)[1], raw.sum(dim=1, keepdim=True))
+    assert raw_only.export_facts() is None
 
 
 def test_training_teaches_the_head_where_synthetic_anomalies_are():

@@ -14,6 +14,7 @@ It holds everything needed to evaluate or export later without the training data
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import json
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from mnemo import models
 from mnemo.bundle import Manifest
@@ -69,6 +70,16 @@ def loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: 
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator
     )
+
+
+def unaugmented(dataset: Dataset) -> Dataset:
+    """The training images as the data has them: a copy with the training flips off, for ``after_fit``
+    (per-position statistics of flipped parts would smear a fixture's layout onto its mirror image)."""
+    if not getattr(dataset, "flips", False):
+        return dataset
+    plain = copy.copy(dataset)
+    plain.flips = False
+    return plain
 
 
 def preprocessing_of(model: AnomalyModel, resize: str) -> Preprocessing:
@@ -132,7 +143,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
     write_json(out / HISTORY_FILE, state.history)
 
-    model.after_fit(images_of(b) for b in loader(splits.train, optim.batch_size, workers))
+    model.after_fit(images_of(b) for b in loader(unaugmented(splits.train), optim.batch_size, workers))
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
 
