@@ -50,6 +50,10 @@ from mnemo.models.structural import SSIMMap
 
 SCORE_MAPS = ("segment", "ssim", "l2")
 STD_FLOOR = 1e-3  # ε: keeps a position whose cue never varied on good images (a constant border) finite
+# Per-position variances are shrunk toward the cue's average variance as if that average had been seen on
+# this many extra images (a moderated variance, Smyth 2004): it steadies σ on small training sets (20 images:
+# about 45 % prior) and is negligible on large ones (423 elpv-mono cells: 4 %).
+PRIOR_IMAGES = 16
 
 
 @dataclass(frozen=True)
@@ -199,8 +203,9 @@ class RestoringMemoryUNet(AnomalyModel):
     def fit_map_statistics(self, batches: Iterable[torch.Tensor]) -> int:
         """μ_k, σ_k per position from good images (as the data has them: no flips); returns their count.
 
-        Sums run in float64, so the variance of thousands of images does not cancel away. Runs in eval
-        mode (the scoring forward) and restores the previous mode.
+        σ_k² is moderated toward the cue's mean variance over positions (``PRIOR_IMAGES``). Sums run in
+        float64, so the variance of thousands of images does not cancel away. Runs in eval mode (the
+        scoring forward) and restores the previous mode.
         """
         was_training = self.training
         self.eval()
@@ -216,9 +221,11 @@ class RestoringMemoryUNet(AnomalyModel):
         if count < 2:
             raise ValueError(f"{self.model_name}: map statistics need at least 2 good images, got {count}")
         mean = total / count
-        var = (squares - count * mean**2) / (count - 1)
+        var = ((squares - count * mean**2) / (count - 1)).clamp_min(0)
+        pooled = var.mean(dim=(2, 3), keepdim=True)
+        var = ((count - 1) * var + PRIOR_IMAGES * pooled) / (count - 1 + PRIOR_IMAGES)
         self.map_mean.copy_(mean.float())
-        self.map_std.copy_(var.clamp_min(0).sqrt().float())
+        self.map_std.copy_(var.sqrt().float())
         self.map_stats_images.fill_(count)
         return count
 

@@ -88,7 +88,9 @@ def test_every_score_map_scores_and_exports_with_its_fitted_statistics(score_map
     assert_exports_match(model, x[:2], x, tmp_path)
 
 
-def test_map_statistics_are_each_cues_mean_and_std_at_every_position():
+def test_map_statistics_are_each_cues_mean_and_moderated_std_at_every_position():
+    from mnemo.models.restoration import PRIOR_IMAGES
+
     torch.manual_seed(0)
     model = models.create("restore", **TINY_CONFIGS["restore"]).eval()
     images = [_good_batch(3, 32, seed=s) * 2 - 1 for s in range(3)]
@@ -99,7 +101,9 @@ def test_map_statistics_are_each_cues_mean_and_std_at_every_position():
         maps = model.cue_maps(torch.cat(images))
     assert model.map_mean.shape == (1, 2, 32, 32)
     torch.testing.assert_close(model.map_mean, maps.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(model.map_std, maps.std(dim=0, keepdim=True), atol=1e-6, rtol=1e-4)
+    var = maps.var(dim=0, keepdim=True)
+    moderated = (8 * var + PRIOR_IMAGES * var.mean(dim=(2, 3), keepdim=True)) / (8 + PRIOR_IMAGES)
+    torch.testing.assert_close(model.map_std, moderated.sqrt(), atol=1e-6, rtol=1e-4)
     assert model.export_facts() == {"map_stats_images": 9.0}
     with pytest.raises(ValueError, match="at least 2"):
         model.fit_map_statistics(iter(()))
