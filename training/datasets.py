@@ -186,6 +186,13 @@ class ImageFolderDataset(Dataset):
             "path": str(sample.path),
         }
 
+    def images_tensor(self) -> torch.Tensor | None:
+        """Every image decoded and preprocessed, [N, C, H, W] float32 (no flips), when the split is small
+        enough to cache (``cache=True``); None otherwise (then it streams through a DataLoader)."""
+        if self._cache is None:
+            return None
+        return torch.stack([self._image(i) for i in range(len(self))]) if len(self) else None
+
     def _image(self, index: int) -> torch.Tensor:
         if self._cache is not None and index in self._cache:
             return self._cache[index]
@@ -276,6 +283,30 @@ class ArrayDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         image = prepare_pixels(self.images[index].astype(np.float32), self.prep)
         return {"image": torch.from_numpy(image), "label": int(self.labels[index])}
+
+    def images_tensor(self) -> torch.Tensor:
+        """Every image as the model sees it, [N, C, H, W] float32, equal to stacking ``__getitem__``.
+
+        Arrays already at the model's size and channel count take ``normalise``'s two float32 steps on the
+        whole array at once; any other array goes through ``prepare_pixels`` once per image.
+        """
+        arrays = self.images if self.images.ndim == 4 else self.images[..., None]
+        n, height, width, channels = arrays.shape
+        prep = self.prep
+        if (height, width) != (prep.size, prep.size) or channels != prep.channels:
+            return torch.stack([self[i]["image"] for i in range(n)]) if n else torch.empty(0)
+        std = torch.tensor(np.broadcast_to(np.asarray(prep.std, np.float32), (channels,)))
+        mean = torch.tensor(np.broadcast_to(np.asarray(prep.mean, np.float32), (channels,)))
+        x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float()
+        x *= (1.0 / (255.0 * std)).view(1, -1, 1, 1)
+        x -= (mean / std).view(1, -1, 1, 1)
+        return x.contiguous()
+
+
+def images_tensor(dataset: Dataset) -> torch.Tensor | None:
+    """A split's images as one in-memory tensor (``training.batches``), or None where it must stream."""
+    to_tensor = getattr(dataset, "images_tensor", None)
+    return None if to_tensor is None else to_tensor()
 
 
 # ------------------------------------------------------------------------------------------- splits

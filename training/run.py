@@ -31,6 +31,7 @@ from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
 from mnemo.training import config as run_config
 from mnemo.training import datasets
+from mnemo.training.batches import TensorBatches
 from mnemo.training.calibration import calibrate
 from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset
 from mnemo.training.export import export_bundle
@@ -70,6 +71,21 @@ def loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: 
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, generator=generator
     )
+
+
+def batches(
+    dataset: Dataset, batch_size: int, workers: int, *, train: bool = False, seed: int = 0
+) -> TensorBatches | DataLoader:
+    """A split's image batches: sliced from one in-memory tensor when the split has one (IDX arrays,
+    folders small enough to cache: no per-item Python, issue 16), else streamed by a DataLoader.
+    ``train`` shuffles and applies the dataset's flips; otherwise images come as the data has them."""
+    images = datasets.images_tensor(dataset)
+    if images is None:
+        if train:
+            return loader(dataset, batch_size, workers, shuffle=True, seed=seed)
+        return loader(unaugmented(dataset), batch_size, workers)
+    flips = train and getattr(dataset, "flips", False)
+    return TensorBatches(images, batch_size, shuffle=train, flips=flips, seed=seed)
 
 
 def unaugmented(dataset: Dataset) -> Dataset:
@@ -137,13 +153,13 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     cfg = dataclasses.replace(cfg, optim=optim)
     run_config.save(cfg, out / CONFIG_FILE)
     workers = cfg.data.num_workers
-    train_loader = loader(splits.train, optim.batch_size, workers, shuffle=True, seed=cfg.seed)
-    val_loader = loader(splits.val, optim.batch_size, workers)
+    train_loader = batches(splits.train, optim.batch_size, workers, train=True, seed=cfg.seed)
+    val_loader = batches(splits.val, optim.batch_size, workers)
     print(f"training {cfg.model} on {device} → {out}  ({json.dumps(splits.summary, default=str)})")
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
     write_json(out / HISTORY_FILE, state.history)
 
-    model.after_fit(images_of(b) for b in loader(unaugmented(splits.train), optim.batch_size, workers))
+    model.after_fit(images_of(b) for b in batches(splits.train, optim.batch_size, workers))
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
 

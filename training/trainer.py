@@ -17,12 +17,12 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from mnemo.models.base import AnomalyModel
@@ -101,8 +101,8 @@ class StopRequest:
         return bool(self.reason)
 
 
-@torch.no_grad()
-def validation_loss(model: AnomalyModel, loader: DataLoader, device: torch.device) -> float:
+@torch.inference_mode()
+def validation_loss(model: AnomalyModel, loader: Iterable, device: torch.device) -> float:
     """Mean objective on held-out good images, in eval mode (no forgetting, no sampling).
 
     Where the loss has a reconstruction part it alone decides (DAAD+'s adversarial term is a noisy
@@ -134,8 +134,8 @@ def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config
 
 def fit(
     model: AnomalyModel,
-    train_loader: DataLoader,
-    val_loader: DataLoader,
+    train_loader: Iterable,
+    val_loader: Iterable,
     cfg: OptimConfig,
     device: torch.device,
     out_dir: Path,
@@ -165,6 +165,7 @@ def fit(
             save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
             loss = record.get("loss", math.nan)
             tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}")
+        state.train_seconds = time.monotonic() - started  # a stop seen between epochs ends here too
         state.stop_reason = stop.reason or (
             "early stopping" if state.bad_epochs >= cfg.patience else "max epochs"
         )
