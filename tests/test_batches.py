@@ -20,7 +20,8 @@ def test_array_images_tensor_equals_stacked_items_at_native_size_and_resized():
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (7, 12, 12), dtype=np.uint8)
     labels = np.zeros(7)
-    for prep in (Preprocessing(channels=1, size=12, mean=(0.3,), std=(0.2,)), Preprocessing(channels=1, size=8)):
+    native = Preprocessing(channels=1, size=12, mean=(0.3,), std=(0.2,))
+    for prep in (native, Preprocessing(channels=1, size=8)):
         dataset = datasets.ArrayDataset(images, labels, prep)
         assert torch.equal(dataset.images_tensor(), stacked(dataset))
 
