@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import shutil
 import subprocess
@@ -48,8 +47,14 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "python": platform.python_version(), "torch": _torch_version()}
+    from mnemo.training.trainer import usable_cores  # torch: only once a benchmark runs
+
+    return {
+        "cpu": cpu,
+        "cores": usable_cores(),
+        "python": platform.python_version(),
+        "torch": _torch_version(),
+    }
 
 
 def _torch_version() -> str:

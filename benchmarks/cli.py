@@ -207,9 +207,9 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         print(f"wrote {results.with_suffix('.md')}")
         return 0
     if args.threads:
-        import torch
+        from mnemo.training.trainer import set_threads
 
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     datasets = [d for d in args.datasets if _dataset_present(d, Path(args.data))]
     cells = accuracy_plan.plan(datasets, args.models, args.classes, args.seeds, args.max_epochs)
     accuracy.run(

@@ -20,7 +20,7 @@ from PIL import Image
 
 from mnemo.training import config as run_config
 from mnemo.training.datasets import image_channels
-from mnemo.training.trainer import StopRequest, set_cosine_lr
+from mnemo.training.trainer import StopRequest, TrainState, set_cosine_lr
 from tests.test_training import mnemo
 
 # The default recipe shrunk to 32 px so it trains in seconds; everything else is the recipe's.
@@ -112,6 +112,30 @@ def test_the_time_budget_is_a_stop_request_and_a_progress_measure():
     time.sleep(0.02)
     assert stop.requested and stop.reason == "time budget" and stop.progress(0.0) >= 1.0
     assert StopRequest(0).progress(0.25) == 0.25 and not StopRequest(0).requested
+
+
+def test_the_step_cap_is_a_stop_request_and_a_progress_measure():
+    state = TrainState(steps=2)
+    stop = StopRequest(0, max_steps=8, state=state)
+    assert stop.progress(0.1) == 0.25 and not stop.requested
+    state.steps = 8
+    assert stop.requested and stop.reason == "max steps" and stop.progress(0.1) == 1.0
+
+
+def test_max_steps_counts_steps_over_resumes_and_finishes_the_run(synth_data, tmp_path):
+    run = tmp_path / "run"
+    common = ("--data", str(synth_data), "--out", str(run), "--epochs", "10000", "--no-progress",
+              "--threads", "1", *_sets([*TINY_RESTORE, "optim.patience=10000"]))  # fmt: skip
+    mnemo("train", *common, "--max-steps", "7")  # 40 images, 4 for validation, batch 8: 5 steps an epoch
+    report = json.loads((run / "report.json").read_text())
+    assert (report["steps"], report["epochs"], report["stop_reason"]) == (7, 2, "max steps")
+    history = json.loads((run / "history.json").read_text())
+    assert [e["steps"] for e in history] == [5, 2]
+    mnemo("train", *common, "--max-steps", "12", "--resume")
+    report = json.loads((run / "report.json").read_text())
+    assert (report["steps"], report["stop_reason"]) == (12, "max steps")
+    for name in FINISHED_RUN:
+        assert (run / name).is_file(), name
 
 
 def test_cosine_schedule_anneals_from_the_initial_rate_to_zero():

@@ -56,7 +56,20 @@ def _train(subparsers) -> None:
         "reaches it and the run finishes as usual (best weights, calibration, evaluation, report, plots). "
         "The first Ctrl-C does the same; a second aborts",
     )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="cap on optimizer steps over the whole run (optim.max_steps; 0 = none): stops like the time "
+        "budget does, and makes capped runs of different protocols comparable",
+    )
     p.add_argument("--device", help="auto (default: CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0 = every core this process may use; give 1 to each of several "
+        "runs side by side: more threads than free cores only spin)",
+    )
     p.add_argument("--seed", type=int, help="random seed for weights, shuffling and training randomness")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")

@@ -12,6 +12,7 @@ from pathlib import Path
 from mnemo.bundle import Manifest
 from mnemo.training import config as run_config
 from mnemo.training.run import REPORT_FILE, evaluate_run, export_run, train_run
+from mnemo.training.trainer import set_threads
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -22,11 +23,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         "out_dir": args.out,
         "optim.max_epochs": args.epochs,
         "optim.max_minutes": args.max_minutes,
+        "optim.max_steps": args.max_steps,
         "device": args.device,
         "seed": args.seed,
     }
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = run_config.load(train_config_path(args.config, args.recipe, args.model), overrides)
+    set_threads(args.threads)
     train_run(cfg, resume=args.resume, progress=not args.no_progress)
     return 0
 

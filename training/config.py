@@ -44,6 +44,7 @@ class OptimConfig:
     lr: float | None = None  # Adam learning rate; None = the model's paper default (1e-3; DAAD 1e-4)
     batch_size: int | None = None  # None = the model's paper default (256; DAAD 8)
     max_epochs: int = 100
+    max_steps: int = 0  # cap on optimizer steps over the whole run; 0 = none (compares capped protocols)
     patience: int = 10  # early stopping: epochs without a better validation loss
     weight_decay: float = 0.0
     max_steps_per_epoch: int = 0  # 0 = full epochs; >0 caps an epoch (quick runs, smoke tests)
@@ -53,6 +54,8 @@ class OptimConfig:
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.max_steps < 0:
+            raise ValueError(f"optim.max_steps must be >= 0 (0 = no cap), got {self.max_steps}")
 
 
 FALLBACK_OPTIM = {"lr": 1e-3, "batch_size": 256}  # papers 000/001 §4

@@ -181,6 +181,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "data": splits.summary,
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
+        "steps": state.steps,
         "stop_reason": state.stop_reason,
         "train_seconds": state.train_seconds,
         "best_val_loss": state.best_val,

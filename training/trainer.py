@@ -4,15 +4,17 @@ Kept nanoGPT-short on purpose: the model builds its own optimisers (``configure_
 its own steps (``training_step``), so a model that trains differently (DAAD+'s D step then G step) needs
 nothing here (``models/base.py``).
 
-Training ends at ``max_epochs``, at early stopping, at the time budget (``max_minutes``) or at the first
-Ctrl-C; the last three stop after the current step, validate that partial epoch, and hand the best
-weights back, so the run still calibrates, evaluates and reports. A second Ctrl-C aborts at once.
+Training ends at ``max_epochs``, at early stopping, at ``max_steps`` optimizer steps, at the time budget
+(``max_minutes``) or at the first Ctrl-C; the last three stop after the current step, validate that partial
+epoch, and hand the best weights back, so the run still calibrates, evaluates and reports. A second
+Ctrl-C aborts at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import random
 import signal
 import threading
@@ -43,6 +45,20 @@ def pick_device(name: str = "auto") -> torch.device:
     return device
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def set_threads(threads: int = 0) -> int:
+    """torch's intra-op threads: ``threads``, or 0 for every usable core. More threads than free cores
+    only spin (several runs side by side want one each); returns the count set."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0 (0 = every usable core), got {threads}")
+    torch.set_num_threads(threads or usable_cores())
+    return torch.get_num_threads()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -55,21 +71,25 @@ class TrainState:
     best_val: float = math.inf
     best_epoch: int = -1
     bad_epochs: int = 0
+    steps: int = 0  # optimizer steps over all resumes
     history: list[dict[str, float]] = field(default_factory=list)
-    stop_reason: str = ""  # why training ended: max epochs, early stopping, time budget, interrupted
+    stop_reason: str = ""  # max epochs, early stopping, max steps, time budget, interrupted
     train_seconds: float = 0.0  # wall time in the training loop, validation included, over all resumes
 
 
 class StopRequest:
-    """Asks the loop to stop after the current step: at the deadline, or on the first Ctrl-C (SIGINT).
+    """Asks the loop to stop after the current step: at ``max_steps`` (counted in ``state.steps``), at the
+    deadline, or on the first Ctrl-C (SIGINT).
 
     A second Ctrl-C raises ``KeyboardInterrupt`` as usual. The handler is installed only in the main
     thread (Python allows no other) and the previous one is restored on exit.
     """
 
-    def __init__(self, max_minutes: float) -> None:
+    def __init__(self, max_minutes: float, max_steps: int = 0, state: TrainState | None = None) -> None:
         self.budget_s = 60 * max_minutes
         self.deadline = time.monotonic() + self.budget_s if max_minutes > 0 else math.inf
+        self.max_steps = max_steps
+        self.state = state or TrainState()
         self.reason = ""
         self._previous = None
 
@@ -83,10 +103,13 @@ class StopRequest:
             signal.signal(signal.SIGINT, self._previous)
 
     def progress(self, epoch_share: float) -> float:
-        """How far training is, 0…1: the larger of the epoch share and the share of the time budget."""
-        if math.isinf(self.deadline):
-            return epoch_share
-        return max(epoch_share, 1 - (self.deadline - time.monotonic()) / self.budget_s)
+        """How far training is, 0…1: the largest of the epoch share, the step share and the time share."""
+        shares = [epoch_share]
+        if self.max_steps:
+            shares.append(self.state.steps / self.max_steps)
+        if not math.isinf(self.deadline):
+            shares.append(1 - (self.deadline - time.monotonic()) / self.budget_s)
+        return max(shares)
 
     def _on_sigint(self, signum, frame) -> None:
         if self.reason == "interrupted":
@@ -96,6 +119,8 @@ class StopRequest:
 
     @property
     def requested(self) -> bool:
+        if not self.reason and self.max_steps and self.state.steps >= self.max_steps:
+            self.reason = "max steps"
         if not self.reason and time.monotonic() >= self.deadline:
             self.reason = "time budget"
         return bool(self.reason)
@@ -151,7 +176,7 @@ def fit(
     if resume and (out_dir / CHECKPOINT_LAST).exists():
         state = load_training_state(out_dir / CHECKPOINT_LAST, model, optimizers, device)
     started = time.monotonic() - state.train_seconds
-    with StopRequest(cfg.max_minutes) as stop:
+    with StopRequest(cfg.max_minutes, cfg.max_steps, state) as stop:
         while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience and not stop.requested:
             record = train_epoch(model, train_loader, optimizers, cfg, state, device, stop, progress)
             record["val_loss"] = val = validation_loss(model, val_loader, device)
@@ -185,6 +210,7 @@ def train_epoch(model, loader, optimizers, cfg, state, device, stop: StopRequest
         if cfg.schedule == "cosine":
             set_cosine_lr(optimizers, stop.progress((state.epoch + steps / len(loader)) / cfg.max_epochs))
         logs = model.training_step(images_of(batch).to(device), optimizers)
+        state.steps += 1
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{logs['loss']:.4g}")
