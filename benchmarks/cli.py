@@ -1,4 +1,5 @@
-"""``mnemo bench accuracy`` / ``serve`` / ``decode``: argparse only; the work is imported when it runs."""
+"""``mnemo bench accuracy`` / ``train`` / ``serve`` / ``decode``: argparse only; the work is imported when
+it runs."""
 
 from __future__ import annotations
 
@@ -13,11 +14,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bench",
         help="benchmarks: the papers' accuracy tables, serving speed against raw ONNX Runtime",
         description="Benchmarks. `accuracy` reproduces the papers' ROCO / one-class tables with the real "
-        "training pipeline; `serve` load-tests a real `mnemo serve` against raw ONNX Runtime; `decode` "
+        "training pipeline; `train` measures the training loop's steps/s against a bare loop; "
+        "`serve` load-tests a real `mnemo serve` against raw ONNX Runtime; `decode` "
         "measures what decoding one large image costs.",
     )
     sub = p.add_subparsers(dest="bench_command", metavar="BENCH_COMMAND", required=True)
     _accuracy(sub)
+    _train(sub)
     _serve(sub)
     _decode(sub)
 
@@ -253,6 +256,50 @@ def cmd_serve(args: argparse.Namespace) -> int:
         spinning=args.spinning,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
+    return 0
+
+
+def _train(sub) -> None:
+    from_cases = "ae, memae, memorizer, rftm (MNIST ROCO), daad (one-class MNIST), anomem, restore (textures)"
+    p = sub.add_parser(
+        "train",
+        help="optimizer steps/s of mnemo train's loop against a bare PyTorch loop, with a profile",
+        description="For each architecture at its paper configuration, train the same model side by side "
+        "with a bare loop (training_step on batches already in memory: the machine's limit), mnemo train's "
+        "loop (train_epoch over the in-memory batches) and the per-item DataLoader it used before; report "
+        "the median steps/s of each, their ratios, and where the loop's time goes. Writes train-speed.json "
+        f"and train-speed.md (benchmarks/train_speed.py). Models: {from_cases}.",
+    )
+    p.add_argument("--models", type=_names, default=None, help=f"comma-separated (default all: {from_cases})")
+    p.add_argument(
+        "--data", default="../shared/data", help="folder holding mnist/ as IDX (default ../shared/data)"
+    )
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps per loop and round (default 40)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the median is kept (default 3)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (default 0 = every usable core, as mnemo train)",
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
+    p.add_argument("--results", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.add_argument(
+        "--work", default="runs/bench-train", help="where generated textures go (default runs/bench-train)"
+    )
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mnemo.benchmarks import train_speed
+    from mnemo.training.trainer import set_threads
+
+    set_threads(args.threads)
+    models = args.models or list(train_speed.CASES)
+    train_speed.run(
+        models, Path(args.data), Path(args.work), Path(args.results), args.steps, args.rounds, args.device
+    )
+    print(f"results: {Path(args.results) / 'train-speed.json'} and train-speed.md")
     return 0
 
 

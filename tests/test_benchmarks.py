@@ -243,3 +243,23 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     assert (
         "## elpv-mono, real" in text and "| restore | restore |" in text and "40-line plain conv AE" in text
     )
+
+
+def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist, tmp_path):
+    from mnemo.benchmarks import train_speed
+
+    report = train_speed.run(["memae", "daad"], fake_mnist, tmp_path / "work", tmp_path / "out", 3, 1, "cpu",
+                             log=lambda _: None)  # fmt: skip
+    memae, daad = report["records"]
+    assert (memae["batch_size"], daad["batch_size"]) == (256, 8)  # each at its paper's batch size
+    for record in (memae, daad):
+        rate = record["steps_per_second"]
+        assert set(rate) == set(train_speed.LOOPS) and min(rate.values()) > 0
+        assert record["mnemo_over_bare"] == pytest.approx(rate["mnemo"] / rate["bare"], rel=0.02)
+        for shares in record["profile"].values():
+            assert sum(shares.values()) == pytest.approx(1.0, abs=0.01)
+            assert shares["optimizer step"] > 0 and shares["loss and backward"] > 0
+    assert any(k.startswith("forward: memory") for k in memae["profile"]["mnemo"])
+    table = (tmp_path / "out" / "train-speed.md").read_text()
+    assert "| memae | mnist roco 1×28×28 | 256 |" in table
+    assert json.loads((tmp_path / "out" / "train-speed.json").read_text())["records"][0]["model"] == "memae"
