@@ -23,6 +23,60 @@ from typing import Any
 import numpy as np
 
 N_QUANTILES = 1001
+PIXEL_QUANTILES = 101  # percentiles of the normal pixel scores: a fixed-size manifest entry
+DEFAULT_PIXEL_FALSE_ALARM_RATE = 1e-4  # ~1.6 flagged pixels per normal 128 px map: regions stay rare
+
+
+@dataclass(frozen=True)
+class PixelCalibration:
+    """The normal pixels' scores: ``threshold`` flags a share ``false_alarm_rate`` of them (strict ``>``,
+    as for images); ``quantiles`` are their percentiles 0, 1, … 100 over ``n_images`` heatmaps."""
+
+    threshold: float
+    false_alarm_rate: float
+    quantiles: tuple[float, ...]
+    n_images: int
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
+        if self.n_images < 1 or len(self.quantiles) != PIXEL_QUANTILES:
+            raise ValueError(f"a pixel calibration needs {PIXEL_QUANTILES} quantiles of at least one heatmap")
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """Heatmap colours: the normal median at the cold end, the region level at the hot end, so a
+        normal part looks calm and anything a region would flag saturates."""
+        low = self.quantiles[PIXEL_QUANTILES // 2]
+        return low, max(self.threshold, low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "threshold": float(self.threshold),
+            "false_alarm_rate": float(self.false_alarm_rate),
+            "quantiles": list(self.quantiles),
+            "n_images": int(self.n_images),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> PixelCalibration:
+        missing = sorted({"threshold", "false_alarm_rate", "quantiles", "n_images"} - set(raw))
+        if missing:
+            raise ValueError(f"pixel calibration is missing key(s) {missing}")
+        return cls(raw["threshold"], raw["false_alarm_rate"], raw["quantiles"], raw["n_images"])
+
+
+def pixel_calibration(
+    normal_heatmaps: np.ndarray, rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE
+) -> PixelCalibration:
+    """From held-out normal heatmaps [N, H, W] (any shape with N first): region level and percentiles."""
+    heat = np.asarray(normal_heatmaps)
+    pixels = heat.reshape(len(heat), -1) if heat.ndim > 1 else heat[None]
+    return PixelCalibration(
+        threshold=threshold_for_false_alarm_rate(pixels, rate),
+        false_alarm_rate=float(rate),
+        quantiles=tuple(np.quantile(_clean(pixels), np.linspace(0.0, 1.0, PIXEL_QUANTILES)).tolist()),
+        n_images=len(pixels),
+    )
 
 
 @dataclass(frozen=True)
@@ -38,9 +92,12 @@ class Calibration:
     n: int
     best_f1_threshold: float | None = None
     best_f1: float | None = None
+    pixel: PixelCalibration | None = None  # None in bundles exported before issue 14
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "quantiles", tuple(float(q) for q in self.quantiles))
+        if isinstance(self.pixel, dict):
+            object.__setattr__(self, "pixel", PixelCalibration.from_dict(self.pixel))
         if self.n < 1 or not self.quantiles:
             raise ValueError("a calibration needs at least one normal score")
         if any(b < a for a, b in zip(self.quantiles, self.quantiles[1:])):
@@ -61,6 +118,7 @@ class Calibration:
             "n": int(self.n),
             "best_f1_threshold": self.best_f1_threshold,
             "best_f1": self.best_f1,
+            **({"pixel": self.pixel.to_dict()} if self.pixel else {}),
         }
 
     @classmethod
@@ -70,6 +128,26 @@ class Calibration:
         if missing:
             raise ValueError(f"calibration is missing key(s) {missing}")
         return cls(**{k: v for k, v in raw.items() if k in known})
+
+
+def calibrate_normal(
+    normal_scores: np.ndarray,
+    false_alarm_rate: float,
+    normal_heatmaps: np.ndarray | None = None,
+    pixel_false_alarm_rate: float = DEFAULT_PIXEL_FALSE_ALARM_RATE,
+    n_quantiles: int = N_QUANTILES,
+) -> Calibration:
+    """The calibration good images alone give: threshold, stored distribution, and with their heatmaps
+    the pixel level (``training.calibration.calibrate`` adds the best-F1 threshold of a labelled set)."""
+    normal = _clean(normal_scores)
+    return Calibration(
+        threshold=threshold_for_false_alarm_rate(normal, false_alarm_rate),
+        method="false_alarm_rate",
+        target=float(false_alarm_rate),
+        quantiles=tuple(normal_quantiles(normal, n_quantiles).tolist()),
+        n=int(normal.size),
+        pixel=None if normal_heatmaps is None else pixel_calibration(normal_heatmaps, pixel_false_alarm_rate),
+    )
 
 
 def is_anomalous(scores: float | np.ndarray, threshold: float) -> bool | np.ndarray:

@@ -13,6 +13,7 @@ import json
 import sys
 
 from mnemo import __version__
+from mnemo.bundle import BundleError
 
 # Modules with a ``register(subparsers)`` function, in the order their commands are listed.
 COMMAND_MODULES = ("mnemo.cli_models", "mnemo.training.cli", "mnemo.service.cli", "mnemo.benchmarks.cli")
@@ -43,8 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, KeyError, TypeError, FileNotFoundError) as exc:
-        # User errors (bad config field, unknown model, missing folder) get one clear line, not a traceback.
+    except (ValueError, KeyError, TypeError, OSError, BundleError) as exc:
+        # User errors (bad config field, unknown model, missing folder, a file in the way, a corrupt
+        # bundle) get one clear line, not a traceback.
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"mnemo {args.command}: error: {message}", file=sys.stderr)
         return 2

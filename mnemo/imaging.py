@@ -44,6 +44,7 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 # 40 megapixels: larger than any inspection camera frame we expect, far below Pillow's own 89 MP guard.
 DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_POLICIES = ("resize", "center_crop")
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what folders are read for
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -429,6 +430,18 @@ def _scaled_size(width: int, height: int, size: int, policy: str) -> tuple[int, 
         scale = size / min(height, width)
         return max(size, round(width * scale)), max(size, round(height * scale))
     return size, size
+
+
+def model_box_to_image(
+    box: tuple[float, float, float, float], width: int, height: int, prep: Preprocessing
+) -> tuple[float, float, float, float]:
+    """A box (x0, y0, x1, y1) on the model's ``size``×``size`` grid → the same box in the pixels of the
+    ``width``×``height`` image it came from, undoing ``resize_pixels`` (its stretch or its centred cut)."""
+    new_w, new_h = _scaled_size(width, height, prep.size, prep.resize)
+    left, top = (new_w - prep.size) // 2, (new_h - prep.size) // 2
+    sx, sy = width / new_w, height / new_h
+    x0, y0, x1, y1 = box
+    return (x0 + left) * sx, (y0 + top) * sy, (x1 + left) * sx, (y1 + top) * sy
 
 
 def _resize_channels(pixels: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:

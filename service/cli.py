@@ -1,4 +1,5 @@
-"""``mnemo serve``: run the scoring service under uvicorn.
+"""``mnemo serve``: run the scoring service under uvicorn; ``mnemo recalibrate``: a bundle's calibration
+on new good images.
 
 Settings come from ``MNEMO_*`` environment variables (see ``service/settings.py``); a flag given here wins
 over its variable. Only argparse is imported until the command runs, so ``mnemo --help`` stays instant.
@@ -75,6 +76,56 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     for flag, (field, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")
     p.set_defaults(func=run)
+    _recalibrate(subparsers)
+
+
+def _recalibrate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "recalibrate",
+        help="recompute a bundle's threshold and pixel level on new good images, without retraining",
+        description="Score new good images (lighting changed, a new batch of material) with the bundle's own "
+        "graph, recompute the verdict threshold for the false-alarm rate, the p-value distribution and the "
+        "pixel level of regions and heatmap colours, and write the bundle again under a new version (model "
+        "files untouched; the manifest replaced atomically). A running `mnemo serve` picks it up at its next "
+        "reload (POST /v1/admin/reload). Prints how the threshold moved, as JSON. Needs no torch.",
+    )
+    p.add_argument("bundle", help="the bundle directory (manifest.json, model.onnx)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="good images: a folder of them, or an MVTec-layout folder (its train/good is read)",
+    )
+    p.add_argument("--out", help="write the recalibrated bundle here instead of in place (must not exist)")
+    p.add_argument(
+        "--false-alarm-rate",
+        type=float,
+        help="target share of good images flagged anomalous (default: the bundle's own, else 0.01)",
+    )
+    p.add_argument(
+        "--pixel-false-alarm-rate",
+        type=float,
+        help="target share of good pixels above the region level (default: the bundle's own, else 0.0001)",
+    )
+    p.add_argument("--version", help="the new version string (default: a UTC timestamp)")
+    p.add_argument("--backend", default="auto", help="auto (= onnxruntime), onnxruntime or torchscript")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run_recalibrate)
+
+
+def run_recalibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from mnemo.cli import print_json
+    from mnemo.service.recalibration import recalibrate
+
+    report = recalibrate(
+        Path(args.bundle), Path(args.data), out=Path(args.out) if args.out else None,
+        false_alarm_rate=args.false_alarm_rate, pixel_false_alarm_rate=args.pixel_false_alarm_rate,
+        version=args.version, backend=args.backend, device=args.device, progress=not args.no_progress,
+    )  # fmt: skip
+    print_json(report)
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:

@@ -62,6 +62,7 @@ class CpuSlots:
 class Decoded:
     inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation; the batcher stacks them once
     displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
+    sizes: list[tuple[int, int]]  # (width, height) of each upload as sent: regions are given in these
 
 
 @dataclass(frozen=True)
@@ -97,9 +98,10 @@ class Decoding:
             if self.done[i] is None:
                 decode = partial(_decode_large, self.uploads[i], i, image, self.pre, self.overlay)
                 self.done[i] = await _large_in_thread(decode, slots)
+        sizes = [image.image.size for image in self.opened]
         self.close()
         inputs = [item[0] for item in self.done]
-        return Decoded(inputs, [item[1] for item in self.done] if self.overlay else None)
+        return Decoded(inputs, [item[1] for item in self.done] if self.overlay else None, sizes)
 
     def close(self) -> None:
         for image in self.opened:

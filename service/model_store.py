@@ -70,6 +70,7 @@ class LoadedModel:
             preprocessing=self.preprocessing.to_dict(),
             threshold=self.threshold,
             calibration_method=self.calibration.method,
+            pixel_threshold=self.calibration.pixel.threshold if self.calibration.pixel else None,
             metrics=m.metrics,
             created=m.created,
             loaded_at=self.loaded_at,

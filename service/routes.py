@@ -33,6 +33,7 @@ from mnemo.service.schemas import (
     ErrorResponse,
     Health,
     HeatmapFormat,
+    HeatmapScaleKind,
     ModelInfo,
     ModelList,
     Readiness,
@@ -162,6 +163,15 @@ async def score(
     threshold: Annotated[
         float | None, Query(description="override the model's threshold", allow_inf_nan=False)
     ] = None,
+    regions: Annotated[
+        bool, Query(description="list the connected areas above the model's calibrated pixel level")
+    ] = False,
+    heatmap_scale: Annotated[
+        HeatmapScaleKind,
+        Query(
+            description="calibrated: one colour scale for every image (default); image: each map's min…max"
+        ),
+    ] = "calibrated",
 ) -> ScoreResponse:
     # Counts every request by model and status. The model is looked up here rather than as a dependency,
     # so that an unknown name is counted too (as _unknown) and a bad query still answers 422 first.
@@ -171,7 +181,7 @@ async def score(
     try:
         model = find_model(store, name)
         label = name
-        options = ScoreOptions(heatmap, threshold)
+        options = ScoreOptions(heatmap, threshold, regions, heatmap_scale)
         response = await score_request(request, model, options, settings, slots, started)
         status = 200
         return response

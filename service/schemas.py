@@ -7,6 +7,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 HeatmapFormat = Literal["none", "overlay", "gray", "grid"]
+HeatmapScaleKind = Literal["calibrated", "image"]
+
+
+class HeatmapScale(BaseModel):
+    kind: HeatmapScaleKind = Field(
+        description="calibrated: the same for every image (normal pixels' median to the region level); "
+        "image: this heatmap's own min to max (bundles without a pixel calibration, or ?heatmap_scale=image)"
+    )
+    vmin: float = Field(description="score drawn coldest (0 in gray)")
+    vmax: float = Field(description="score drawn hottest (255 in gray); anything above saturates")
 
 
 class Heatmap(BaseModel):
@@ -15,6 +25,17 @@ class Heatmap(BaseModel):
     height: int
     png_base64: str | None = Field(None, description="overlay/gray: a PNG at the model's input size")
     values: list[list[float]] | None = Field(None, description="grid: rows of per-cell mean heatmap values")
+    scale: HeatmapScale | None = Field(None, description="overlay/gray: how scores map to colours")
+
+
+class Region(BaseModel):
+    x: int = Field(description="bounding box in the uploaded image's pixels: left")
+    y: int = Field(description="top")
+    width: int
+    height: int
+    area: int = Field(description="pixels of the uploaded image the region covers")
+    peak: float = Field(description="highest heatmap score in the region")
+    mean: float = Field(description="mean heatmap score in the region")
 
 
 class ImageScore(BaseModel):
@@ -24,6 +45,10 @@ class ImageScore(BaseModel):
     verdict: Literal["ok", "anomalous"]
     threshold: float = Field(description="the threshold used: the model's, or the request's override")
     heatmap: Heatmap | None = None
+    regions: list[Region] | None = Field(
+        None,
+        description="regions=true: connected areas above the model's calibrated pixel level, strongest first",
+    )
 
 
 class ModelRef(BaseModel):
@@ -55,6 +80,9 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     threshold: float
     calibration_method: str | None = None
+    pixel_threshold: float | None = Field(
+        None, description="the region level (regions=true); None for a bundle without pixel calibration"
+    )
     metrics: dict[str, Any]
     created: str
     loaded_at: float

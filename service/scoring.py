@@ -25,13 +25,24 @@ import numpy as np
 from starlette.requests import Request
 from starlette.types import Receive
 
-from mnemo.calibration import is_anomalous, p_value
+from mnemo.calibration import PixelCalibration, is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
+from mnemo.regions import find_regions
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
 from mnemo.service.decoding import CpuSlots, Decoded, Decoding, PixelLimits
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
-from mnemo.service.schemas import Heatmap, HeatmapFormat, ImageScore, ModelRef, ScoreResponse, Timings
+from mnemo.service.schemas import (
+    Heatmap,
+    HeatmapFormat,
+    HeatmapScale,
+    HeatmapScaleKind,
+    ImageScore,
+    ModelRef,
+    Region,
+    ScoreResponse,
+    Timings,
+)
 from mnemo.service.settings import Settings
 from mnemo.service.uploads import Upload, read_uploads
 
@@ -45,6 +56,8 @@ class ScoreOptions:
 
     heatmap: HeatmapFormat = "none"
     threshold: float | None = None  # overrides the model's calibrated threshold
+    regions: bool = False  # list the defect regions (needs the bundle's pixel calibration)
+    heatmap_scale: HeatmapScaleKind = "calibrated"  # colours: the calibrated scale, or each map's min…max
 
 
 async def score_request(
@@ -57,6 +70,13 @@ async def score_request(
 ) -> ScoreResponse:
     """Score the request's images; ``started`` (``time.perf_counter``) is when the request arrived, so the
     decode time includes receiving the upload. Failures are ``ApiError``s."""
+    if options.regions and model.calibration.pixel is None:
+        raise ApiError(
+            400,
+            "no_pixel_calibration",
+            f"{model.name} has no pixel calibration, so it cannot find regions: re-export it, or run "
+            "`mnemo recalibrate` on its bundle with good images",
+        )
     uploads = await read_uploads(request, settings.max_files)
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     decoding = Decoding(uploads, model.preprocessing, options.heatmap == "overlay")
@@ -69,10 +89,8 @@ async def score_request(
     finally:
         decoding.close()
     threshold = model.threshold if options.threshold is None else options.threshold
-    draw = partial(
-        judge, model, uploads, results, decoded, threshold, options.heatmap, settings.heatmap_grid_size
-    )
-    in_thread = options.heatmap in PNG_FORMATS
+    draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
+    in_thread = options.heatmap in PNG_FORMATS or options.regions
     images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
     for image in images:
         model.metrics.observe_image(image.score, image.p_value, image.verdict)
@@ -160,13 +178,15 @@ def judge(
     results: list[ImageResult],
     decoded: Decoded,
     threshold: float,
-    heatmap: HeatmapFormat,
+    options: ScoreOptions,
     grid_size: int,
 ) -> list[ImageScore]:
-    """Score, p-value, verdict and requested heatmap of every image, in upload order."""
+    """Score, p-value, verdict, requested heatmap and regions of every image, in upload order."""
     scores = np.array([r.score for r in results], np.float64)
     p_values = np.atleast_1d(p_value(scores, model.quantiles, model.calibration.n))
     flagged = is_anomalous(scores, threshold)
+    pixel = model.calibration.pixel
+    scale = pixel.scale if pixel is not None and options.heatmap_scale == "calibrated" else None
     return [
         ImageScore(
             filename=upload.filename,
@@ -174,21 +194,46 @@ def judge(
             p_value=float(p),
             verdict="anomalous" if flag else "ok",
             threshold=threshold,
-            heatmap=render_heatmap(result.heatmap, heatmap, decoded.displays, i, grid_size),
+            heatmap=render_heatmap(result.heatmap, options.heatmap, decoded.displays, i, grid_size, scale),
+            regions=regions_of(result.heatmap, pixel, decoded.sizes[i], model) if options.regions else None,
         )
         for i, (upload, result, score, p, flag) in enumerate(zip(uploads, results, scores, p_values, flagged))
     ]
 
 
+def regions_of(
+    heat: np.ndarray, pixel: PixelCalibration, size: tuple[int, int], model: LoadedModel
+) -> list[Region]:
+    found = find_regions(heat, pixel.threshold, size, model.preprocessing)
+    return [Region(**vars(region)) for region in found]
+
+
 def render_heatmap(
-    heat: np.ndarray, fmt: HeatmapFormat, displays: list[np.ndarray] | None, index: int, grid_size: int
+    heat: np.ndarray,
+    fmt: HeatmapFormat,
+    displays: list[np.ndarray] | None,
+    index: int,
+    grid_size: int,
+    scale: tuple[float, float] | None = None,
 ) -> Heatmap | None:
-    """Colours stretch each heatmap's own min…max: bundles carry no calibrated pixel-level scale yet."""
+    """A PNG coloured on ``scale`` (vmin, vmax: the bundle's calibrated one, the same for every image),
+    else stretched over this heatmap's own min…max; the answer says which."""
     height, width = heat.shape
     if fmt == "none":
         return None
     if fmt == "grid":
         grid = heatmap_grid(heat, grid_size)
         return Heatmap(format="grid", width=grid.shape[1], height=grid.shape[0], values=grid.tolist())
-    png = heatmap_overlay_png(displays[index], heat) if fmt == "overlay" else heatmap_png(heat)
-    return Heatmap(format=fmt, width=width, height=height, png_base64=base64.b64encode(png).decode("ascii"))
+    kind = "calibrated" if scale else "image"
+    vmin, vmax = scale or (float(heat.min()), float(heat.max()))
+    if fmt == "overlay":
+        png = heatmap_overlay_png(displays[index], heat, vmin=vmin, vmax=vmax)
+    else:
+        png = heatmap_png(heat, vmin=vmin, vmax=vmax)
+    return Heatmap(
+        format=fmt,
+        width=width,
+        height=height,
+        png_base64=base64.b64encode(png).decode("ascii"),
+        scale=HeatmapScale(kind=kind, vmin=vmin, vmax=vmax),
+    )

@@ -53,7 +53,8 @@ def defect_image(channels: int, size: int, seed: int = 99) -> np.ndarray:
 def export_tiny_bundle(
     out_dir: Path, name: str, version: str = "1", seed: int = 0, spec: str = "gray"
 ) -> Path:
-    """Export a tiny untrained AE with a calibration computed from its scores on 'normal' images."""
+    """Export a tiny untrained AE with a calibration computed from its scores and heatmaps on 'normal'
+    images (pixel level at 1 % of their pixels, so that a defect surely makes regions)."""
     torch.manual_seed(seed)
     model = models.create("ae", **BUNDLE_SPECS[spec]["model"]).eval()
     cfg = model.config
@@ -61,8 +62,10 @@ def export_tiny_bundle(
     normal = smooth_images(64, cfg.in_channels, cfg.image_size, seed=1)
     x = normalised(normal, pre)
     with torch.no_grad():
-        scores = model(torch.from_numpy(x))[0].numpy()
-    calibration = calibrate(scores, false_alarm_rate=0.05)
+        scores, heatmaps = (t.numpy() for t in model(torch.from_numpy(x)))
+    calibration = calibrate(
+        scores, false_alarm_rate=0.05, normal_heatmaps=heatmaps, pixel_false_alarm_rate=0.01
+    )
     export_bundle(
         model, out_dir / name, name=name, version=version, preprocessing=pre.to_dict(),
         calibration=calibration.to_dict(), samples=torch.from_numpy(x[:4]),

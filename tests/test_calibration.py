@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from mnemo.calibration import (
+    PIXEL_QUANTILES,
     Calibration,
+    PixelCalibration,
     is_anomalous,
     normal_quantiles,
     p_value,
@@ -81,3 +83,23 @@ def test_round_trip_through_json():
     assert back.is_anomalous(cal.threshold + 1e-9) and not back.is_anomalous(cal.threshold)
     with pytest.raises(ValueError, match="missing"):
         Calibration.from_dict({"threshold": 1.0})
+
+
+def test_pixel_level_flags_at_most_its_share_of_normal_pixels_and_round_trips():
+    heat = np.random.default_rng(3).gamma(2.0, size=(40, 16, 16))
+    cal = calibrate(
+        heat.max(axis=(1, 2)), false_alarm_rate=0.05, normal_heatmaps=heat, pixel_false_alarm_rate=1e-3
+    )
+    pixel = cal.pixel
+    assert pixel.n_images == 40 and len(pixel.quantiles) == PIXEL_QUANTILES
+    flagged = np.mean(heat > pixel.threshold)
+    assert 0 < flagged <= 1e-3  # 10 of 10240 pixels: exactly the share asked for, never more
+    assert pixel.quantiles[0] == heat.min() and pixel.quantiles[-1] == heat.max()
+    vmin, vmax = pixel.scale
+    assert vmin == pytest.approx(np.median(heat)) and vmax == pixel.threshold
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back == cal and isinstance(back.pixel, PixelCalibration)
+    assert calibrate(heat.max(axis=(1, 2))).pixel is None  # old-style record: no pixel key at all
+    assert "pixel" not in calibrate(heat.max(axis=(1, 2))).to_dict()
+    with pytest.raises(ValueError, match="pixel calibration is missing"):
+        Calibration.from_dict({**cal.to_dict(), "pixel": {"threshold": 1.0}})

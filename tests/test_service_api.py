@@ -96,11 +96,29 @@ def test_heatmap_formats(server, bundle_dir, model, size):
     overlay = post_files(server, model, [image], heatmap="overlay").json()["results"][0]["heatmap"]
     picture = decode_png(overlay["png_base64"])
     assert (picture.mode, picture.size) == ("RGB", (size, size))
-    gray = post_files(server, model, [image], heatmap="gray").json()["results"][0]["heatmap"]
-    levels = np.asarray(decode_png(gray["png_base64"]))
+    gray = post_files(server, model, [image], heatmap="gray", heatmap_scale="image").json()["results"][0]
+    levels = np.asarray(decode_png(gray["heatmap"]["png_base64"]))
     assert levels.shape == (size, size) and levels.min() == 0 and levels.max() == 255  # min…max stretch
     hottest = np.unravel_index(np.argmax(heatmaps[0, 0]), (size, size))
     assert levels[hottest] == 255
+    assert gray["heatmap"]["scale"] == pytest.approx(
+        {"kind": "image", "vmin": heatmaps[0, 0].min(), "vmax": heatmaps[0, 0].max()}, abs=1e-4
+    )
+
+
+@pytest.mark.parametrize("model", ["gray", "color"])
+def test_heatmap_colours_follow_the_calibrated_scale_by_default(server, bundle_dir, model):
+    """One scale for every image (normal pixels' median → region level), so a normal part looks calm."""
+    pixel = Calibration.from_dict(read_manifest(bundle_dir / model).calibration).pixel
+    vmin, vmax = pixel.scale
+    normal, defect = png_bytes(smooth_images(1, 3, 40, seed=4)[0]), png_bytes(defect_image(3, 40))
+    _, heatmaps = offline_scores(bundle_dir / model, [normal, defect])
+    body = post_files(server, model, [normal, defect], heatmap="gray").json()["results"]
+    for result, heat in zip(body, heatmaps[:, 0]):
+        assert result["heatmap"]["scale"] == {"kind": "calibrated", "vmin": vmin, "vmax": vmax}
+        levels = np.asarray(decode_png(result["heatmap"]["png_base64"]), np.float64)
+        expected = np.clip((heat - vmin) / (vmax - vmin), 0, 1) * 255
+        assert np.abs(levels - expected).max() <= 1.0  # the same score is the same grey in every image
 
 
 def test_request_threshold_overrides_the_verdict(server):

@@ -48,6 +48,13 @@ def test_page_scores_a_sample_and_shows_verdict_and_overlay(server, tmp_path):
     overlay = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
     picture = Image.open(io.BytesIO(base64.b64decode(overlay[1])))
     assert (picture.mode, picture.size) == ("RGB", (16, 16))  # the first listed model: color, 16×16
+    assert re.search(r'<figcaption id="scale">heatmap, calibrated: ', dom)  # the bundle's fixed scale
+    count = re.search(r'<dd id="regions">(\d+)</dd>', dom)
+    boxes = re.findall(
+        r'<div class="region"[^>]* style="left: ([\d.]+)px; top: ([\d.]+)px; width: ([\d.]+)px', dom
+    )
+    assert count and int(count[1]) == len(boxes) >= 1, "the sample's blotch must be boxed"
+    assert all(float(left) >= 0 and float(left) + float(width) <= 256.5 for left, _, width in boxes)
     after = metric_value(httpx.get(f"{server}/metrics").text, "mnemo_images_scored_total", model="color")
     assert after == before + 1  # the page really went through the API
 

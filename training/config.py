@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE
 from mnemo.config_values import coerce
 
 
@@ -78,6 +79,9 @@ class RunConfig:
     device: str = "auto"  # "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
     out_dir: str = "runs/{model}"  # {model} is replaced by the model name
     false_alarm_rate: float = 0.01  # calibration: target share of good images flagged anomalous
+    pixel_false_alarm_rate: float = (
+        DEFAULT_PIXEL_FALSE_ALARM_RATE  # share of good pixels above the region level
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

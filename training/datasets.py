@@ -37,6 +37,7 @@ from torch.utils.data import Dataset
 
 from mnemo.imaging import (
     DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
     ImageDecodeError,
     Preprocessing,
     decode_image,
@@ -44,7 +45,6 @@ from mnemo.imaging import (
     resize_pixels,
 )
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 GOOD = "good"
 IDX_IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 IDX_LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension

@@ -174,6 +174,8 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         false_alarm_rate=cfg.false_alarm_rate,
         scores=None if test is None else test.scores,
         labels=None if test is None else test.labels,
+        normal_heatmaps=val.heatmaps,
+        pixel_false_alarm_rate=cfg.pixel_false_alarm_rate,
     )
     write_json(out / CALIBRATION_FILE, calibration.to_dict())
     report = {

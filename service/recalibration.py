@@ -1,0 +1,122 @@
+"""``mnemo recalibrate BUNDLE --data DIR``: a bundle's threshold, p-value distribution and pixel level
+computed again on new good images, without retraining (issue 14).
+
+Lighting changes, a new batch of material arrives: the model still knows what normal looks like, but its
+scores drift, and so must the threshold. This scores the good images with the bundle's own graph (ONNX
+Runtime, no torch, so it runs in the slim serving image too), calibrates them exactly as training does
+(``mnemo.calibration.calibrate_normal``) and writes the bundle again under a new version, its model files
+untouched: a running service picks it up at its next reload (``POST /v1/admin/reload``). The manifest is
+replaced atomically, so a reload never reads half a file.
+
+The best-F1 threshold of the old record is dropped: it was chosen on a labelled set of the old conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from mnemo.bundle import MANIFEST_FILE, Manifest, read_manifest
+from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE, Calibration, calibrate_normal, is_anomalous
+from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, preprocess
+from mnemo.service.backends import create_runner
+
+DEFAULT_FALSE_ALARM_RATE = 0.01  # when the old threshold was not chosen by a false-alarm rate
+
+
+def good_images(data: Path) -> list[Path]:
+    """An MVTec-layout folder's ``train/good``, else the images directly in ``data`` (as training reads)."""
+    folder = data / "train" / "good" if (data / "train" / "good").is_dir() else data
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a directory")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+    return images
+
+
+def score_images(runner, prep: Preprocessing, paths: list[Path], batch_size: int, progress: bool):
+    """Scores [N] and heatmaps [N, H, W] of ``paths``, decoded as the service decodes uploads."""
+    scores, heatmaps = [], []
+    with tqdm(total=len(paths), desc="scoring good images", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start : start + batch_size]
+            batch = np.stack([preprocess(path, prep) for path in chunk])
+            score, heat = runner.run(batch)
+            scores.append(np.asarray(score, np.float64))
+            heatmaps.append(np.asarray(heat, np.float32)[:, 0])
+            bar.update(len(chunk))
+    return np.concatenate(scores), np.concatenate(heatmaps)
+
+
+def recalibrate(
+    bundle: Path,
+    data: Path,
+    *,
+    out: Path | None = None,
+    false_alarm_rate: float | None = None,
+    pixel_false_alarm_rate: float | None = None,
+    version: str | None = None,
+    backend: str = "auto",
+    device: str = "auto",
+    batch_size: int = 16,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Recalibrate ``bundle`` on the good images in ``data``; write it in place, or a copy to ``out``.
+    Rates default to the bundle's own. Returns the report: how threshold and pixel level moved."""
+    manifest = read_manifest(bundle)
+    old = Calibration.from_dict(manifest.calibration)
+    if false_alarm_rate is None:
+        false_alarm_rate = old.target if old.method == "false_alarm_rate" else DEFAULT_FALSE_ALARM_RATE
+    if pixel_false_alarm_rate is None:
+        pixel_false_alarm_rate = old.pixel.false_alarm_rate if old.pixel else DEFAULT_PIXEL_FALSE_ALARM_RATE
+    paths = good_images(data)
+    runner = create_runner(bundle, backend, device)
+    scores, heatmaps = score_images(
+        runner, Preprocessing.from_dict(manifest.preprocessing), paths, batch_size, progress
+    )
+    new = calibrate_normal(scores, false_alarm_rate, heatmaps, pixel_false_alarm_rate)
+    version = version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
+    if version == manifest.version:
+        raise ValueError(f"version {version!r} is the bundle's current one; a reload would not notice")
+    report = {
+        "bundle": str(out or bundle),
+        "images": len(paths),
+        "version": {"old": manifest.version, "new": version},
+        "false_alarm_rate": false_alarm_rate,
+        "threshold": {"old": old.threshold, "new": new.threshold},
+        # what the old threshold would have done on the new good images: the drift, in one number
+        "old_threshold_flags": float(np.mean(is_anomalous(scores, old.threshold))),
+        "pixel_false_alarm_rate": pixel_false_alarm_rate,
+        "pixel_threshold": {"old": old.pixel.threshold if old.pixel else None, "new": new.pixel.threshold},
+    }
+    recalibrated = dataclasses.replace(
+        manifest,
+        version=version,
+        calibration=new.to_dict(),
+        training={
+            **manifest.training,
+            "recalibrated": {k: report[k] for k in ("images", "version", "threshold")},
+        },
+    )
+    target = Path(out) if out else Path(bundle)
+    if out:
+        if target.exists():
+            raise FileExistsError(f"{target} exists; give a new directory for the recalibrated bundle")
+        shutil.copytree(bundle, target)
+    write_manifest(target, recalibrated)
+    return report
+
+
+def write_manifest(bundle: Path, manifest: Manifest) -> None:
+    """Replace ``manifest.json`` atomically: a concurrent reload reads the old file or the new one."""
+    tmp = bundle / f".{MANIFEST_FILE}.tmp"
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, bundle / MANIFEST_FILE)

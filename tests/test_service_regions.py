@@ -1,0 +1,64 @@
+"""Defect regions in the answer (``regions=true``) against a real uvicorn server with real bundles."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+
+from mnemo.bundle import MANIFEST_FILE, read_manifest
+from mnemo.calibration import Calibration
+from mnemo.imaging import Preprocessing
+from mnemo.regions import find_regions
+from tests.image_bytes import png_bytes
+from tests.service_helpers import defect_image, make_settings, running_server, smooth_images
+from tests.test_service_api import offline_scores, post_files
+
+pytest_plugins = ["tests.service_fixtures"]
+
+
+@pytest.mark.parametrize("model", ["gray", "color"])  # resize and center_crop
+def test_regions_box_the_flagged_pixels_in_the_uploaded_image(server, bundle_dir, model):
+    manifest = read_manifest(bundle_dir / model)
+    pixel = Calibration.from_dict(manifest.calibration).pixel
+    prep = Preprocessing.from_dict(manifest.preprocessing)
+    noise = np.random.default_rng(0).integers(0, 256, (60, 30, 3), dtype=np.uint8)  # far from any normal part
+    wide = np.concatenate([noise, smooth_images(1, 3, 60, seed=6)[0]], axis=1)  # 90×60: policies differ
+    images = [png_bytes(wide), png_bytes(smooth_images(1, 3, 60, seed=7)[0])]
+    _, heatmaps = offline_scores(bundle_dir / model, images)
+    body = post_files(server, model, images, regions="true").json()["results"]
+    for result, heat in zip(body, heatmaps[:, 0]):
+        expected = find_regions(heat, pixel.threshold, (90, 60) if result is body[0] else (60, 60), prep)
+        got = result["regions"]
+        assert [(r["x"], r["y"], r["width"], r["height"], r["area"]) for r in got] == [
+            (e.x, e.y, e.width, e.height, e.area) for e in expected
+        ]
+        for region in got:
+            assert region["peak"] > pixel.threshold and region["peak"] >= region["mean"] > pixel.threshold
+            assert region["x"] + region["width"] <= (90 if result is body[0] else 60)
+    assert body[0]["regions"], "the noisy strip must make a region at the 1 % pixel level"
+    assert "regions" not in post_files(server, model, images[:1]).json()["results"][0]  # only when asked
+
+
+def test_model_info_shows_the_pixel_level(server, bundle_dir):
+    listed = httpx.get(f"{server}/v1/models/gray", timeout=10).json()
+    expected = Calibration.from_dict(read_manifest(bundle_dir / "gray").calibration).pixel.threshold
+    assert listed["pixel_threshold"] == expected
+
+
+def test_a_bundle_without_pixel_calibration_refuses_regions_but_still_scores(bundle_dir, tmp_path):
+    old = tmp_path / "models" / "old"
+    shutil.copytree(bundle_dir / "gray", old)
+    raw = json.loads((old / MANIFEST_FILE).read_text())
+    del raw["calibration"]["pixel"]  # as exported before pixel calibration existed
+    (old / MANIFEST_FILE).write_text(json.dumps(raw))
+    image = [png_bytes(defect_image(1, 28))]
+    with running_server(make_settings(tmp_path / "models")) as url:
+        refused = post_files(url, "gray", image, regions="true")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_pixel_calibration"
+        assert "mnemo recalibrate" in refused.json()["error"]["message"]
+        scored = post_files(url, "gray", image, heatmap="gray").json()["results"][0]
+        assert scored["heatmap"]["scale"]["kind"] == "image"  # no calibrated scale to use
