@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from mnemo.bundle import MANIFEST_FILE, read_manifest
 from mnemo.calibration import Calibration
@@ -62,3 +64,33 @@ def test_a_bundle_without_pixel_calibration_refuses_regions_but_still_scores(bun
         assert "mnemo recalibrate" in refused.json()["error"]["message"]
         scored = post_files(url, "gray", image, heatmap="gray").json()["results"][0]
         assert scored["heatmap"]["scale"]["kind"] == "image"  # no calibrated scale to use
+
+
+def test_the_shipped_bundle_boxes_defects_and_leaves_good_parts_clean(tmp_path):
+    """The default model (bundles/brick, DAAD, pixel level recalibrated on 500 unseen good bricks):
+    regions on defective bricks of a seed it never saw overlap their true masks; good bricks get few."""
+    from mnemo.training.synthetic import generate  # torch: only for this test
+
+    data = tmp_path / "bricks"
+    generate(data, texture="brick", size=64, n_train=0, n_test_good=20, n_test_defect=5, seed=2025)
+    good = sorted((data / "test" / "good").glob("*.png"))
+    defective = sorted(p for p in (data / "test").glob("*/*.png") if p.parent.name != "good")
+    with running_server(make_settings(Path(__file__).resolve().parents[1] / "bundles" / "brick")) as url:
+
+        def regions(path):
+            return post_files(url, "brick", [path.read_bytes()], regions="true").json()["results"][0][
+                "regions"
+            ]
+
+        hits = 0
+        for path in defective:
+            mask = (
+                np.asarray(Image.open(data / "ground_truth" / path.parent.name / f"{path.stem}_mask.png")) > 0
+            )
+            boxes = regions(path)
+            hits += any(
+                mask[r["y"] : r["y"] + r["height"], r["x"] : r["x"] + r["width"]].any() for r in boxes
+            )
+        clean = sum(not regions(path) for path in good)
+    assert hits >= 0.8 * len(defective), f"{hits} of {len(defective)} defects boxed"
+    assert clean >= 0.8 * len(good), f"only {clean} of {len(good)} good bricks without a region"
