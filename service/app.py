@@ -19,6 +19,7 @@ from PIL import ImageFile
 
 from mnemo import __version__
 from mnemo.service.body_limit import BodyLimitMiddleware
+from mnemo.service.capture import CaptureStore
 from mnemo.service.decoding import CpuSlots
 from mnemo.service.dependencies import api_key_check
 from mnemo.service.errors import install_error_handlers
@@ -60,7 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.cpu_slots = CpuSlots.create(app.state.settings.decode_concurrency)
+    settings: Settings = app.state.settings
+    app.state.cpu_slots = CpuSlots.create(settings.decode_concurrency)
+    app.state.capture = _capture_store(settings, app.state.metrics)
     store: ModelStore = app.state.store
     loading = asyncio.create_task(_initial_load(store))
     try:
@@ -69,6 +72,21 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         await store.close()
+        if app.state.capture is not None:
+            await asyncio.to_thread(app.state.capture.close)
+
+
+def _capture_store(settings: Settings, metrics: ServiceMetrics) -> CaptureStore | None:
+    if settings.capture_dir is None:
+        return None
+    return CaptureStore(
+        settings.capture_dir,
+        max_bytes=int(settings.capture_max_mb * 2**20),
+        ok_fraction=settings.capture_ok_fraction,
+        queue_size=settings.capture_queue,
+        on_saved=lambda model, verdict: metrics.captured.labels(model, verdict).inc(),
+        on_dropped=lambda reason: metrics.capture_dropped.labels(reason).inc(),
+    )
 
 
 async def _initial_load(store: ModelStore) -> None:

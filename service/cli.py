@@ -55,6 +55,12 @@ FLAGS = {
         str,
         "/readyz is 200 when 'all' bundles are served, or 'any' one (default all)",
     ),
+    "--capture-dir": (
+        "capture_dir",
+        str,
+        "save anomalous images (and MNEMO_CAPTURE_OK_FRACTION of ok ones) with their answer here, bounded "
+        "by MNEMO_CAPTURE_MAX_MB, oldest deleted first (default: off)",
+    ),
     "--log-level": ("log_level", str, "critical, error, warning, info or debug (default info)"),
 }
 
@@ -70,8 +76,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "in the process list. Other variables: MNEMO_RETRY_AFTER_S, MNEMO_MAX_IMAGE_PIXELS, "
         "MNEMO_HEATMAP_GRID_SIZE, MNEMO_INTRA_OP_THREADS, MNEMO_ORT_SPINNING, MNEMO_DECODE_CONCURRENCY, "
         "MNEMO_MAX_HEADER_BYTES (request line + headers, else 431; default 32768), "
-        "MNEMO_KEEP_ALIVE_TIMEOUT_S (idle kept-alive connections; default 5) (service/settings.py; the "
-        "limits: docs/security.md).",
+        "MNEMO_KEEP_ALIVE_TIMEOUT_S (idle kept-alive connections; default 5), MNEMO_CAPTURE_OK_FRACTION, "
+        "MNEMO_CAPTURE_MAX_MB, MNEMO_CAPTURE_QUEUE (review capture) (service/settings.py; the limits: "
+        "docs/security.md).",
     )
     for flag, (field, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")

@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import APIKeyHeader
 
+from mnemo.service.capture import CaptureStore
 from mnemo.service.decoding import CpuSlots
 from mnemo.service.errors import ApiError
 from mnemo.service.metrics import ServiceMetrics
@@ -39,7 +40,13 @@ async def get_cpu_slots(request: Request) -> CpuSlots:
     return request.app.state.cpu_slots
 
 
+async def get_capture(request: Request) -> CaptureStore | None:
+    """The review capture store (MNEMO_CAPTURE_DIR), or None when capture is off."""
+    return request.app.state.capture
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+CaptureDep = Annotated[CaptureStore | None, Depends(get_capture)]
 StoreDep = Annotated[ModelStore, Depends(get_store)]
 MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
 CpuSlotsDep = Annotated[CpuSlots, Depends(get_cpu_slots)]

@@ -61,6 +61,12 @@ class ServiceMetrics:
             "mnemo_model_loaded_timestamp_seconds", "When the model was loaded", ["model"], registry=r
         )
         self.errors = Counter("mnemo_errors", "Errors by kind", ["kind"], registry=r)
+        self.captured = Counter(
+            "mnemo_captured", "Images saved for review (MNEMO_CAPTURE_DIR)", ["model", "verdict"], registry=r
+        )
+        self.capture_dropped = Counter(
+            "mnemo_capture_dropped", "Images meant for review but not saved", ["reason"], registry=r
+        )
         self.ready = Gauge("mnemo_ready", "1 once models are loaded and warmed", registry=r)
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:

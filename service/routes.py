@@ -21,6 +21,7 @@ from prometheus_client.exposition import choose_encoder
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from mnemo.service.dependencies import (
+    CaptureDep,
     CpuSlotsDep,
     MetricsDep,
     ModelDep,
@@ -157,6 +158,7 @@ async def score(
     settings: SettingsDep,
     service_metrics: MetricsDep,
     slots: CpuSlotsDep,
+    capture: CaptureDep,
     heatmap: Annotated[
         HeatmapFormat, Query(description="overlay/gray: base64 PNG; grid: float grid")
     ] = "none",
@@ -182,7 +184,7 @@ async def score(
         model = find_model(store, name)
         label = name
         options = ScoreOptions(heatmap, threshold, regions, heatmap_scale)
-        response = await score_request(request, model, options, settings, slots, started)
+        response = await score_request(request, model, options, settings, slots, started, capture)
         status = 200
         return response
     except ApiError as exc:

@@ -29,6 +29,7 @@ from mnemo.calibration import PixelCalibration, is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
 from mnemo.regions import find_regions
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
+from mnemo.service.capture import Capture, CaptureStore
 from mnemo.service.decoding import CpuSlots, Decoded, Decoding, PixelLimits
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
@@ -67,6 +68,7 @@ async def score_request(
     settings: Settings,
     slots: CpuSlots,
     started: float,
+    capture: CaptureStore | None = None,
 ) -> ScoreResponse:
     """Score the request's images; ``started`` (``time.perf_counter``) is when the request arrived, so the
     decode time includes receiving the upload. Failures are ``ApiError``s."""
@@ -92,8 +94,11 @@ async def score_request(
     draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
     in_thread = options.heatmap in PNG_FORMATS or options.regions
     images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
-    for image in images:
+    for image, upload in zip(images, uploads):
         model.metrics.observe_image(image.score, image.p_value, image.verdict)
+        if capture is not None:
+            answer = image.model_dump(exclude_none=True, exclude={"heatmap"})
+            capture.offer(Capture(model.name, model.manifest.version, image.verdict, upload.data, answer))
     return ScoreResponse(
         model=ModelRef(name=model.name, version=model.manifest.version),
         results=images,

@@ -99,6 +99,18 @@ class Settings(BaseSettings):
         "any = at least one is",
     )
     heatmap_grid_size: int = Field(32, ge=1, le=256, description="side of the float-grid heatmap format")
+    capture_dir: Path | None = Field(
+        None,
+        description="review capture: save anomalous images (and a share of ok ones) with their answer "
+        "here (service/capture.py); off when unset",
+    )
+    capture_ok_fraction: float = Field(0.0, ge=0.0, le=1.0, description="share of ok images captured too")
+    capture_max_mb: float = Field(
+        1024.0, gt=0, description="size cap of the capture folder in MiB; the oldest captures go first"
+    )
+    capture_queue: int = Field(
+        64, ge=1, description="captures waiting for the writer; more are dropped, never waited for"
+    )
     api_key: SecretStr | None = Field(
         None, description="when set, /v1 requests must send it (off by default)"
     )
