@@ -119,6 +119,13 @@ def _export(subparsers) -> None:
         "for the run's false_alarm_rate), best_f1 (needs a labelled test split), or a number",
     )
     p.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    p.add_argument(
+        "--triton",
+        metavar="REPO",
+        help="also add the bundle to this Triton model repository (config.pbtxt with dynamic batching, "
+        "the ONNX graph, mnemo.json with preprocessing and calibration: decoding, verdict and p-values "
+        "are then the client's job; training/triton.py)",
+    )
     p.set_defaults(func=lambda args: _run("export", args))
 
 

@@ -68,6 +68,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         atol=args.atol,
     )
     print_exported(manifest, args.out)
+    if args.triton:
+        from mnemo.training.triton import write_triton_repository
+
+        print(f"Triton model repository: {write_triton_repository(Path(args.out), Path(args.triton))}")
     return 0
 
 
