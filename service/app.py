@@ -25,6 +25,7 @@ from mnemo.service.dependencies import api_key_check
 from mnemo.service.errors import install_error_handlers
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import ModelStore
+from mnemo.service.oip import v2, v2_health
 from mnemo.service.routes import ops, v1
 from mnemo.service.schemas import ErrorResponse
 from mnemo.service.settings import Settings
@@ -47,12 +48,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     too_large = metrics.errors.labels("payload_too_large")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, on_reject=too_large.inc)
     app.include_router(ops)
-    if settings.api_key is None:
-        app.include_router(v1)
-    else:
-        app.include_router(
-            v1, dependencies=[Depends(api_key_check(settings))], responses={401: {"model": ErrorResponse}}
-        )
+    app.include_router(v2_health)
+    for router in (v1, v2):  # the API key, when set, guards both protocols
+        if settings.api_key is None:
+            app.include_router(router)
+        else:
+            app.include_router(
+                router,
+                dependencies=[Depends(api_key_check(settings))],
+                responses={401: {"model": ErrorResponse}},
+            )
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # process-wide; it would score images with missing rows
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; turning it off")
         ImageFile.LOAD_TRUNCATED_IMAGES = False

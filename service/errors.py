@@ -30,7 +30,10 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.file, self.headers = status, code, message, file, headers
 
 
-def error_response(error: ApiError) -> JSONResponse:
+def error_response(error: ApiError, request: Request | None = None) -> JSONResponse:
+    """The service's error shape; under ``/v2`` the Open Inference Protocol's, ``{"error": message}``."""
+    if request is not None and request.url.path.startswith("/v2"):
+        return JSONResponse({"error": error.message}, status_code=error.status, headers=error.headers)
     body = {"code": error.code, "message": error.message}
     if error.file is not None:
         body["file"] = error.file
@@ -40,21 +43,21 @@ def error_response(error: ApiError) -> JSONResponse:
 def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
     async def on_api_error(request: Request, exc: ApiError) -> JSONResponse:
         metrics.errors.labels(exc.code).inc()
-        return error_response(exc)
+        return error_response(exc, request)
 
     async def on_http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = HTTP_CODES.get(exc.status_code, "http_error")
-        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers))
+        return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers), request)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         metrics.errors.labels("invalid_parameter").inc()
-        return error_response(ApiError(422, "invalid_parameter", problems))
+        return error_response(ApiError(422, "invalid_parameter", problems), request)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         metrics.errors.labels("internal").inc()  # Starlette still logs the traceback
         return error_response(
-            ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; see server log")
+            ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; see server log"), request
         )
 
     app.add_exception_handler(ApiError, on_api_error)

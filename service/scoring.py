@@ -80,8 +80,33 @@ async def score_request(
             "`mnemo recalibrate` on its bundle with good images",
         )
     uploads = await read_uploads(request, settings.max_files)
+    decoded, results, decoded_at = await decode_and_infer(
+        request, model, uploads, settings, slots, overlay=options.heatmap == "overlay"
+    )
+    threshold = model.threshold if options.threshold is None else options.threshold
+    draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
+    in_thread = options.heatmap in PNG_FORMATS or options.regions
+    images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
+    observe(model, images, uploads, capture)
+    return ScoreResponse(
+        model=ModelRef(name=model.name, version=model.manifest.version),
+        results=images,
+        timings_ms=_timings(started, decoded_at, results),
+    )
+
+
+async def decode_and_infer(
+    request: Request,
+    model: LoadedModel,
+    uploads: list[Upload],
+    settings: Settings,
+    slots: CpuSlots,
+    overlay: bool = False,
+) -> tuple[Decoded, list[ImageResult], float]:
+    """Decode ``uploads`` within the pixel limits and run them through the model's batcher, under the
+    request's deadline; returns the decoded images, their results and when decoding ended."""
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-    decoding = Decoding(uploads, model.preprocessing, options.heatmap == "overlay")
+    decoding = Decoding(uploads, model.preprocessing, overlay)
     try:
         await decoding.start(PixelLimits(settings.max_image_pixels, settings.max_request_pixels), slots)
         async with _Cancelled(request, deadline, settings.request_timeout_s):
@@ -90,20 +115,30 @@ async def score_request(
             results = await _infer(model, decoded, settings)
     finally:
         decoding.close()
-    threshold = model.threshold if options.threshold is None else options.threshold
-    draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
-    in_thread = options.heatmap in PNG_FORMATS or options.regions
-    images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
+    return decoded, results, decoded_at
+
+
+async def infer_inputs(
+    request: Request, model: LoadedModel, inputs: list[np.ndarray], settings: Settings
+) -> tuple[Decoded, list[ImageResult]]:
+    """Model inputs a client prepared itself (already [C, H, W] in the model's normalisation) through the
+    batcher, under the request's deadline."""
+    size = model.preprocessing.size
+    decoded = Decoded(inputs, None, [(size, size)] * len(inputs))
+    deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
+    async with _Cancelled(request, deadline, settings.request_timeout_s):
+        return decoded, await _infer(model, decoded, settings)
+
+
+def observe(
+    model: LoadedModel, images: list[ImageScore], uploads: list[Upload], capture: CaptureStore | None
+) -> None:
+    """Count every judged image in the model's metrics, and offer it to review capture."""
     for image, upload in zip(images, uploads):
         model.metrics.observe_image(image.score, image.p_value, image.verdict)
-        if capture is not None:
+        if capture is not None and upload.data:
             answer = image.model_dump(exclude_none=True, exclude={"heatmap"})
             capture.offer(Capture(model.name, model.manifest.version, image.verdict, upload.data, answer))
-    return ScoreResponse(
-        model=ModelRef(name=model.name, version=model.manifest.version),
-        results=images,
-        timings_ms=_timings(started, decoded_at, results),
-    )
 
 
 class _Cancelled:

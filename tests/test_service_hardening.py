@@ -333,7 +333,9 @@ def test_openapi_declares_api_key_security_only_when_a_key_is_set(server, bundle
     schemes = keyed["components"]["securitySchemes"]
     assert [(s["type"], s["in"], s["name"]) for s in schemes.values()] == [("apiKey", "header", "X-Key")]
     v1 = {(path, method) for path, ops in keyed["paths"].items() if path.startswith("/v1") for method in ops}
-    assert security_of(keyed) == (v1, v1) and len(v1) == 4
+    models = {(path, m) for path, ops in keyed["paths"].items() if path.startswith("/v2/models") for m in ops}
+    assert security_of(keyed) == (v1 | models, v1 | models) and len(v1) == 4 and len(models) == 6
+    assert ("/v2/health/ready", "get") in {(p, m) for p, ops in keyed["paths"].items() for m in ops}  # open
 
 
 def test_the_score_request_schema_requires_a_file(server):
