@@ -3,6 +3,7 @@
     <bundle>/manifest.json   what the model is, how to feed it, how to threshold it, file checksums
     <bundle>/model.onnx      scoring forward, dynamic batch (ONNX Runtime backend)
     <bundle>/model.ts        the same, TorchScript (torch backend)
+    <bundle>/reconstruction.onnx   x → x̂, for models that reconstruct (optional; ``reconstruction=true``)
 
 This module is torch-free: the service reads and verifies bundles with it on the ONNX path.
 """
@@ -19,6 +20,7 @@ from typing import Any
 MANIFEST_FILE = "manifest.json"
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.ts"
+RECONSTRUCTION_FILE = "reconstruction.onnx"
 FORMAT_VERSION = 1
 
 

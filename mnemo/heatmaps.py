@@ -52,12 +52,12 @@ def heatmap_overlay_png(
     rgb = to_channels(np.atleast_3d(np.asarray(image_rgb, np.float32)), 3)
     colours = jet(_fit(scale_heatmap(heatmap, vmin, vmax), rgb.shape[:2])).astype(np.float32)
     blended = (1.0 - alpha) * rgb + alpha * colours
-    return _png(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
+    return png_bytes(np.clip(np.rint(blended), 0, 255).astype(np.uint8))
 
 
 def heatmap_png(heatmap: np.ndarray, *, vmin: float | None = None, vmax: float | None = None) -> bytes:
     """PNG bytes of the heatmap alone, 8-bit grayscale (0 = ``vmin``, 255 = ``vmax``)."""
-    return _png(np.rint(scale_heatmap(heatmap, vmin, vmax) * 255.0).astype(np.uint8))
+    return png_bytes(np.rint(scale_heatmap(heatmap, vmin, vmax) * 255.0).astype(np.uint8))
 
 
 def heatmap_grid(heat: np.ndarray, size: int) -> np.ndarray:
@@ -79,7 +79,8 @@ def _fit(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     return np.asarray(resized)
 
 
-def _png(array: np.ndarray) -> bytes:
+def png_bytes(array: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 [H, W] or [H, W, 3] picture (heatmaps, reconstructions)."""
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, format="PNG")
     return buffer.getvalue()

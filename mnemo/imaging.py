@@ -465,6 +465,16 @@ def normalise(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
     return chw
 
 
+def denormalise(chw: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """``normalise``'s inverse for people: float32 [C, H, W] in the model's normalisation → uint8
+    [H, W] (one channel) or [H, W, 3], clipped to 0…255 (a reconstruction may overshoot)."""
+    channels = chw.shape[0]
+    std = np.broadcast_to(np.asarray(prep.std, np.float32), (channels,)).reshape(-1, 1, 1)
+    mean = np.broadcast_to(np.asarray(prep.mean, np.float32), (channels,)).reshape(-1, 1, 1)
+    pixels = np.clip(np.rint((chw * std + mean) * 255.0), 0, 255).astype(np.uint8)
+    return pixels[0] if channels == 1 else np.transpose(pixels, (1, 2, 0))
+
+
 # ----------------------------------------------------------------------------------------- whole chain
 
 

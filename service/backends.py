@@ -92,6 +92,27 @@ def resolve_backend(backend: str) -> str:
     return "onnxruntime" if backend == "auto" else backend
 
 
+class ReconstructionRunner:
+    """``reconstruction.onnx`` (x → x̂) in ONNX Runtime on the CPU, whatever the scoring backend: it runs
+    only when a request asks for ``reconstruction=true``, outside the batcher."""
+
+    def __init__(self, path: Path, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(
+            str(path), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """[B, C, H, W] model inputs → [B, C, H, W] reconstructions, in the model's normalisation."""
+        (rebuilt,) = self.session.run(None, {self.input_name: batch})
+        return np.asarray(rebuilt, np.float32)
+
+
 def create_runner(
     bundle_dir: Path, backend: str, device: str, threads: int = 0, ort_spinning: bool = False
 ) -> Runner:

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from mnemo.bundle import MANIFEST_FILE, BundleError, Manifest, read_manifest
+from mnemo.bundle import MANIFEST_FILE, RECONSTRUCTION_FILE, BundleError, Manifest, read_manifest
 from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing
-from mnemo.service.backends import Runner, create_runner
+from mnemo.service.backends import ReconstructionRunner, Runner, create_runner
 from mnemo.service.batching import DynamicBatcher
 from mnemo.service.metrics import ModelMetrics, ServiceMetrics
 from mnemo.service.schemas import ModelInfo
@@ -41,6 +41,7 @@ class LoadedModel:
     preprocessing: Preprocessing
     calibration: Calibration
     loaded_at: float = field(default_factory=time.time)
+    reconstructor: ReconstructionRunner | None = None  # bundles with reconstruction.onnx
     batcher: DynamicBatcher | None = None  # set when the store starts serving it
     metrics: ModelMetrics | None = None  # likewise
     quantiles: np.ndarray = field(init=False)  # as an array once, not per request
@@ -71,6 +72,7 @@ class LoadedModel:
             threshold=self.threshold,
             calibration_method=self.calibration.method,
             pixel_threshold=self.calibration.pixel.threshold if self.calibration.pixel else None,
+            reconstruction=self.reconstructor is not None,
             metrics=m.metrics,
             created=m.created,
             loaded_at=self.loaded_at,
@@ -134,7 +136,13 @@ def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = N
         )
     for batch in sorted({1, settings.max_batch_size}):
         check_outputs(runner, pre, batch)
-    return LoadedModel(manifest, path, runner, pre, calibration)
+    reconstructor = None
+    if RECONSTRUCTION_FILE in manifest.files:
+        reconstructor = ReconstructionRunner(path / RECONSTRUCTION_FILE, settings.intra_op_threads)
+        x = np.zeros((1, pre.channels, pre.size, pre.size), np.float32)
+        if reconstructor.run(x).shape != x.shape:
+            raise BundleError(f"{RECONSTRUCTION_FILE} does not map {list(x.shape)} to the same shape")
+    return LoadedModel(manifest, path, runner, pre, calibration, reconstructor=reconstructor)
 
 
 def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[str, LoadedModel], dict]:

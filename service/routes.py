@@ -168,6 +168,9 @@ async def score(
     regions: Annotated[
         bool, Query(description="list the connected areas above the model's calibrated pixel level")
     ] = False,
+    reconstruction: Annotated[
+        bool, Query(description="return the model's reconstruction: what this part looks like to its memory")
+    ] = False,
     heatmap_scale: Annotated[
         HeatmapScaleKind,
         Query(
@@ -183,7 +186,7 @@ async def score(
     try:
         model = find_model(store, name)
         label = name
-        options = ScoreOptions(heatmap, threshold, regions, heatmap_scale)
+        options = ScoreOptions(heatmap, threshold, regions, reconstruction, heatmap_scale)
         response = await score_request(request, model, options, settings, slots, started, capture)
         status = 200
         return response

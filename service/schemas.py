@@ -38,6 +38,13 @@ class Region(BaseModel):
     mean: float = Field(description="mean heatmap score in the region")
 
 
+class Picture(BaseModel):
+    format: Literal["png"] = "png"
+    width: int
+    height: int
+    png_base64: str
+
+
 class ImageScore(BaseModel):
     filename: str | None = None
     score: float = Field(description="anomaly score; higher is more anomalous")
@@ -45,6 +52,11 @@ class ImageScore(BaseModel):
     verdict: Literal["ok", "anomalous"]
     threshold: float = Field(description="the threshold used: the model's, or the request's override")
     heatmap: Heatmap | None = None
+    reconstruction: Picture | None = Field(
+        None,
+        description="reconstruction=true: the model's reconstruction at its input size, what the memory "
+        "takes this part to look like without its defect",
+    )
     regions: list[Region] | None = Field(
         None,
         description="regions=true: connected areas above the model's calibrated pixel level, strongest first",
@@ -80,6 +92,7 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, Any]
     threshold: float
     calibration_method: str | None = None
+    reconstruction: bool = Field(False, description="whether reconstruction=true is available")
     pixel_threshold: float | None = Field(
         None, description="the region level (regions=true); None for a bundle without pixel calibration"
     )

@@ -26,7 +26,8 @@ from starlette.requests import Request
 from starlette.types import Receive
 
 from mnemo.calibration import PixelCalibration, is_anomalous, p_value
-from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png
+from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png, png_bytes
+from mnemo.imaging import denormalise
 from mnemo.regions import find_regions
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
 from mnemo.service.capture import Capture, CaptureStore
@@ -40,6 +41,7 @@ from mnemo.service.schemas import (
     HeatmapScaleKind,
     ImageScore,
     ModelRef,
+    Picture,
     Region,
     ScoreResponse,
     Timings,
@@ -58,6 +60,7 @@ class ScoreOptions:
     heatmap: HeatmapFormat = "none"
     threshold: float | None = None  # overrides the model's calibrated threshold
     regions: bool = False  # list the defect regions (needs the bundle's pixel calibration)
+    reconstruction: bool = False  # return the model's reconstruction (needs reconstruction.onnx)
     heatmap_scale: HeatmapScaleKind = "calibrated"  # colours: the calibrated scale, or each map's min…max
 
 
@@ -79,6 +82,13 @@ async def score_request(
             f"{model.name} has no pixel calibration, so it cannot find regions: re-export it, or run "
             "`mnemo recalibrate` on its bundle with good images",
         )
+    if options.reconstruction and model.reconstructor is None:
+        raise ApiError(
+            400,
+            "no_reconstruction",
+            f"{model.name} has no reconstruction graph: its architecture does not reconstruct, or the bundle "
+            "was exported before reconstructions were (export it again)",
+        )
     uploads = await read_uploads(request, settings.max_files)
     decoded, results, decoded_at = await decode_and_infer(
         request, model, uploads, settings, slots, overlay=options.heatmap == "overlay"
@@ -87,6 +97,10 @@ async def score_request(
     draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
     in_thread = options.heatmap in PNG_FORMATS or options.regions
     images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
+    if options.reconstruction:
+        rebuilt = await anyio.to_thread.run_sync(reconstructions, model, decoded, limiter=slots.any)
+        for image, picture in zip(images, rebuilt):
+            image.reconstruction = picture
     observe(model, images, uploads, capture)
     return ScoreResponse(
         model=ModelRef(name=model.name, version=model.manifest.version),
@@ -128,6 +142,17 @@ async def infer_inputs(
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     async with _Cancelled(request, deadline, settings.request_timeout_s):
         return decoded, await _infer(model, decoded, settings)
+
+
+def reconstructions(model: LoadedModel, decoded: Decoded) -> list[Picture]:
+    """The model's reconstruction of each image as a PNG at its input size (one ONNX Runtime call)."""
+    rebuilt = model.reconstructor.run(np.stack(decoded.inputs))
+    pictures = []
+    for chw in rebuilt:
+        pixels = denormalise(chw, model.preprocessing)
+        png = base64.b64encode(png_bytes(pixels)).decode("ascii")
+        pictures.append(Picture(width=pixels.shape[1], height=pixels.shape[0], png_base64=png))
+    return pictures
 
 
 def observe(

@@ -94,3 +94,39 @@ def test_the_shipped_bundle_boxes_defects_and_leaves_good_parts_clean(tmp_path):
         clean = sum(not regions(path) for path in good)
     assert hits >= 0.8 * len(defective), f"{hits} of {len(defective)} defects boxed"
     assert clean >= 0.8 * len(good), f"only {clean} of {len(good)} good bricks without a region"
+
+
+def test_reconstruction_shows_what_the_memory_makes_of_the_part(server, bundle_dir):
+    import base64
+    import io
+
+    import onnxruntime as ort
+
+    from mnemo.imaging import denormalise, preprocess
+
+    manifest = read_manifest(bundle_dir / "color")
+    prep = Preprocessing.from_dict(manifest.preprocessing)
+    image = png_bytes(defect_image(3, 40))
+    result = post_files(server, "color", [image], reconstruction="true").json()["results"][0]
+    picture = result["reconstruction"]
+    decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(picture["png_base64"]))))
+    session = ort.InferenceSession(
+        str(bundle_dir / "color" / "reconstruction.onnx"), providers=["CPUExecutionProvider"]
+    )
+    (rebuilt,) = session.run(None, {"image": preprocess(image, prep)[None]})
+    assert (picture["width"], picture["height"]) == (16, 16) and decoded.shape == (16, 16, 3)
+    assert np.array_equal(decoded, denormalise(rebuilt[0], prep))
+    assert httpx.get(f"{server}/v1/models/color", timeout=10).json()["reconstruction"] is True
+    assert "reconstruction" not in post_files(server, "color", [image]).json()["results"][0]
+
+
+def test_a_bundle_without_a_reconstruction_graph_says_so(bundle_dir, tmp_path):
+    old = tmp_path / "models" / "old"
+    shutil.copytree(bundle_dir / "gray", old)
+    raw = json.loads((old / MANIFEST_FILE).read_text())
+    del raw["files"]["reconstruction.onnx"]  # as exported before reconstructions were
+    (old / MANIFEST_FILE).write_text(json.dumps(raw))
+    with running_server(make_settings(tmp_path / "models")) as url:
+        refused = post_files(url, "gray", [png_bytes(defect_image(1, 28))], reconstruction="true")
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "no_reconstruction"
+        assert httpx.get(f"{url}/v1/models/gray", timeout=10).json()["reconstruction"] is False

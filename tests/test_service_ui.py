@@ -45,7 +45,16 @@ def test_page_scores_a_sample_and_shows_verdict_and_overlay(server, tmp_path):
     verdict = re.search(r'<body data-scored="(ok|anomalous)"', dom)
     assert verdict, "the page never showed a result"
     assert re.search(rf'<dd id="verdict" class="{verdict[1]}">{verdict[1]}</dd>', dom)
-    overlay = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom)
+    rebuilt = re.search(
+        r'<img id="rebuilt" alt="reconstruction" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom
+    )
+    assert Image.open(io.BytesIO(base64.b64decode(rebuilt[1]))).size == (
+        16,
+        16,
+    )  # input, reconstruction, heatmap
+    overlay = re.search(
+        r'<img id="overlay" alt="heatmap overlay" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', dom
+    )
     picture = Image.open(io.BytesIO(base64.b64decode(overlay[1])))
     assert (picture.mode, picture.size) == ("RGB", (16, 16))  # the first listed model: color, 16×16
     assert re.search(r'<figcaption id="scale">heatmap, calibrated: ', dom)  # the bundle's fixed scale

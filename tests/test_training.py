@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -173,7 +175,7 @@ def test_exported_bundle_scores_like_pytorch_in_onnxruntime_without_torch(traine
     mnemo("export", str(run), "--out", str(bundle), "--name", "brick", "--version", "7")
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["name"] == "brick" and manifest["version"] == "7" and manifest["architecture"] == "memae"
-    assert set(manifest["files"]) == {"model.onnx", "model.ts"}
+    assert set(manifest["files"]) == {"model.onnx", "model.ts", "reconstruction.onnx"}  # MemAE reconstructs
 
     images = sorted((data / "test").rglob("*.png"))[:6]
     # Offline: the run's PyTorch model through the training data pipeline.
@@ -234,3 +236,22 @@ def test_train_on_a_missing_directory_is_a_clear_error(tmp_path):
 def test_unknown_model_on_the_command_line_lists_the_known_ones(tmp_path):
     result = mnemo("train", "--model", "memea", "--data", str(tmp_path), check=False)
     assert result.returncode == 2 and "unknown model 'memea'" in result.stderr and "memae" in result.stderr
+
+
+def test_a_bundle_exports_again_with_its_calibration_and_the_same_scores(trained_run):
+    root, _, run = trained_run
+    old, new = root / "old-bundle", root / "new-bundle"
+    mnemo("export", str(run), "--out", str(old), "--version", "1")
+    manifest = json.loads((old / "manifest.json").read_text())
+    (old / "reconstruction.onnx").unlink()  # as bundles were before reconstructions were exported
+    del manifest["files"]["reconstruction.onnx"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    mnemo("export", str(old), "--out", str(new), "--version", "2")
+    again = json.loads((new / "manifest.json").read_text())
+    assert again["calibration"] == manifest["calibration"] and again["training"]["exported_again_from"] == "1"
+    assert set(again["files"]) == {"model.onnx", "model.ts", "reconstruction.onnx"}
+    x = np.random.default_rng(0).normal(size=(3, 1, 32, 32)).astype(np.float32)
+    before, after = (ort.InferenceSession(str(b / "model.onnx")).run(None, {"image": x}) for b in (old, new))
+    assert all(np.array_equal(u, v) for u, v in zip(before, after))
+    refused = mnemo("export", str(old), "--out", str(root / "x"), "--threshold", "best_f1", check=False)
+    assert refused.returncode == 2 and "keeps its calibration" in refused.stderr

@@ -108,7 +108,11 @@ def _export(subparsers) -> None:
         "itself against "
         "PyTorch and fails if ONNX Runtime or TorchScript differ by more than --atol.",
     )
-    p.add_argument("run", help="a run directory written by `mnemo train`")
+    p.add_argument(
+        "run",
+        help="a run directory written by `mnemo train`, or a bundle to export again with this Mnemo "
+        "(weights from its model.ts, calibration kept: e.g. to add reconstruction.onnx to an older bundle)",
+    )
     p.add_argument("--out", required=True, help="bundle directory to write (replaced if it exists)")
     p.add_argument("--name", help="model name clients use (default: the run's model name)")
     p.add_argument("--version", default=None, help="bundle version string (default: a UTC timestamp)")

@@ -9,9 +9,9 @@ import argparse
 import json
 from pathlib import Path
 
-from mnemo.bundle import Manifest
+from mnemo.bundle import MANIFEST_FILE, Manifest
 from mnemo.training import config as run_config
-from mnemo.training.run import REPORT_FILE, evaluate_run, export_run, train_run
+from mnemo.training.run import REPORT_FILE, evaluate_run, export_from_bundle, export_run, train_run
 from mnemo.training.trainer import set_threads
 
 
@@ -59,14 +59,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    manifest = export_run(
-        Path(args.run),
-        args.out,
-        name=args.name,
-        version=args.version,
-        threshold=args.threshold,
-        atol=args.atol,
-    )
+    source = Path(args.run)
+    if (source / MANIFEST_FILE).is_file():  # a bundle: export it again with this Mnemo's exporter
+        if args.threshold != "false_alarm_rate":
+            raise ValueError(
+                "--threshold applies to runs; a bundle keeps its calibration (mnemo recalibrate)"
+            )
+        manifest = export_from_bundle(source, args.out, name=args.name, version=args.version, atol=args.atol)
+    else:
+        manifest = export_run(
+            source, args.out, name=args.name, version=args.version, threshold=args.threshold, atol=args.atol
+        )
     print_exported(manifest, args.out)
     if args.triton:
         from mnemo.training.triton import write_triton_repository

@@ -26,12 +26,13 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
+from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, RECONSTRUCTION_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
 from mnemo.models.base import AnomalyModel
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "heatmap")
+RECONSTRUCTION_OUTPUT = "reconstruction"
 LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
 
 
@@ -54,10 +55,12 @@ def export_torchscript(
     return traced
 
 
-def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor) -> None:
-    """Export the scoring forward to ONNX with a dynamic batch axis."""
+def export_onnx(
+    model: torch.nn.Module, path: str | Path, example: torch.Tensor, outputs: tuple[str, ...] = OUTPUT_NAMES
+) -> None:
+    """Export the module's forward (the scoring forward by default) to ONNX with a dynamic batch axis."""
     model = model.eval()
-    dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    dynamic = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in outputs}}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
@@ -66,10 +69,37 @@ def export_onnx(model: torch.nn.Module, path: str | Path, example: torch.Tensor)
             str(path),
             dynamo=False,
             input_names=[INPUT_NAME],
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(outputs),
             dynamic_axes=dynamic,
             opset_version=ONNX_OPSET,
         )
+
+
+class ReconstructionGraph(torch.nn.Module):
+    """x → x̂, the model's reconstruction (``example_reconstruction``): what the memory takes this part to
+    look like without its defect, served on request (``reconstruction=true``, issue 14)."""
+
+    def __init__(self, model: AnomalyModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.example_reconstruction(x)
+
+
+def export_reconstruction(
+    model: AnomalyModel, path: Path, samples: torch.Tensor, atol: float
+) -> float | None:
+    """Write ``reconstruction.onnx`` when the model reconstructs; returns its max |diff| against PyTorch,
+    None (and no file) for a model without a reconstruction (AnoMem)."""
+    with torch.no_grad():
+        reference = model.example_reconstruction(samples)
+    if reference is None:
+        return None
+    export_onnx(ReconstructionGraph(model), path, samples[:2], outputs=(RECONSTRUCTION_OUTPUT,))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (rebuilt,) = session.run(None, {INPUT_NAME: samples.numpy()})
+    return check_close("reconstruction (ONNX Runtime)", (reference.numpy(),), (rebuilt,), atol)
 
 
 # ----------------------------------------------------------------------------------------- checking
@@ -143,6 +173,10 @@ def export_bundle(
         export_onnx(model, staging / ONNX_FILE, samples[:2])
         export_torchscript(model, staging / TORCHSCRIPT_FILE, samples[:2])
         diffs = verify(model, staging, samples, atol)
+        rebuilt = export_reconstruction(model, staging / RECONSTRUCTION_FILE, samples, atol)
+        if rebuilt is not None:
+            diffs["reconstruction"] = rebuilt
+        files = [f for f in (ONNX_FILE, TORCHSCRIPT_FILE, RECONSTRUCTION_FILE) if (staging / f).is_file()]
         manifest = Manifest(
             name=name,
             version=version,
@@ -150,7 +184,7 @@ def export_bundle(
             model_config=dataclasses.asdict(model.config),
             preprocessing=preprocessing,
             calibration=calibration,
-            files={f: sha256_of(staging / f) for f in (ONNX_FILE, TORCHSCRIPT_FILE)},
+            files={f: sha256_of(staging / f) for f in files},
             score_scaling=facts,
             training={**(training or {}), "export_max_abs_diff": diffs},
             metrics=metrics or {},

@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mnemo import models
-from mnemo.bundle import Manifest
+from mnemo.bundle import TORCHSCRIPT_FILE, Manifest, read_manifest
 from mnemo.calibration import Calibration, is_anomalous
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
@@ -299,6 +300,40 @@ def export_run(
         samples=torch.load(run_dir / SAMPLES_FILE),
         training={"run_config": cfg.to_dict(), "data": report.get("data"), "epochs": report.get("epochs")},
         metrics=report.get("test", {}),
+        atol=atol,
+    )
+
+
+def export_from_bundle(
+    bundle: Path, out: str | Path, *, name: str | None = None, version: str | None = None, atol: float = 1e-4
+) -> Manifest:
+    """Export an existing bundle again with this Mnemo's exporter (e.g. to add ``reconstruction.onnx``),
+    its weights read back from ``model.ts``, its calibration and facts kept. Verified on random inputs
+    in the model's normalised range, as no training images come with a bundle."""
+    manifest = read_manifest(bundle)
+    model = models.create(manifest.architecture, **manifest.model_config)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.load(str(Path(bundle) / TORCHSCRIPT_FILE), map_location="cpu")
+    # strict=False: an older exporter may have traced buffers this code no longer keeps (a blur kernel);
+    # every weight this code needs must be there
+    missing = model.load_state_dict(traced.state_dict(), strict=False).missing_keys
+    if missing:
+        raise ValueError(f"{bundle}: model.ts lacks {', '.join(missing)}; cannot export it again")
+    pre = Preprocessing.from_dict(manifest.preprocessing)
+    shape = (EXPORT_SAMPLES, pre.channels, pre.size, pre.size)
+    pixels = torch.rand(shape, generator=torch.Generator().manual_seed(0))  # 0…1, as decoded images are
+    samples = (pixels - torch.tensor(pre.mean).view(1, -1, 1, 1)) / torch.tensor(pre.std).view(1, -1, 1, 1)
+    return export_bundle(
+        model.eval(),
+        out,
+        name=name or manifest.name,
+        version=version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S"),
+        preprocessing=manifest.preprocessing,
+        calibration=manifest.calibration,
+        samples=samples,
+        training={**manifest.training, "exported_again_from": manifest.version},
+        metrics=manifest.metrics,
         atol=atol,
     )
 
