@@ -38,6 +38,7 @@ class Manifest:
     calibration: dict[str, Any]  # mnemo.calibration.Calibration.to_dict(): threshold, how chosen, quantiles
     files: dict[str, str]  # file name -> sha256
     score_scaling: dict[str, float] | None = None  # DAAD+ min-max constants (also baked into the graph)
+    roi: dict[str, Any] | None = None  # {"file": "roi.png"}: only that part of the frame counts (mnemo.roi)
     training: dict[str, Any] = field(default_factory=dict)  # data summary, epochs, seed, run config
     metrics: dict[str, Any] = field(
         default_factory=dict

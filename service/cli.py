@@ -113,6 +113,12 @@ def _recalibrate(subparsers: argparse._SubParsersAction) -> None:
         type=float,
         help="target share of good pixels above the region level (default: the bundle's own, else 0.0001)",
     )
+    p.add_argument(
+        "--roi",
+        help="a region-of-interest mask PNG of the camera frame (white = counts) to put in the bundle: the "
+        "score becomes the heatmap's peak inside it, calibrated here on the pixels inside (default: keep "
+        "the bundle's own ROI, if any)",
+    )
     p.add_argument("--version", help="the new version string (default: a UTC timestamp)")
     p.add_argument("--backend", default="auto", help="auto (= onnxruntime), onnxruntime or torchscript")
     p.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
@@ -129,6 +135,7 @@ def run_recalibrate(args: argparse.Namespace) -> int:
     report = recalibrate(
         Path(args.bundle), Path(args.data), out=Path(args.out) if args.out else None,
         false_alarm_rate=args.false_alarm_rate, pixel_false_alarm_rate=args.pixel_false_alarm_rate,
+        roi=Path(args.roi) if args.roi else None,
         version=args.version, backend=args.backend, device=args.device, progress=not args.no_progress,
     )  # fmt: skip
     print_json(report)

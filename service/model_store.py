@@ -21,6 +21,7 @@ import numpy as np
 from mnemo.bundle import MANIFEST_FILE, RECONSTRUCTION_FILE, BundleError, Manifest, read_manifest
 from mnemo.calibration import Calibration
 from mnemo.imaging import Preprocessing
+from mnemo.roi import RoiError, mask_from_image
 from mnemo.service.backends import ReconstructionRunner, Runner, create_runner
 from mnemo.service.batching import DynamicBatcher
 from mnemo.service.metrics import ModelMetrics, ServiceMetrics
@@ -42,6 +43,7 @@ class LoadedModel:
     calibration: Calibration
     loaded_at: float = field(default_factory=time.time)
     reconstructor: ReconstructionRunner | None = None  # bundles with reconstruction.onnx
+    roi: np.ndarray | None = None  # bool [size, size]: the bundle's region of interest (mnemo.roi)
     batcher: DynamicBatcher | None = None  # set when the store starts serving it
     metrics: ModelMetrics | None = None  # likewise
     quantiles: np.ndarray = field(init=False)  # as an array once, not per request
@@ -73,6 +75,7 @@ class LoadedModel:
             calibration_method=self.calibration.method,
             pixel_threshold=self.calibration.pixel.threshold if self.calibration.pixel else None,
             reconstruction=self.reconstructor is not None,
+            roi=self.roi is not None,
             metrics=m.metrics,
             created=m.created,
             loaded_at=self.loaded_at,
@@ -142,7 +145,28 @@ def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = N
         x = np.zeros((1, pre.channels, pre.size, pre.size), np.float32)
         if reconstructor.run(x).shape != x.shape:
             raise BundleError(f"{RECONSTRUCTION_FILE} does not map {list(x.shape)} to the same shape")
-    return LoadedModel(manifest, path, runner, pre, calibration, reconstructor=reconstructor)
+    return LoadedModel(
+        manifest,
+        path,
+        runner,
+        pre,
+        calibration,
+        reconstructor=reconstructor,
+        roi=load_roi(path, manifest, pre),
+    )
+
+
+def load_roi(path: Path, manifest: Manifest, pre: Preprocessing) -> np.ndarray | None:
+    """The bundle's ROI mask on the model's grid; its file must be one the manifest vouches for."""
+    if not manifest.roi:
+        return None
+    name = manifest.roi.get("file")
+    if name not in manifest.files:
+        raise BundleError(f"manifest roi names {name!r}, which is not among its checksummed files")
+    try:
+        return mask_from_image(path / name, pre)
+    except RoiError as exc:
+        raise BundleError(f"{path / name}: {exc}") from None
 
 
 def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[str, LoadedModel], dict]:

@@ -35,7 +35,7 @@ from mnemo.service.dependencies import CaptureDep, CpuSlotsDep, MetricsDep, Sett
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
 from mnemo.service.routes import UNKNOWN_MODEL
-from mnemo.service.scoring import ScoreOptions, decode_and_infer, infer_inputs, judge, observe
+from mnemo.service.scoring import ScoreOptions, decode_and_infer, infer_inputs, judge, observe, within_roi
 from mnemo.service.uploads import Upload
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -140,16 +140,16 @@ async def infer(
         else:
             uploads = [Upload(f"pixels[{i}]", b"") for i in range(len(parsed.tensor))]
             decoded, results = await infer_inputs(request, model, list(parsed.tensor), settings)
-        threshold = model.threshold if parsed.threshold is None else parsed.threshold
-        images = judge(
-            model, uploads, results, decoded, threshold, ScoreOptions(), settings.heatmap_grid_size
-        )
+        options = ScoreOptions(threshold=parsed.threshold)
+        images = judge(model, uploads, results, decoded, options, settings.heatmap_grid_size)
         observe(model, images, uploads, capture)
         tensors = {
             "score": np.array([i.score for i in images], np.float32),
             "p_value": np.array([i.p_value for i in images], np.float32),
             "verdict": [i.verdict.encode() for i in images],
-            "heatmap": np.stack([r.heatmap for r in results])[:, None].astype(np.float32),
+            "heatmap": np.stack(
+                [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
+            )[:, None].astype(np.float32),
         }
         status = 200
         return infer_response(model, parsed, tensors)

@@ -9,12 +9,15 @@ untouched: a running service picks it up at its next reload (``POST /v1/admin/re
 replaced atomically, so a reload never reads half a file.
 
 The best-F1 threshold of the old record is dropped: it was chosen on a labelled set of the old conditions.
+``--roi MASK.png`` adds a region of interest (``mnemo.roi``): the bundle then scores the heatmap's peak
+inside it, and this calibrates exactly that, on the pixels inside.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -26,6 +29,7 @@ from tqdm.auto import tqdm
 from mnemo.bundle import MANIFEST_FILE, Manifest, read_manifest
 from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE, Calibration, calibrate_normal, is_anomalous
 from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, preprocess
+from mnemo.roi import ROI_FILE, mask_from_image
 from mnemo.service.backends import create_runner
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # when the old threshold was not chosen by a false-alarm rate
@@ -63,6 +67,7 @@ def recalibrate(
     out: Path | None = None,
     false_alarm_rate: float | None = None,
     pixel_false_alarm_rate: float | None = None,
+    roi: Path | None = None,
     version: str | None = None,
     backend: str = "auto",
     device: str = "auto",
@@ -70,7 +75,9 @@ def recalibrate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Recalibrate ``bundle`` on the good images in ``data``; write it in place, or a copy to ``out``.
-    Rates default to the bundle's own. Returns the report: how threshold and pixel level moved."""
+    Rates default to the bundle's own. ``roi``: a mask PNG to add (a bundle's own ROI is kept otherwise);
+    with one, the threshold is for the heatmap's peak inside it and the pixel level for the pixels inside.
+    Returns the report: how threshold and pixel level moved."""
     manifest = read_manifest(bundle)
     old = Calibration.from_dict(manifest.calibration)
     if false_alarm_rate is None:
@@ -79,9 +86,12 @@ def recalibrate(
         pixel_false_alarm_rate = old.pixel.false_alarm_rate if old.pixel else DEFAULT_PIXEL_FALSE_ALARM_RATE
     paths = good_images(data)
     runner = create_runner(bundle, backend, device)
-    scores, heatmaps = score_images(
-        runner, Preprocessing.from_dict(manifest.preprocessing), paths, batch_size, progress
-    )
+    prep = Preprocessing.from_dict(manifest.preprocessing)
+    scores, heatmaps = score_images(runner, prep, paths, batch_size, progress)
+    roi_source = Path(roi) if roi else (Path(bundle) / manifest.roi["file"] if manifest.roi else None)
+    if roi_source is not None:  # calibrate what is judged then: the peak inside, the pixels inside
+        mask = mask_from_image(roi_source, prep)
+        scores, heatmaps = heatmaps[:, mask].max(axis=1).astype(np.float64), heatmaps[:, mask]
     new = calibrate_normal(scores, false_alarm_rate, heatmaps, pixel_false_alarm_rate)
     version = version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")
     if version == manifest.version:
@@ -96,10 +106,17 @@ def recalibrate(
         "old_threshold_flags": float(np.mean(is_anomalous(scores, old.threshold))),
         "pixel_false_alarm_rate": pixel_false_alarm_rate,
         "pixel_threshold": {"old": old.pixel.threshold if old.pixel else None, "new": new.pixel.threshold},
+        "roi": roi_source is not None,
     }
+    roi_bytes = roi_source.read_bytes() if roi_source is not None else None
+    files = dict(manifest.files)
+    if roi_bytes is not None:
+        files[ROI_FILE] = hashlib.sha256(roi_bytes).hexdigest()
     recalibrated = dataclasses.replace(
         manifest,
         version=version,
+        files=files,
+        roi={"file": ROI_FILE} if roi_bytes is not None else None,
         calibration=new.to_dict(),
         training={
             **manifest.training,
@@ -111,6 +128,8 @@ def recalibrate(
         if target.exists():
             raise FileExistsError(f"{target} exists; give a new directory for the recalibrated bundle")
         shutil.copytree(bundle, target)
+    if roi_bytes is not None:
+        (target / ROI_FILE).write_bytes(roi_bytes)
     write_manifest(target, recalibrated)
     return report
 

@@ -171,6 +171,14 @@ async def score(
     reconstruction: Annotated[
         bool, Query(description="return the model's reconstruction: what this part looks like to its memory")
     ] = False,
+    roi: Annotated[
+        str | None,
+        Query(
+            description="x,y,width,height in the image's pixels: only that part counts (score = heatmap peak "
+            "inside; verdict by the pixel level unless the bundle has its own ROI)",
+            pattern=r"^-?\d+,-?\d+,\d+,\d+$",
+        ),
+    ] = None,
     heatmap_scale: Annotated[
         HeatmapScaleKind,
         Query(
@@ -186,7 +194,7 @@ async def score(
     try:
         model = find_model(store, name)
         label = name
-        options = ScoreOptions(heatmap, threshold, regions, reconstruction, heatmap_scale)
+        options = ScoreOptions(heatmap, threshold, regions, reconstruction, heatmap_scale, roi)
         response = await score_request(request, model, options, settings, slots, started, capture)
         status = 200
         return response

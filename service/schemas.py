@@ -93,6 +93,7 @@ class ModelInfo(BaseModel):
     threshold: float
     calibration_method: str | None = None
     reconstruction: bool = Field(False, description="whether reconstruction=true is available")
+    roi: bool = Field(False, description="whether the bundle has a region of interest (scores are its peak)")
     pixel_threshold: float | None = Field(
         None, description="the region level (regions=true); None for a bundle without pixel calibration"
     )

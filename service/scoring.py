@@ -29,6 +29,7 @@ from mnemo.calibration import PixelCalibration, is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png, png_bytes
 from mnemo.imaging import denormalise
 from mnemo.regions import find_regions
+from mnemo.roi import RoiError, apply_roi, mask_from_rectangle
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
 from mnemo.service.capture import Capture, CaptureStore
 from mnemo.service.decoding import CpuSlots, Decoded, Decoding, PixelLimits
@@ -62,6 +63,7 @@ class ScoreOptions:
     regions: bool = False  # list the defect regions (needs the bundle's pixel calibration)
     reconstruction: bool = False  # return the model's reconstruction (needs reconstruction.onnx)
     heatmap_scale: HeatmapScaleKind = "calibrated"  # colours: the calibrated scale, or each map's min…max
+    roi: str | None = None  # "x,y,width,height" in the upload's pixels: only that part counts
 
 
 async def score_request(
@@ -82,6 +84,12 @@ async def score_request(
             f"{model.name} has no pixel calibration, so it cannot find regions: re-export it, or run "
             "`mnemo recalibrate` on its bundle with good images",
         )
+    if options.roi and model.roi is None and model.calibration.pixel is None:
+        raise ApiError(
+            400,
+            "no_pixel_calibration",
+            f"{model.name} has no pixel calibration to judge a rectangle by: run `mnemo recalibrate` on it",
+        )
     if options.reconstruction and model.reconstructor is None:
         raise ApiError(
             400,
@@ -93,8 +101,7 @@ async def score_request(
     decoded, results, decoded_at = await decode_and_infer(
         request, model, uploads, settings, slots, overlay=options.heatmap == "overlay"
     )
-    threshold = model.threshold if options.threshold is None else options.threshold
-    draw = partial(judge, model, uploads, results, decoded, threshold, options, settings.heatmap_grid_size)
+    draw = partial(judge, model, uploads, results, decoded, options, settings.heatmap_grid_size)
     in_thread = options.heatmap in PNG_FORMATS or options.regions
     images = await anyio.to_thread.run_sync(draw, limiter=slots.any) if in_thread else draw()
     if options.reconstruction:
@@ -242,28 +249,56 @@ def judge(
     uploads: list[Upload],
     results: list[ImageResult],
     decoded: Decoded,
-    threshold: float,
     options: ScoreOptions,
     grid_size: int,
 ) -> list[ImageScore]:
-    """Score, p-value, verdict, requested heatmap and regions of every image, in upload order."""
-    scores = np.array([r.score for r in results], np.float64)
-    p_values = np.atleast_1d(p_value(scores, model.quantiles, model.calibration.n))
-    flagged = is_anomalous(scores, threshold)
+    """Score, p-value, verdict, requested heatmap and regions of every image, in upload order; within
+    the bundle's ROI and the request's rectangle, where there are any (``mnemo.roi``)."""
     pixel = model.calibration.pixel
     scale = pixel.scale if pixel is not None and options.heatmap_scale == "calibrated" else None
-    return [
-        ImageScore(
-            filename=upload.filename,
-            score=float(score),
-            p_value=float(p),
-            verdict="anomalous" if flag else "ok",
-            threshold=threshold,
-            heatmap=render_heatmap(result.heatmap, options.heatmap, decoded.displays, i, grid_size, scale),
-            regions=regions_of(result.heatmap, pixel, decoded.sizes[i], model) if options.regions else None,
+    judged = []
+    for i, (upload, result) in enumerate(zip(uploads, results)):
+        heat, score = within_roi(model, result, decoded.sizes[i], options.roi)
+        if options.roi and model.roi is None:  # a peak over some pixels: judged by the pixel level
+            threshold = pixel.threshold if options.threshold is None else options.threshold
+            p = p_value(score, pixel.quantiles, len(pixel.quantiles))
+        else:
+            threshold = model.threshold if options.threshold is None else options.threshold
+            p = p_value(score, model.quantiles, model.calibration.n)
+        judged.append(
+            ImageScore(
+                filename=upload.filename,
+                score=score,
+                p_value=float(p),
+                verdict="anomalous" if is_anomalous(score, threshold) else "ok",
+                threshold=threshold,
+                heatmap=render_heatmap(heat, options.heatmap, decoded.displays, i, grid_size, scale),
+                regions=regions_of(heat, pixel, decoded.sizes[i], model) if options.regions else None,
+            )
         )
-        for i, (upload, result, score, p, flag) in enumerate(zip(uploads, results, scores, p_values, flagged))
-    ]
+    return judged
+
+
+def within_roi(
+    model: LoadedModel, result: ImageResult, size: tuple[int, int], rectangle: str | None
+) -> tuple[np.ndarray, float]:
+    """The heatmap and score as the model gave them, or, with an ROI, calm outside and the peak inside."""
+    mask = model.roi
+    if rectangle:
+        try:
+            rect = mask_from_rectangle(rectangle, size, model.preprocessing)
+        except RoiError as exc:
+            raise ApiError(400, "bad_roi", str(exc)) from None
+        mask = rect if mask is None else mask & rect
+        if not mask.any():
+            raise ApiError(
+                400, "bad_roi", f"roi {rectangle} does not overlap the bundle's region of interest"
+            )
+    if mask is None:
+        return result.heatmap, float(result.score)
+    pixel = model.calibration.pixel
+    fill = pixel.scale[0] if pixel is not None else float(result.heatmap[mask].min())
+    return apply_roi(result.heatmap, mask, fill)
 
 
 def regions_of(
