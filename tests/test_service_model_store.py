@@ -85,7 +85,7 @@ def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_rem
         report = await store.reload()
         assert report.loaded == ["gray"] and store.models["gray"].manifest.version == "2"
         assert report.removed == ["color"] and "color" not in store.models
-        assert gray.batcher._task.done()  # the replaced version's batcher was stopped
+        assert not gray.batcher.running  # the replaced version's batcher was stopped
         await store.close()
 
     in_loop(steps)
