@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from urllib.parse import urlsplit
 
@@ -37,6 +38,8 @@ class LoadResult:
     p99_ms: float | None
     server_p50_ms: float | None  # the service's own timings_ms.total_ms
     client_cpu_cores: float  # CPU seconds the load generator used per wall second
+    server_cpu_ms_per_image: float | None = None  # the server process's CPU (all threads) per image
+    mean_batch_size: float | None = None  # images per inference call, from the server's metrics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,8 +113,11 @@ async def run_load(
     duration: float = 4.0,
     requests: int = 4000,
     images_per_request: int = 1,
+    probe: Callable[[], tuple[float, float, float]] | None = None,
 ) -> LoadResult:
-    """POST ``png`` (``images_per_request`` copies per request) to ``url`` under closed-loop load."""
+    """POST ``png`` (``images_per_request`` copies per request) to ``url`` under closed-loop load.
+    ``probe()`` → (server CPU seconds, batch-size sum, batch count), read after the warm-up and at the end,
+    makes the result explain itself: the server's CPU per image and its mean batch size."""
     request = post_request(url, *image_body(png, images_per_request))
     connections = [await Connection.open(url) for _ in range(concurrency)]
     for i in range(WARMUP_REQUESTS):
@@ -119,6 +125,7 @@ async def run_load(
     latencies: list[float] = []
     server_ms: list[float] = []
     errors = sent = 0
+    before = await asyncio.to_thread(probe) if probe else None
     started, cpu_started = time.perf_counter(), time.process_time()
     deadline = started + duration
 
@@ -147,6 +154,15 @@ async def run_load(
             c.close()
     seconds = time.perf_counter() - started
     cpu = time.process_time() - cpu_started
+    server = {}
+    if probe:
+        after = await asyncio.to_thread(probe)
+        images = len(latencies) * images_per_request
+        cpu_s, batch_sum, batches = (a - b for a, b in zip(after, before))
+        server = {
+            "server_cpu_ms_per_image": round(1000 * cpu_s / images, 2) if images else None,
+            "mean_batch_size": round(batch_sum / batches, 2) if batches else None,
+        }
     pct = percentiles_ms(latencies)
     return LoadResult(
         concurrency=concurrency,
@@ -161,4 +177,5 @@ async def run_load(
         p99_ms=pct["p99"],
         server_p50_ms=round(float(np.median(server_ms)), 2) if server_ms else None,
         client_cpu_cores=round(cpu / seconds, 2),
+        **server,
     )

@@ -22,6 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,20 @@ class Server:
                     fields[key] = round(int(value.split()[0]) / 1024, 1)
         return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
 
+    def probe(self, model: str) -> tuple[float, float, float]:
+        """(CPU seconds of the server process, all threads; its batch-size sum; its batch count)."""
+        ticks = os.sysconf("SC_CLK_TCK")
+        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cpu = (int(stat[11]) + int(stat[12])) / ticks  # utime, stime (fields 14, 15)
+        with urllib.request.urlopen(self.url + "/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        total = {"sum": 0.0, "count": 0.0}
+        for line in text.splitlines():
+            for kind in total:
+                if line.startswith(f'mnemo_batch_size_{kind}{{model="{model}"}}'):
+                    total[kind] = float(line.rsplit(" ", 1)[1])
+        return cpu, total["sum"], total["count"]
+
     def stop(self) -> None:
         if self.process and self.process.poll() is None:
             self.process.terminate()
@@ -202,9 +217,11 @@ def service_mode(
     try:
         cold = server.start()
         idle = server.memory_mb()
-        url = f"{server.url}/v1/models/{manifest_of(bundle)['name']}:score"
+        name = manifest_of(bundle)["name"]
+        url = f"{server.url}/v1/models/{name}:score"
+        probe = partial(server.probe, name)
         points = [
-            asyncio.run(run_load(url, png, c, images_per_request=images_per_request, **load))
+            asyncio.run(run_load(url, png, c, images_per_request=images_per_request, probe=probe, **load))
             for c in concurrency
         ]
         return {

@@ -157,7 +157,8 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
             assert p["ratio_vs_raw"] == pytest.approx(
                 p["images_per_s"] / b["raw"]["best_images_per_s"], abs=1e-3
             )
-            assert p["p50_ms"] <= p["p99_ms"]
+            assert p["p50_ms"] <= p["p99_ms"] and p["server_cpu_ms_per_image"] > 0
+            assert 1 <= p["mean_batch_size"] <= (1 if mode == "batch1" else 4)
     assert b["service"]["batch1"]["max_batch_size"] == 1
     assert json.loads((tmp_path / "results" / "serve.json").read_text())["bundles"][0]["name"] == str(bundle)
     assert "service ÷ raw" in (tmp_path / "results" / "serve.md").read_text()
