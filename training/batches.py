@@ -28,6 +28,8 @@ class TensorBatches:
         shuffle: bool = False,
         flips: bool = False,
         seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -36,14 +38,22 @@ class TensorBatches:
         self.shuffle = shuffle
         self.flips = flips
         self.generator = torch.Generator().manual_seed(seed)
+        self.rank, self.world = rank, world
 
     def __len__(self) -> int:
-        return math.ceil(len(self.images) / self.batch_size)
+        return math.ceil(self._per_rank() / self.batch_size)
+
+    def _per_rank(self) -> int:
+        """Images each rank takes an epoch: all of them alone, an equal share under torchrun."""
+        return len(self.images) if self.world == 1 else len(self.images) // self.world
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         n = len(self.images)
         order = torch.randperm(n, generator=self.generator) if self.shuffle else None
-        for start in range(0, n, self.batch_size):
+        if self.world > 1:  # every rank draws the same permutation and takes its every world-th image
+            order = (torch.arange(n) if order is None else order)[self.rank :: self.world][: self._per_rank()]
+        count = n if order is None else len(order)
+        for start in range(0, count, self.batch_size):
             if order is None:
                 batch = self.images[start : start + self.batch_size]
             else:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnemo import models
 from mnemo.bundle import TORCHSCRIPT_FILE, Manifest, read_manifest
@@ -31,7 +31,7 @@ from mnemo.calibration import Calibration, is_anomalous
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
 from mnemo.training import config as run_config
-from mnemo.training import datasets
+from mnemo.training import datasets, distributed
 from mnemo.training.batches import TensorBatches
 from mnemo.training.calibration import calibrate
 from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset
@@ -75,18 +75,28 @@ def loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: 
 
 
 def batches(
-    dataset: Dataset, batch_size: int, workers: int, *, train: bool = False, seed: int = 0
+    dataset: Dataset,
+    batch_size: int,
+    workers: int,
+    *,
+    train: bool = False,
+    seed: int = 0,
+    world: distributed.World | None = None,
 ) -> TensorBatches | DataLoader:
     """A split's image batches: sliced from one in-memory tensor when the split has one (IDX arrays,
     folders small enough to cache: no per-item Python, issue 16), else streamed by a DataLoader.
     ``train`` shuffles and applies the dataset's flips; otherwise images come as the data has them."""
+    rank, size = (world.rank, world.size) if train and world else (0, 1)  # only training is sharded
     images = datasets.images_tensor(dataset)
     if images is None:
+        if train and size > 1:
+            sampler = DistributedSampler(dataset, size, rank, shuffle=True, seed=seed, drop_last=True)
+            return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
         if train:
             return loader(dataset, batch_size, workers, shuffle=True, seed=seed)
         return loader(unaugmented(dataset), batch_size, workers)
     flips = train and getattr(dataset, "flips", False)
-    return TensorBatches(images, batch_size, shuffle=train, flips=flips, seed=seed)
+    return TensorBatches(images, batch_size, shuffle=train, flips=flips, seed=seed, rank=rank, world=size)
 
 
 def unaugmented(dataset: Dataset) -> Dataset:
@@ -145,19 +155,28 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     out = cfg.output_path
     out.mkdir(parents=True, exist_ok=True)
     seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
+    world = distributed.init(pick_device(cfg.device))  # a world of one unless torchrun started this
+    device = world.device
     cfg = with_image_channels(cfg)
     model = models.create(cfg.model, **cfg.model_config)
+    if world.size > 1:  # same initial weights everywhere (broadcast in fit), own training randomness
+        torch.manual_seed(cfg.seed + world.rank)
     prep = preprocessing_of(model, cfg.data.resize)
     splits = load_splits(cfg.data, prep)
     optim = run_config.resolve_optim(cfg.optim, model.config)
     cfg = dataclasses.replace(cfg, optim=optim)
-    run_config.save(cfg, out / CONFIG_FILE)
+    if world.is_main:
+        run_config.save(cfg, out / CONFIG_FILE)
     workers = cfg.data.num_workers
-    train_loader = batches(splits.train, optim.batch_size, workers, train=True, seed=cfg.seed)
+    train_loader = batches(splits.train, optim.batch_size, workers, train=True, seed=cfg.seed, world=world)
     val_loader = batches(splits.val, optim.batch_size, workers)
-    print(f"training {cfg.model} on {device} → {out}  ({json.dumps(splits.summary, default=str)})")
+    ranks = f", {world.size} processes" if world.size > 1 else ""
+    if world.is_main:
+        print(f"training {cfg.model} on {device}{ranks} → {out}  ({json.dumps(splits.summary, default=str)})")
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
+    if not world.is_main:  # rank 0 finishes the run alone
+        distributed.finish()
+        return out
     write_json(out / HISTORY_FILE, state.history)
 
     model.after_fit(images_of(b) for b in batches(splits.train, optim.batch_size, workers))
@@ -185,6 +204,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "epochs": state.epoch,
         "best_epoch": state.best_epoch,
         "steps": state.steps,
+        "processes": world.size,
         "stop_reason": state.stop_reason,
         "train_seconds": state.train_seconds,
         "best_val_loss": state.best_val,
@@ -195,6 +215,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device)
     write_json(out / REPORT_FILE, report)
     print(summary_line(report, calibration))
+    distributed.finish()
     return out
 
 

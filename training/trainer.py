@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mnemo.models.base import AnomalyModel
+from mnemo.training import distributed
 from mnemo.training.config import OptimConfig
 from mnemo.training.evaluate import images_of
 
@@ -51,11 +52,13 @@ def usable_cores() -> int:
 
 
 def set_threads(threads: int = 0) -> int:
-    """torch's intra-op threads: ``threads``, or 0 for every usable core. More threads than free cores
-    only spin (several runs side by side want one each); returns the count set."""
+    """torch's intra-op threads: ``threads``, or 0 for every usable core (shared out among the processes
+    torchrun starts on this machine). More threads than free cores only spin (several runs side by side
+    want one each); returns the count set."""
     if threads < 0:
         raise ValueError(f"threads must be >= 0 (0 = every usable core), got {threads}")
-    torch.set_num_threads(threads or usable_cores())
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch.set_num_threads(threads or max(1, usable_cores() // local_processes))
     return torch.get_num_threads()
 
 
@@ -117,6 +120,12 @@ class StopRequest:
         self.reason = "interrupted"
         tqdm.write("Ctrl-C: stopping after this step and finishing the run (Ctrl-C again aborts)")
 
+    def agreed(self) -> bool:
+        """``requested``, on every rank at once under torchrun (a stop on one stops all after this step)."""
+        if distributed.agree(self.requested) and not self.reason:
+            self.reason = "stopped on another rank"
+        return bool(self.reason)
+
     @property
     def requested(self) -> bool:
         if not self.reason and self.max_steps and self.state.steps >= self.max_steps:
@@ -175,28 +184,36 @@ def fit(
     state = TrainState()
     if resume and (out_dir / CHECKPOINT_LAST).exists():
         state = load_training_state(out_dir / CHECKPOINT_LAST, model, optimizers, device)
+    distributed.broadcast_state(model)  # under torchrun: rank 0's weights everywhere (distributed.py)
+    distributed.average_gradients_before_steps(optimizers)
+    main = distributed.is_main()
+    progress = progress and main
     started = time.monotonic() - state.train_seconds
     with StopRequest(cfg.max_minutes, cfg.max_steps, state) as stop:
-        while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience and not stop.requested:
+        while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience and not stop.agreed():
             record = train_epoch(model, train_loader, optimizers, cfg, state, device, stop, progress)
-            record["val_loss"] = val = validation_loss(model, val_loader, device)
+            distributed.broadcast_state(model, buffers_only=True)  # one set of BatchNorm statistics
+            record["val_loss"] = val = distributed.mean(validation_loss(model, val_loader, device))
             state.history.append(record)
             if val < state.best_val:
                 state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
-                save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
+                if main:
+                    save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
             else:
                 state.bad_epochs += 1
             state.train_seconds = time.monotonic() - started
-            save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
-            loss = record.get("loss", math.nan)
-            tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}")
+            if main:
+                save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
+                loss = record.get("loss", math.nan)
+                tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}")
         state.train_seconds = time.monotonic() - started  # a stop seen between epochs ends here too
         state.stop_reason = stop.reason or (
             "early stopping" if state.bad_epochs >= cfg.patience else "max epochs"
         )
-    tqdm.write(f"training stopped ({state.stop_reason}); best epoch {state.best_epoch}")
-    best = torch.load(out_dir / CHECKPOINT_BEST, map_location=device, weights_only=False)
-    model.load_state_dict(best["model"])
+    if main:
+        tqdm.write(f"training stopped ({state.stop_reason}); best epoch {state.best_epoch}")
+        best = torch.load(out_dir / CHECKPOINT_BEST, map_location=device, weights_only=False)
+        model.load_state_dict(best["model"])
     return state
 
 
@@ -206,6 +223,8 @@ def train_epoch(model, loader, optimizers, cfg, state, device, stop: StopRequest
     bar = tqdm(loader, desc=f"epoch {state.epoch + 1}/{cfg.max_epochs}", disable=not progress, leave=False)
     sums: dict[str, float] = {}
     steps = 0
+    if hasattr(getattr(loader, "sampler", None), "set_epoch"):  # a DistributedSampler reshuffles per epoch
+        loader.sampler.set_epoch(state.epoch)
     for steps, batch in enumerate(bar, start=1):
         if cfg.schedule == "cosine":
             set_cosine_lr(optimizers, stop.progress((state.epoch + steps / len(loader)) / cfg.max_epochs))
@@ -214,7 +233,7 @@ def train_epoch(model, loader, optimizers, cfg, state, device, stop: StopRequest
         for k, v in logs.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{logs['loss']:.4g}")
-        if (cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch) or stop.requested:
+        if (cfg.max_steps_per_epoch and steps >= cfg.max_steps_per_epoch) or stop.agreed():
             break
     bar.close()
     state.epoch += 1
