@@ -6,7 +6,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo-bundle test browser format clean docker docker-test
+.PHONY: install run demo-bundle test browser haproxy format clean docker docker-test
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +22,7 @@ run: $(STAMP)  ## the main job: serve the bundles in ./bundles (the default one 
 demo-bundle: $(STAMP)  ## rebuild the shipped default bundle bundles/brick from scratch (~2 min on CPU)
 	$(BIN)/mnemo demo --out runs/demo --bundle bundles/brick
 
-test: $(STAMP) browser  ## lint + the whole test suite
+test: $(STAMP) browser haproxy  ## lint + the whole test suite
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
@@ -33,6 +33,13 @@ browser:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	  else echo "chromium not installed and not root: the upload-page test will be skipped"; fi; }
+
+# HAProxy for the failover test (two replicas, one killed under load): as chromium above.
+haproxy:
+	@command -v haproxy >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy >/dev/null; \
+	  else echo "haproxy not installed and not root: the failover test will be skipped"; fi; }
 
 docker:  ## build the CPU image mnemo:cpu (ONNX Runtime, no torch; needs BuildKit)
 	DOCKER_BUILDKIT=1 docker build -t mnemo:cpu .

@@ -23,6 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _train(sub)
     _serve(sub)
     _decode(sub)
+    _failover(sub)
 
 
 def _ints(text: str) -> list[int]:
@@ -300,6 +301,40 @@ def cmd_train(args: argparse.Namespace) -> int:
         models, Path(args.data), Path(args.work), Path(args.results), args.steps, args.rounds, args.device
     )
     print(f"results: {Path(args.results) / 'train-speed.json'} and train-speed.md")
+    return 0
+
+
+def _failover(sub) -> None:
+    p = sub.add_parser(
+        "failover",
+        help="two replicas behind HAProxy, one killed under load: what the clients saw",
+        description="Start two `mnemo serve` replicas of --bundle and HAProxy in front of them with the "
+        "reference config (docker/haproxy/haproxy.cfg: least connections, health checks on /readyz, "
+        "retries of refused, unanswered and 503 requests), load it with closed-loop clients, kill replica "
+        "1 with SIGKILL, and report requests sent, failed, retried by the balancer, and for how long after "
+        "the kill requests needed a retry. Writes failover.json and failover.md. Needs haproxy.",
+    )
+    p.add_argument("--bundle", default="bundles/brick", help="the bundle both replicas serve")
+    p.add_argument("--seconds", type=float, default=10.0, help="seconds of load (default 10)")
+    p.add_argument("--kill-at", type=float, default=4.0, help="seconds into the load to kill (default 4)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--results", default=str(RESULTS), help="output folder (default benchmarks/results)")
+    p.set_defaults(func=cmd_failover)
+
+
+def cmd_failover(args: argparse.Namespace) -> int:
+    import json
+
+    from mnemo.benchmarks import failover
+    from mnemo.benchmarks.serve import manifest_of, sample_png
+
+    manifest = manifest_of(Path(args.bundle))
+    image = sample_png(manifest)
+    result = failover.run(
+        Path(args.bundle), image, manifest["name"], args.seconds, args.kill_at, args.clients
+    )
+    failover.write(result, Path(args.results))
+    print(json.dumps(result))
     return 0
 
 
