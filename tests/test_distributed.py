@@ -4,7 +4,6 @@ weights on both ranks after every step, half the steps each, and rank 0 finishes
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -15,15 +14,9 @@ from tests.test_training import mnemo
 from tests.test_training_budget import TINY_RESTORE, _sets
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args]  # fmt: skip
+    # --standalone: a rendezvous on a port torchrun picks itself (no race with other tests for one)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return done
@@ -59,6 +52,7 @@ def test_gradients_are_averaged_so_both_ranks_hold_the_same_weights(tmp_path):
         flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
         json.dump({{"sum": float(flat.double().sum()), "steps": state.steps, "first": float(flat[0])}},
                   open(out / f"rank{{world.rank}}.json", "w"))
+        distributed.barrier()
         distributed.finish()
     """)
     )

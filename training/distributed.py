@@ -128,5 +128,7 @@ def barrier() -> None:
 
 
 def finish() -> None:
+    """Leave the process group; every rank does so together (after a ``barrier``): a rank leaving while
+    another still holds the group can abort in gloo's teardown."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -43,7 +43,7 @@ def images_of(batch) -> torch.Tensor:
     return unpack(batch)[0]
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def score_dataset(
     model: torch.nn.Module, loader: DataLoader, device: torch.device, progress: bool = True
 ) -> ScoredSet:

@@ -174,7 +174,8 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     if world.is_main:
         print(f"training {cfg.model} on {device}{ranks} → {out}  ({json.dumps(splits.summary, default=str)})")
     state = fit(model, train_loader, val_loader, optim, device, out, cfg.to_dict(), resume, progress)
-    if not world.is_main:  # rank 0 finishes the run alone
+    if not world.is_main:  # rank 0 finishes the run alone; the others wait to leave the group together
+        distributed.barrier()
         distributed.finish()
         return out
     write_json(out / HISTORY_FILE, state.history)
@@ -215,6 +216,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device)
     write_json(out / REPORT_FILE, report)
     print(summary_line(report, calibration))
+    distributed.barrier()  # (a world of one: nothing) the group ends on every rank at once
     distributed.finish()
     return out
 
