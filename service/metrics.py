@@ -6,6 +6,8 @@ Names follow Prometheus conventions: ``mnemo_`` prefix, base units (seconds), ``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -73,6 +75,21 @@ class ServiceMetrics:
         self.requests.labels(model, str(status)).inc()
         self.request_seconds.labels(model).observe(seconds)
 
+    @contextlib.contextmanager
+    def counting(self, unknown: str):
+        """``with metrics.counting(UNKNOWN) as count:`` counts one scoring request, however it ends:
+        by ``count.model`` (``unknown`` until the route names it) and the status (an ``ApiError``'s,
+        200 when the body finishes, 500 on anything else)."""
+        count = _RequestCount(unknown, time.perf_counter())
+        try:
+            yield count
+            count.status = 200
+        except Exception as exc:
+            count.status = getattr(exc, "status", 500)
+            raise
+        finally:
+            self.observe_request(count.model, count.status, time.perf_counter() - count.started)
+
     def for_model(self, model: str) -> ModelMetrics:
         return ModelMetrics(self, model)
 
@@ -121,3 +138,10 @@ class ModelMetrics:
         self._verdicts[verdict].inc()
         self._scores.observe(score)
         self._p_values.observe(p_value)
+
+
+@dataclasses.dataclass
+class _RequestCount:
+    model: str
+    started: float
+    status: int = 500

@@ -23,7 +23,6 @@ import base64
 import binascii
 import json
 import struct
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -125,10 +124,9 @@ async def infer(
     capture: CaptureDep,
     version: str | None = None,
 ) -> Response:
-    started, label, status = time.perf_counter(), UNKNOWN_MODEL, 500
-    try:
+    with service_metrics.counting(UNKNOWN_MODEL) as count:
         model = versioned(store, name, version)
-        label = name
+        count.model = name
         parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH), model)
         if len(parsed.tensor) > settings.max_files:
             raise ApiError(
@@ -147,17 +145,11 @@ async def infer(
             "score": np.array([i.score for i in images], np.float32),
             "p_value": np.array([i.p_value for i in images], np.float32),
             "verdict": [i.verdict.encode() for i in images],
-            "heatmap": np.stack(
-                [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
-            )[:, None].astype(np.float32),
         }
-        status = 200
+        if "heatmap" in parsed.outputs:  # the largest output: only when asked for (or all are)
+            heat = [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
+            tensors["heatmap"] = np.stack(heat)[:, None].astype(np.float32)
         return infer_response(model, parsed, tensors)
-    except ApiError as exc:
-        status = exc.status
-        raise
-    finally:
-        service_metrics.observe_request(label, status, time.perf_counter() - started)
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: LoadedModel) -> InferRequest:

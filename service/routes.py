@@ -10,7 +10,6 @@ being read as a model called ``NAME:score``.
 from __future__ import annotations
 
 import html
-import time
 from functools import cache
 from pathlib import Path
 from typing import Annotated
@@ -29,7 +28,6 @@ from mnemo.service.dependencies import (
     StoreDep,
     find_model,
 )
-from mnemo.service.errors import ApiError
 from mnemo.service.schemas import (
     ErrorResponse,
     Health,
@@ -189,17 +187,8 @@ async def score(
     # Counts every request by model and status. The model is looked up here rather than as a dependency,
     # so that an unknown name is counted too (as _unknown) and a bad query still answers 422 first.
     # (No docstring: FastAPI would publish it as the operation's description.)
-    started = time.perf_counter()
-    label, status = UNKNOWN_MODEL, 500
-    try:
+    with service_metrics.counting(UNKNOWN_MODEL) as count:
         model = find_model(store, name)
-        label = name
+        count.model = name
         options = ScoreOptions(heatmap, threshold, regions, reconstruction, heatmap_scale, roi)
-        response = await score_request(request, model, options, settings, slots, started, capture)
-        status = 200
-        return response
-    except ApiError as exc:
-        status = exc.status
-        raise
-    finally:
-        service_metrics.observe_request(label, status, time.perf_counter() - started)
+        return await score_request(request, model, options, settings, slots, count.started, capture)
