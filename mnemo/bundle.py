@@ -39,6 +39,7 @@ class Manifest:
     files: dict[str, str]  # file name -> sha256
     score_scaling: dict[str, float] | None = None  # DAAD+ min-max constants (also baked into the graph)
     roi: dict[str, Any] | None = None  # {"file": "roi.png"}: only that part of the frame counts (mnemo.roi)
+    tiling: dict[str, Any] | None = None  # {"tile", "overlap", "scale"}: scored tile by tile (mnemo.tiling)
     training: dict[str, Any] = field(default_factory=dict)  # data summary, epochs, seed, run config
     metrics: dict[str, Any] = field(
         default_factory=dict

@@ -184,10 +184,16 @@ def decode_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.
         return image_to_pixels(opened.image)
 
 
-def decode_for_model(opened: OpenImage | Source, prep: Preprocessing, **open_args: Any) -> np.ndarray:
+def decode_for_model(
+    opened: OpenImage | Source,
+    prep: Preprocessing,
+    target: tuple[int, int] | None = None,
+    **open_args: Any,
+) -> np.ndarray:
     """Decode for a model with ``prep``: float32 pixels [H, W, C] on 0…255 as ``decode_image`` gives
     them, but at most about 2 × ``REDUCING_GAP`` times the size the model needs (see the module
-    docstring); ``prepare_pixels`` and ``display_rgb`` take it from there.
+    docstring); ``prepare_pixels`` and ``display_rgb`` take it from there. ``target`` (width, height)
+    replaces the model's size as what is needed (a tiled bundle's working resolution, ``mnemo.tiling``).
 
     Accepts an ``OpenImage``, which it closes (so the full-size pixels are freed as soon as the small ones
     exist), or anything ``open_image`` takes (with its ``max_pixels``).
@@ -196,7 +202,7 @@ def decode_for_model(opened: OpenImage | Source, prep: Preprocessing, **open_arg
         opened = open_image(opened, **open_args)
     with opened:
         image = opened.image
-        new_w, new_h = _scaled_size(image.width, image.height, prep.size, prep.resize)
+        new_w, new_h = target or _scaled_size(image.width, image.height, prep.size, prep.resize)
         if image.format == "JPEG":  # decodes at 1/s scale only where that leaves ≥ REDUCING_GAP × the target
             image.draft(None, (math.ceil(new_w * REDUCING_GAP), math.ceil(new_h * REDUCING_GAP)))
         _load(opened)
@@ -419,7 +425,7 @@ def resize_pixels(pixels: np.ndarray, size: int, policy: str = "resize", nearest
         raise ValueError(f"resize policy must be one of {RESIZE_POLICIES}, got {policy!r}")
     height, width = pixels.shape[:2]
     new_w, new_h = _scaled_size(width, height, size, policy)
-    out = pixels if (new_h, new_w) == (height, width) else _resize_channels(pixels, new_w, new_h, nearest)
+    out = pixels if (new_h, new_w) == (height, width) else resize_to(pixels, new_w, new_h, nearest)
     top, left = (new_h - size) // 2, (new_w - size) // 2
     return np.ascontiguousarray(out[top : top + size, left : left + size])
 
@@ -444,7 +450,8 @@ def model_box_to_image(
     return (x0 + left) * sx, (y0 + top) * sy, (x1 + left) * sx, (y1 + top) * sy
 
 
-def _resize_channels(pixels: np.ndarray, width: int, height: int, nearest: bool) -> np.ndarray:
+def resize_to(pixels: np.ndarray, width: int, height: int, nearest: bool = False) -> np.ndarray:
+    """[H, W, C] → [height, width, C] exactly (aspect not kept); bilinear in float, or nearest."""
     resample = Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
     planes = [
         np.asarray(Image.fromarray(pixels[..., c].astype(np.float32)).resize((width, height), resample))
@@ -508,4 +515,9 @@ def display_rgb(pixels: np.ndarray, prep: Preprocessing) -> np.ndarray:
     sized = resize_pixels(
         to_channels(_with_channels(np.asarray(pixels, np.float32)), 3), prep.size, prep.resize
     )
-    return np.clip(np.rint(sized), 0, 255).astype(np.uint8)
+    return rgb_uint8(sized)
+
+
+def rgb_uint8(pixels: np.ndarray) -> np.ndarray:
+    """Pixels [H, W, 1|3] on 0…255 → uint8 RGB [H, W, 3], as they are drawn."""
+    return np.clip(np.rint(to_channels(pixels, 3)), 0, 255).astype(np.uint8)

@@ -3,7 +3,7 @@
 A PLC or an operator screen draws boxes; it should not have to decode a heatmap for that. Each region is
 an 8-connected component of the pixels whose score exceeds ``PixelCalibration.threshold`` (the strict
 rule of every Mnemo threshold), labelled by ``scipy.ndimage`` on the model-sized map, then mapped back to
-the input image: bounding box and area in the input's pixels (``mnemo.imaging.model_box_to_image``),
+the input image: bounding box and area in the input's pixels (``mnemo.tiling.heat_box_to_image``),
 peak and mean score over the region. Largest peak first. numpy/scipy only: the serving path has no torch.
 """
 
@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from mnemo.imaging import Preprocessing, model_box_to_image
+from mnemo.imaging import Preprocessing
+from mnemo.tiling import Tiling, heat_box_to_image
 
 EIGHT_CONNECTED = np.ones((3, 3), bool)
 
@@ -35,10 +36,12 @@ def find_regions(
     threshold: float,
     image_size: tuple[int, int],
     prep: Preprocessing,
+    tiling: Tiling | None = None,
     max_regions: int = 32,
 ) -> list[Region]:
     """Regions of ``heat`` [H, W] above ``threshold``, in the coordinates of the ``image_size`` (width,
-    height) input; at most ``max_regions``, strongest peak first."""
+    height) input (``heat`` on the model's grid, or a tiled bundle's working resolution); at most
+    ``max_regions``, strongest peak first."""
     above = np.asarray(heat) > threshold
     labels, count = ndimage.label(above, structure=EIGHT_CONNECTED)
     if count == 0:
@@ -48,13 +51,13 @@ def find_regions(
     means = ndimage.mean(heat, labels, index)
     sizes = ndimage.sum_labels(above, labels, index)
     width, height = image_size
-    x0, y0, x1, y1 = model_box_to_image((0.0, 0.0, 1.0, 1.0), width, height, prep)
+    x0, y0, x1, y1 = heat_box_to_image((0.0, 0.0, 1.0, 1.0), width, height, prep, tiling)
     pixel_area = (x1 - x0) * (y1 - y0)  # input pixels behind one model pixel
     regions = []
     for k, box in enumerate(ndimage.find_objects(labels)):
         rows, cols = box
-        left, top, right, bottom = model_box_to_image(
-            (cols.start, rows.start, cols.stop, rows.stop), width, height, prep
+        left, top, right, bottom = heat_box_to_image(
+            (cols.start, rows.start, cols.stop, rows.stop), width, height, prep, tiling
         )
         left, top = max(0, int(np.floor(left))), max(0, int(np.floor(top)))
         right, bottom = min(width, int(np.ceil(right))), min(height, int(np.ceil(bottom)))

@@ -35,13 +35,15 @@ from mnemo.imaging import (
     display_rgb,
     open_image,
     prepare_pixels,
+    rgb_uint8,
 )
 from mnemo.service.errors import ApiError
 from mnemo.service.uploads import Upload
+from mnemo.tiling import Tiling, TilingError, prepare_tiles, working_pixels
 
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes in tens of milliseconds and ~16 MB; larger ones queue for a slot
 T = TypeVar("T")
-Pixels = tuple[np.ndarray, np.ndarray | None]  # model input, and the display crop when overlays are asked for
+Pixels = tuple[np.ndarray, np.ndarray | None]  # model input (tiled: its tiles), display crop for overlays
 
 
 @dataclass(frozen=True)
@@ -60,15 +62,17 @@ class CpuSlots:
 
 @dataclass(frozen=True)
 class Decoded:
-    inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation; the batcher stacks them once
-    displays: list[np.ndarray] | None  # uint8 RGB at model size, as the model saw it; only for overlays
+    inputs: list[np.ndarray]  # N × [C, H, W] in the model's normalisation (tiled: [tiles, C, H, W] each)
+    displays: list[np.ndarray] | None  # uint8 RGB as the model saw it (model size, or working size)
     sizes: list[tuple[int, int]]  # (width, height) of each upload as sent: regions are given in these
+    working: list[tuple[int, int]] | None = None  # a tiled bundle's (width, height) of each heatmap
 
 
 @dataclass(frozen=True)
 class PixelLimits:
     image: int  # most pixels one image may declare
     request: int  # most pixels a request's images may declare together
+    tiles: int = 0  # most tiles a request's images may become (tiled bundles: the batcher's queue)
 
 
 class Decoding:
@@ -81,27 +85,31 @@ class Decoding:
     until it returns, so the slots always bound the threads at work. ``close`` drops what is left.
     """
 
-    def __init__(self, uploads: list[Upload], pre: Preprocessing, overlay: bool) -> None:
-        self.uploads, self.pre, self.overlay = uploads, pre, overlay
+    def __init__(
+        self, uploads: list[Upload], pre: Preprocessing, overlay: bool, tiling: Tiling | None = None
+    ) -> None:
+        self.uploads, self.pre, self.overlay, self.tiling = uploads, pre, overlay, tiling
         self.opened: list[OpenImage] = []
         self.done: list[Pixels | None] = []
 
     async def start(self, limits: PixelLimits, slots: CpuSlots) -> None:
-        first = partial(
-            _open_and_decode_small, self.uploads, self.pre, limits, self.overlay, self.opened, self.done
-        )
+        view = _View(self.pre, self.overlay, self.tiling)
+        first = partial(_open_and_decode_small, self.uploads, view, limits, self.opened, self.done)
         await anyio.to_thread.run_sync(first, limiter=slots.any)
 
     async def finish(self, slots: CpuSlots) -> Decoded:
         """Every upload as model input (and display crop for overlays), in upload order."""
+        view = _View(self.pre, self.overlay, self.tiling)
         for i, image in enumerate(self.opened):
             if self.done[i] is None:
-                decode = partial(_decode_large, self.uploads[i], i, image, self.pre, self.overlay)
+                decode = partial(_decode_large, self.uploads[i], i, image, view)
                 self.done[i] = await _large_in_thread(decode, slots)
         sizes = [image.image.size for image in self.opened]
         self.close()
         inputs = [item[0] for item in self.done]
-        return Decoded(inputs, [item[1] for item in self.done] if self.overlay else None, sizes)
+        displays = [item[1] for item in self.done] if self.overlay else None
+        working = [self.tiling.working_size(*size) for size in sizes] if self.tiling else None
+        return Decoded(inputs, displays, sizes, working)
 
     def close(self) -> None:
         for image in self.opened:
@@ -135,16 +143,24 @@ def _retrieve(task: asyncio.Task) -> None:
         task.exception()
 
 
+@dataclass(frozen=True)
+class _View:
+    """How an image becomes model input: the model's preprocessing, its tiling, whether to keep a display."""
+
+    pre: Preprocessing
+    overlay: bool
+    tiling: Tiling | None
+
+
 def _open_and_decode_small(
     uploads: list[Upload],
-    pre: Preprocessing,
+    view: _View,
     limits: PixelLimits,
-    overlay: bool,
     opened: list[OpenImage],
     done: list[Pixels | None],
 ) -> None:
-    """In a worker thread: read every header and check the pixel limits, then decode the small images.
-    Fills ``opened`` and ``done`` (None where a large image is still to decode)."""
+    """In a worker thread: read every header and check the pixel (and tile) limits, then decode the small
+    images. Fills ``opened`` and ``done`` (None where a large image is still to decode)."""
     for i, upload in enumerate(uploads):
         opened.append(_named(upload, i, partial(open_image, upload.data, max_pixels=limits.image)))
     declared = sum(image.pixels for image in opened)
@@ -155,21 +171,46 @@ def _open_and_decode_small(
             f"the request's {len(opened)} images declare {declared:,} pixels together; the limit is "
             f"{limits.request:,}",
         )
+    if view.tiling is not None:
+        _check_tiles(uploads, opened, view.tiling, limits.tiles)
     for i, (upload, image) in enumerate(zip(uploads, opened)):
         small = image.pixels <= LARGE_IMAGE_PIXELS
-        done.append(_named(upload, i, partial(_model_pixels, image, pre, overlay)) if small else None)
+        done.append(_named(upload, i, partial(_model_pixels, image, view)) if small else None)
 
 
-def _decode_large(upload: Upload, index: int, image: OpenImage, pre: Preprocessing, overlay: bool) -> Pixels:
+def _check_tiles(uploads: list[Upload], opened: list[OpenImage], tiling: Tiling, limit: int) -> None:
+    """Before any pixel is decoded: every image holds a tile, and the request's tiles fit the batcher."""
+    for i, (upload, image) in enumerate(zip(uploads, opened)):
+        try:
+            tiling.check(*image.image.size)
+        except TilingError as exc:
+            name = upload.filename or f"image {i}"
+            raise ApiError(400, "image_too_small", f"{name}: {exc}", file=upload.filename) from None
+    tiles = sum(tiling.count(*image.image.size) for image in opened)
+    if limit and tiles > limit:
+        raise ApiError(
+            400,
+            "too_many_tiles",
+            f"the request's {len(opened)} images make {tiles} tiles of {tiling.tile} px; at most {limit} "
+            "can queue for this model (MNEMO_MAX_QUEUE): send fewer or smaller images",
+        )
+
+
+def _decode_large(upload: Upload, index: int, image: OpenImage, view: _View) -> Pixels:
     try:
-        return _named(upload, index, partial(_model_pixels, image, pre, overlay))
+        return _named(upload, index, partial(_model_pixels, image, view))
     finally:
         release_free_memory()
 
 
-def _model_pixels(image: OpenImage, pre: Preprocessing, overlay: bool) -> Pixels:
-    sized = decode_for_model(image, pre)
-    return prepare_pixels(sized, pre), display_rgb(sized, pre) if overlay else None
+def _model_pixels(image: OpenImage, view: _View) -> Pixels:
+    pre, tiling = view.pre, view.tiling
+    if tiling is None:
+        sized = decode_for_model(image, pre)
+        return prepare_pixels(sized, pre), display_rgb(sized, pre) if view.overlay else None
+    target = tiling.working_size(*image.image.size)
+    working = working_pixels(decode_for_model(image, pre, target), target, pre.channels)
+    return prepare_tiles(working, pre, tiling), rgb_uint8(working) if view.overlay else None
 
 
 def _named(upload: Upload, index: int, step: Callable[[], T]) -> T:

@@ -27,6 +27,7 @@ from mnemo.service.batching import DynamicBatcher
 from mnemo.service.metrics import ModelMetrics, ServiceMetrics
 from mnemo.service.schemas import ModelInfo
 from mnemo.service.settings import Settings
+from mnemo.tiling import Tiling
 
 logger = logging.getLogger("mnemo.service")
 
@@ -43,7 +44,8 @@ class LoadedModel:
     calibration: Calibration
     loaded_at: float = field(default_factory=time.time)
     reconstructor: ReconstructionRunner | None = None  # bundles with reconstruction.onnx
-    roi: np.ndarray | None = None  # bool [size, size]: the bundle's region of interest (mnemo.roi)
+    roi: np.ndarray | None = None  # bool [size, size] (tiled: working resolution): region of interest
+    tiling: Tiling | None = None  # scored tile by tile (mnemo.tiling)
     batcher: DynamicBatcher | None = None  # set when the store starts serving it
     metrics: ModelMetrics | None = None  # likewise
     quantiles: np.ndarray = field(init=False)  # as an array once, not per request
@@ -76,6 +78,7 @@ class LoadedModel:
             pixel_threshold=self.calibration.pixel.threshold if self.calibration.pixel else None,
             reconstruction=self.reconstructor is not None,
             roi=self.roi is not None,
+            tiling=m.tiling,
             metrics=m.metrics,
             created=m.created,
             loaded_at=self.loaded_at,
@@ -127,8 +130,9 @@ def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = N
     try:
         pre = Preprocessing.from_dict(manifest.preprocessing)
         calibration = Calibration.from_dict(manifest.calibration)
+        tiling = load_tiling(manifest, pre)
     except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"manifest preprocessing/calibration invalid ({exc})") from None
+        raise BundleError(f"manifest preprocessing/calibration/tiling invalid ({exc})") from None
     runner = create_runner(
         path, settings.backend, settings.device, settings.intra_op_threads, settings.ort_spinning
     )
@@ -152,19 +156,32 @@ def load_bundle(path: Path, settings: Settings, previous: LoadedModel | None = N
         pre,
         calibration,
         reconstructor=reconstructor,
-        roi=load_roi(path, manifest, pre),
+        roi=load_roi(path, manifest, pre, tiling),
+        tiling=tiling,
     )
 
 
-def load_roi(path: Path, manifest: Manifest, pre: Preprocessing) -> np.ndarray | None:
-    """The bundle's ROI mask on the model's grid; its file must be one the manifest vouches for."""
+def load_tiling(manifest: Manifest, pre: Preprocessing) -> Tiling | None:
+    """The bundle's tiling; its tiles must be what the model takes."""
+    if not manifest.tiling:
+        return None
+    tiling = Tiling.from_dict(manifest.tiling)
+    if tiling.tile != pre.size:
+        raise ValueError(
+            f"tiling.tile {tiling.tile} != preprocessing.size {pre.size}: tiles are model inputs"
+        )
+    return tiling
+
+
+def load_roi(path: Path, manifest: Manifest, pre: Preprocessing, tiling: Tiling | None) -> np.ndarray | None:
+    """The bundle's ROI mask on its heatmap grid; its file must be one the manifest vouches for."""
     if not manifest.roi:
         return None
     name = manifest.roi.get("file")
     if name not in manifest.files:
         raise BundleError(f"manifest roi names {name!r}, which is not among its checksummed files")
     try:
-        return mask_from_image(path / name, pre)
+        return mask_from_image(path / name, pre, tiling)
     except RoiError as exc:
         raise BundleError(f"{path / name}: {exc}") from None
 

@@ -148,6 +148,10 @@ async def infer(
         }
         if "heatmap" in parsed.outputs:  # the largest output: only when asked for (or all are)
             heat = [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
+            if len({h.shape for h in heat}) > 1:  # a tiled bundle's maps follow each image's size
+                shapes = ", ".join(f"{h.shape[1]}×{h.shape[0]}" for h in heat)
+                message = f"heatmaps of {shapes}: one tensor needs images of one size (or one per request)"
+                raise ApiError(400, "mixed_sizes", message)
             tensors["heatmap"] = np.stack(heat)[:, None].astype(np.float32)
         return infer_response(model, parsed, tensors)
 

@@ -28,9 +28,10 @@ from tqdm.auto import tqdm
 
 from mnemo.bundle import MANIFEST_FILE, Manifest, read_manifest
 from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE, Calibration, calibrate_normal, is_anomalous
-from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, preprocess
-from mnemo.roi import ROI_FILE, mask_from_image
+from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, decode_for_model, open_image, preprocess
+from mnemo.roi import ROI_FILE, fit_mask, mask_from_image
 from mnemo.service.backends import create_runner
+from mnemo.tiling import Tiling, prepare_tiles, working_pixels
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # when the old threshold was not chosen by a false-alarm rate
 
@@ -46,8 +47,24 @@ def good_images(data: Path) -> list[Path]:
     return images
 
 
-def score_images(runner, prep: Preprocessing, paths: list[Path], batch_size: int, progress: bool):
-    """Scores [N] and heatmaps [N, H, W] of ``paths``, decoded as the service decodes uploads."""
+def score_images(
+    runner,
+    prep: Preprocessing,
+    paths: list[Path],
+    batch_size: int,
+    progress: bool,
+    tiling: Tiling | None = None,
+):
+    """Scores [N] and heatmaps [N, H, W] of ``paths``, decoded as the service decodes uploads (a tiled
+    bundle's: tile by tile, merged; its images must share one size)."""
+    if tiling is not None:
+        scored = [
+            score_tiled(runner, prep, tiling, path, batch_size) for path in tqdm(paths, disable=not progress)
+        ]
+        shapes = sorted({heat.shape for _, heat in scored})
+        if len(shapes) > 1:
+            raise ValueError(f"the good images must share one size to be calibrated together; found {shapes}")
+        return np.array([score for score, _ in scored], np.float64), np.stack([heat for _, heat in scored])
     scores, heatmaps = [], []
     with tqdm(total=len(paths), desc="scoring good images", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
@@ -58,6 +75,19 @@ def score_images(runner, prep: Preprocessing, paths: list[Path], batch_size: int
             heatmaps.append(np.asarray(heat, np.float32)[:, 0])
             bar.update(len(chunk))
     return np.concatenate(scores), np.concatenate(heatmaps)
+
+
+def score_tiled(runner, prep: Preprocessing, tiling: Tiling, path: Path, batch_size: int):
+    """One image's (score, stitched heatmap), its tiles run ``batch_size`` at a time."""
+    with open_image(path) as opened:
+        target = tiling.working_size(*opened.image.size)
+        tiling.check(*opened.image.size)
+        tiles = prepare_tiles(
+            working_pixels(decode_for_model(opened, prep, target), target, prep.channels), prep, tiling
+        )
+    parts = [runner.run(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
+    scores = np.concatenate([score for score, _ in parts])
+    return tiling.merge(scores, np.concatenate([heat[:, 0] for _, heat in parts]), *target)
 
 
 def recalibrate(
@@ -87,10 +117,11 @@ def recalibrate(
     paths = good_images(data)
     runner = create_runner(bundle, backend, device)
     prep = Preprocessing.from_dict(manifest.preprocessing)
-    scores, heatmaps = score_images(runner, prep, paths, batch_size, progress)
+    tiling = Tiling.from_dict(manifest.tiling) if manifest.tiling else None
+    scores, heatmaps = score_images(runner, prep, paths, batch_size, progress, tiling)
     roi_source = Path(roi) if roi else (Path(bundle) / manifest.roi["file"] if manifest.roi else None)
     if roi_source is not None:  # calibrate what is judged then: the peak inside, the pixels inside
-        mask = mask_from_image(roi_source, prep)
+        mask = fit_mask(mask_from_image(roi_source, prep, tiling), heatmaps.shape[1:])
         scores, heatmaps = heatmaps[:, mask].max(axis=1).astype(np.float64), heatmaps[:, mask]
     new = calibrate_normal(scores, false_alarm_rate, heatmaps, pixel_false_alarm_rate)
     version = version or dt.datetime.now(dt.UTC).strftime("%Y%m%d%H%M%S")

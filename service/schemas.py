@@ -94,6 +94,11 @@ class ModelInfo(BaseModel):
     calibration_method: str | None = None
     reconstruction: bool = Field(False, description="whether reconstruction=true is available")
     roi: bool = Field(False, description="whether the bundle has a region of interest (scores are its peak)")
+    tiling: dict[str, Any] | None = Field(
+        None,
+        description="tile, overlap, scale: the bundle scores images tile by tile at scale × their own "
+        "resolution (heatmaps and regions at that resolution; the score is the worst tile's)",
+    )
     pixel_threshold: float | None = Field(
         None, description="the region level (regions=true); None for a bundle without pixel calibration"
     )

@@ -29,7 +29,7 @@ from mnemo.calibration import PixelCalibration, is_anomalous, p_value
 from mnemo.heatmaps import heatmap_grid, heatmap_overlay_png, heatmap_png, png_bytes
 from mnemo.imaging import denormalise
 from mnemo.regions import find_regions
-from mnemo.roi import RoiError, apply_roi, mask_from_rectangle
+from mnemo.roi import RoiError, apply_roi, fit_mask, mask_from_rectangle
 from mnemo.service.batching import BatcherClosedError, BatchFailedError, ImageResult, QueueFullError
 from mnemo.service.capture import Capture, CaptureStore
 from mnemo.service.decoding import CpuSlots, Decoded, Decoding, PixelLimits
@@ -127,9 +127,10 @@ async def decode_and_infer(
     """Decode ``uploads`` within the pixel limits and run them through the model's batcher, under the
     request's deadline; returns the decoded images, their results and when decoding ended."""
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
-    decoding = Decoding(uploads, model.preprocessing, overlay)
+    decoding = Decoding(uploads, model.preprocessing, overlay, model.tiling)
+    limits = PixelLimits(settings.max_image_pixels, settings.max_request_pixels, settings.max_queue)
     try:
-        await decoding.start(PixelLimits(settings.max_image_pixels, settings.max_request_pixels), slots)
+        await decoding.start(limits, slots)
         async with _Cancelled(request, deadline, settings.request_timeout_s):
             decoded = await decoding.finish(slots)
             decoded_at = time.perf_counter()
@@ -143,7 +144,7 @@ async def infer_inputs(
     request: Request, model: LoadedModel, inputs: list[np.ndarray], settings: Settings
 ) -> tuple[Decoded, list[ImageResult]]:
     """Model inputs a client prepared itself (already [C, H, W] in the model's normalisation) through the
-    batcher, under the request's deadline."""
+    batcher, under the request's deadline. For a tiled bundle each input is one tile, scored alone."""
     size = model.preprocessing.size
     decoded = Decoded(inputs, None, [(size, size)] * len(inputs))
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
@@ -152,8 +153,16 @@ async def infer_inputs(
 
 
 def reconstructions(model: LoadedModel, decoded: Decoded) -> list[Picture]:
-    """The model's reconstruction of each image as a PNG at its input size (one ONNX Runtime call)."""
-    rebuilt = model.reconstructor.run(np.stack(decoded.inputs))
+    """The model's reconstruction of each image as a PNG at its input size (one ONNX Runtime call; a
+    tiled bundle's: one per image, its tiles stitched like the heatmap)."""
+    if decoded.working is None:
+        rebuilt = list(model.reconstructor.run(np.stack(decoded.inputs)))
+    else:
+        stitch = model.tiling.stitch
+        rebuilt = [
+            stitch(model.reconstructor.run(tiles), *size)
+            for tiles, size in zip(decoded.inputs, decoded.working)
+        ]
     pictures = []
     for chw in rebuilt:
         pixels = denormalise(chw, model.preprocessing)
@@ -221,9 +230,13 @@ async def _cancel_on_disconnect(receive: Receive, task: asyncio.Task, gone: list
 
 async def _infer(model: LoadedModel, decoded: Decoded, settings: Settings) -> list[ImageResult]:
     """The batcher's results, its failures mapped to the API's errors. Cancelling this (deadline,
-    disconnect) withdraws the request's queued images: the batcher skips them."""
+    disconnect) withdraws the request's queued images: the batcher skips them. A tiled bundle's images
+    go in as all their tiles at once (one admission) and come back merged (``mnemo.tiling``)."""
     try:
-        return await model.batcher.submit(decoded.inputs)
+        if decoded.working is None:
+            return await model.batcher.submit(decoded.inputs)
+        tiles = await model.batcher.submit([tile for image in decoded.inputs for tile in image])
+        return merge_tiles(model, tiles, decoded)
     except QueueFullError as exc:
         headers = {"Retry-After": str(settings.retry_after_s)}
         raise ApiError(503, "queue_full", f"{model.name} is busy: {exc}", headers=headers) from None
@@ -232,6 +245,22 @@ async def _infer(model: LoadedModel, decoded: Decoded, settings: Settings) -> li
         raise ApiError(500, "inference_failed", f"inference failed for this batch: {exc}") from None
     except BatcherClosedError as exc:
         raise ApiError(503, "model_unloaded", str(exc), headers={"Retry-After": "1"}) from None
+
+
+def merge_tiles(model: LoadedModel, tiles: list[ImageResult], decoded: Decoded) -> list[ImageResult]:
+    """Every image's tile results → one result: the worst tile's score, the stitched heatmap; queue and
+    inference times of its slowest tile, and the largest batch its tiles ran in."""
+    merged, start = [], 0
+    for image, size in zip(decoded.inputs, decoded.working):
+        own = tiles[start : start + len(image)]
+        start += len(image)
+        score, heat = model.tiling.merge(
+            np.array([t.score for t in own]), np.stack([t.heatmap for t in own]), *size
+        )
+        slowest = max(own, key=lambda t: t.queue_s + t.inference_s)
+        batch = max(t.batch_size for t in own)
+        merged.append(ImageResult(score, heat, slowest.queue_s, slowest.inference_s, batch))
+    return merged
 
 
 def _timings(started: float, decoded_at: float, results: list[ImageResult]) -> Timings:
@@ -283,10 +312,10 @@ def within_roi(
     model: LoadedModel, result: ImageResult, size: tuple[int, int], rectangle: str | None
 ) -> tuple[np.ndarray, float]:
     """The heatmap and score as the model gave them, or, with an ROI, calm outside and the peak inside."""
-    mask = model.roi
+    mask = None if model.roi is None else fit_mask(model.roi, result.heatmap.shape)
     if rectangle:
         try:
-            rect = mask_from_rectangle(rectangle, size, model.preprocessing)
+            rect = mask_from_rectangle(rectangle, size, model.preprocessing, model.tiling)
         except RoiError as exc:
             raise ApiError(400, "bad_roi", str(exc)) from None
         mask = rect if mask is None else mask & rect
@@ -304,7 +333,7 @@ def within_roi(
 def regions_of(
     heat: np.ndarray, pixel: PixelCalibration, size: tuple[int, int], model: LoadedModel
 ) -> list[Region]:
-    found = find_regions(heat, pixel.threshold, size, model.preprocessing)
+    found = find_regions(heat, pixel.threshold, size, model.preprocessing, model.tiling)
     return [Region(**vars(region)) for region in found]
 
 

@@ -20,7 +20,7 @@ from tests.image_bytes import encode, missing_pixel_data, png_declaring, png_of_
 def test_module_does_not_import_torch():
     code = (
         "import sys, mnemo.imaging, mnemo.heatmaps, mnemo.calibration, mnemo.regions, mnemo.roi, "
-        "mnemo.service.recalibration; sys.exit('torch' in sys.modules)"
+        "mnemo.tiling, mnemo.service.recalibration; sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

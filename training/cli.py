@@ -71,6 +71,25 @@ def _train(subparsers) -> None:
         "runs side by side: more threads than free cores only spin)",
     )
     p.add_argument("--seed", type=int, help="random seed for weights, shuffling and training randomness")
+    p.add_argument(
+        "--tiled",
+        action="store_true",
+        help="high-resolution images (data.tiled): train on tiles of the model's image size cut from the "
+        "images at --tile-scale, and score every tile of a frame (the worst tile is its score, the "
+        "heatmap is stitched); the bundle then scores uploads the same way. Images must hold one tile",
+    )
+    p.add_argument(
+        "--tile-overlap",
+        type=int,
+        help="pixels neighbouring tiles share, blended in the heatmap (data.tile_overlap, default 16; "
+        "implies --tiled)",
+    )
+    p.add_argument(
+        "--tile-scale",
+        type=float,
+        help="working resolution / the images' own, in (0, 1] (data.tile_scale, default 1: every camera "
+        "pixel; 0.5 halves each side first, a quarter of the tiles; implies --tiled)",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")
@@ -122,7 +141,12 @@ def _export(subparsers) -> None:
         help="the verdict threshold to ship: false_alarm_rate (default: calibrated on held-out good images "
         "for the run's false_alarm_rate), best_f1 (needs a labelled test split), or a number",
     )
-    p.add_argument("--atol", type=float, default=1e-4, help="verification tolerance (default 1e-4)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=1e-4,
+        help="verification tolerance, times the output's magnitude where that exceeds 1 (default 1e-4)",
+    )
     p.add_argument(
         "--triton",
         metavar="REPO",
@@ -151,6 +175,13 @@ def _data(subparsers) -> None:
     s.add_argument("--test-good", type=int, default=40, help="good test images (default 40)")
     s.add_argument("--test-defect", type=int, default=10, help="test images per defect type (default 10)")
     s.add_argument("--rgb", action="store_true", help="tinted RGB images instead of grayscale")
+    s.add_argument(
+        "--defect-size",
+        type=int,
+        help="high-resolution frames: the texture at its own scale (mirrored to fill --size) and each "
+        "defect drawn in a random window of this many pixels (e.g. --size 2048 --defect-size 96: defects "
+        "of a few hundred pixels, the tiling benchmark's set)",
+    )
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.set_defaults(func=lambda args: _run("synth", args))
 

@@ -26,6 +26,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         "optim.max_steps": args.max_steps,
         "device": args.device,
         "seed": args.seed,
+        "data.tiled": True
+        if args.tile_overlap is not None or args.tile_scale is not None or args.tiled
+        else None,
+        "data.tile_overlap": args.tile_overlap,
+        "data.tile_scale": args.tile_scale,
     }
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = run_config.load(train_config_path(args.config, args.recipe, args.model), overrides)
@@ -83,7 +88,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
     summary = generate(
         args.out, texture=args.texture, size=args.size, n_train=args.train, n_test_good=args.test_good,
-        n_test_defect=args.test_defect, seed=args.seed, rgb=args.rgb,
+        n_test_defect=args.test_defect, seed=args.seed, rgb=args.rgb, defect_size=args.defect_size,
     )  # fmt: skip
     print(json.dumps(summary, indent=2, default=str))
     return 0

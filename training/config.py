@@ -35,6 +35,9 @@ class DataConfig:
     resize: str = "resize"  # folder: "resize" (stretch) or "center_crop"
     flips: bool = False  # random horizontal/vertical flips while training (DAAD uses them)
     num_workers: int = 0  # DataLoader worker processes
+    tiled: bool = False  # folder: score tile by tile (mnemo.tiling): tiles of image_size at tile_scale
+    tile_overlap: int = 16  # tiled: pixels neighbouring tiles share (blended in the heatmap)
+    tile_scale: float = 1.0  # tiled: working resolution / the images' own (1 = every camera pixel)
 
 
 SCHEDULES = ("constant", "cosine")

@@ -44,6 +44,7 @@ from mnemo.imaging import (
     prepare_pixels,
     resize_pixels,
 )
+from mnemo.tiling import Tiling
 
 GOOD = "good"
 IDX_IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
@@ -400,11 +401,13 @@ def folder_splits(
     val_fraction: float = 0.1,
     split_seed: int = 2022,
     flips: bool = False,
+    tiling: Tiling | None = None,
 ) -> Splits:
     """MVTec AD layout (train/good → train + val; test/ → test) or a plain folder of good images (no test).
 
     ``flips`` applies to the training split only. The synthetic-defect set (``training.synthetic``) is
-    written in the MVTec layout, so it is read here too.
+    written in the MVTec layout, so it is read here too. With ``tiling``, train and val are the tiles of
+    their images and test their whole frames (``training.tiled_datasets``).
     """
     root = Path(root)
     if not root.is_dir():
@@ -412,20 +415,47 @@ def folder_splits(
     mvtec = is_mvtec_layout(root)
     good = mvtec_samples(root, "train") if mvtec else folder_samples(root)
     tr, va = split_validation(len(good), val_fraction, split_seed)
+    if tiling is not None:
+        return _tiled_splits(root, good, tr, va, prep, tiling, flips, mvtec)
     test = (
         ImageFolderDataset(mvtec_samples(root, "test"), prep) if mvtec and (root / "test").is_dir() else None
     )
-    counts = {"train": len(tr), "val": len(va)}
+    cache = len(good) * prep.channels * prep.size**2 * 4 <= CACHE_BYTES
+    return Splits(
+        train=ImageFolderDataset([good[i] for i in tr], prep, flips=flips, cache=cache),
+        val=ImageFolderDataset([good[i] for i in va], prep, cache=cache),
+        test=test,
+        summary=_folder_summary(root, mvtec, len(tr), len(va), test),
+    )
+
+
+def _folder_summary(root: Path, mvtec: bool, n_train: int, n_val: int, test: Any) -> dict[str, Any]:
+    counts = {"train": n_train, "val": n_val}
     if test is not None:
         counts |= {"test": len(test), "test_anomalous": int(test.labels.sum())}
     summary: dict[str, Any] = {"kind": "folder", "path": str(root), "layout": "mvtec" if mvtec else "plain"}
     summary["counts"] = counts
     if test is not None and test.missing_masks:  # a count: a real set can lack hundreds of masks
         summary["missing_masks"] = len(test.missing_masks)
-    cache = len(good) * prep.channels * prep.size**2 * 4 <= CACHE_BYTES
-    return Splits(
-        train=ImageFolderDataset([good[i] for i in tr], prep, flips=flips, cache=cache),
-        val=ImageFolderDataset([good[i] for i in va], prep, cache=cache),
-        test=test,
-        summary=summary,
-    )
+    return summary
+
+
+def _tiled_splits(
+    root: Path,
+    good: list[Sample],
+    tr: np.ndarray,
+    va: np.ndarray,
+    prep: Preprocessing,
+    tiling: Tiling,
+    flips: bool,
+    mvtec: bool,
+) -> Splits:
+    from mnemo.training.tiled_datasets import FrameDataset, TiledFolderDataset  # it builds on this module
+
+    train = TiledFolderDataset([good[i] for i in tr], prep, tiling, flips=flips)
+    val = TiledFolderDataset([good[i] for i in va], prep, tiling)
+    has_test = mvtec and (root / "test").is_dir()
+    test = FrameDataset(mvtec_samples(root, "test"), prep, tiling) if has_test else None
+    summary = _folder_summary(root, mvtec, len(tr), len(va), test)
+    summary["tiling"] = {**tiling.to_dict(), "train_tiles": len(train), "val_tiles": len(val)}
+    return Splits(train=train, val=val, test=test, summary=summary)

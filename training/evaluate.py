@@ -11,9 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from mnemo.tiling import Tiling
 from mnemo.training import detection_metrics
 
 
@@ -65,6 +66,45 @@ def score_dataset(
         heatmaps=np.concatenate(heats),
         masks=np.concatenate(masks) if masks and len(masks) == len(heats) else None,
         has_mask=np.concatenate(has_mask) if has_mask and len(has_mask) == len(heats) else None,
+    )
+
+
+@torch.inference_mode()
+def score_frames(
+    model: torch.nn.Module,
+    frames: Dataset,
+    tiling: Tiling,
+    device: torch.device,
+    batch_size: int = 64,
+    progress: bool = True,
+) -> ScoredSet:
+    """Score whole frames tile by tile as the service does (``mnemo.tiling``): each frame's tiles in
+    batches of ``batch_size``, merged into its score (the worst tile's) and stitched heatmap. Pixel
+    metrics need one heatmap size, so the frames must share one size."""
+    model.eval().to(device)
+    scores, labels, heats, masks, has_mask = [], [], [], [], []
+    for i in tqdm(range(len(frames)), desc="scoring frames", disable=not progress, leave=False):
+        item = frames[i]
+        tiles = torch.from_numpy(tiling.cut(item["image"].numpy()))
+        parts = [model.score(tiles[j : j + batch_size].to(device)) for j in range(0, len(tiles), batch_size)]
+        tile_scores = torch.cat([p[0] for p in parts]).cpu().numpy()
+        tile_heats = torch.cat([p[1][:, 0] for p in parts]).cpu().numpy()
+        height, width = item["image"].shape[-2:]
+        score, heat = tiling.merge(tile_scores, tile_heats, width, height)
+        scores.append(score)
+        heats.append(heat)
+        labels.append(int(item["label"]))
+        masks.append(item["mask"].numpy()[0] > 0.5)
+        has_mask.append(bool(item["has_mask"]))
+    shapes = sorted({h.shape for h in heats})
+    if len(shapes) > 1:
+        raise ValueError(f"a tiled set's frames must share one size to be scored together; found {shapes}")
+    return ScoredSet(
+        scores=np.asarray(scores, np.float64),
+        labels=np.asarray(labels, np.int64),
+        heatmaps=np.stack(heats),
+        masks=np.stack(masks),
+        has_mask=np.asarray(has_mask, bool),
     )
 
 

@@ -17,6 +17,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from mnemo.calibration import Calibration
 from mnemo.models.base import AnomalyModel, ModelConfig
+from mnemo.tiling import Tiling
 from mnemo.training.evaluate import ScoredSet, images_of
 
 EXAMPLES_PER_CLASS = 3  # the most anomalous-looking anomalies and the least anomalous-looking good images
@@ -30,8 +31,10 @@ def write_plots(
     calibration: Calibration,
     out: Path,
     device: torch.device,
+    tiling: Tiling | None = None,
 ) -> None:
-    """Curves and histograms of ``scored`` (``dataset``'s scores), and an example grid of its images."""
+    """Curves and histograms of ``scored`` (``dataset``'s scores), and an example grid of its images
+    (a tiled set's whole frames, their tiles' reconstructions stitched)."""
     out.mkdir(parents=True, exist_ok=True)
     curves(scored.scores, scored.labels, out, calibration.threshold)
     order = np.argsort(scored.scores)
@@ -39,10 +42,27 @@ def write_plots(
     normal = [i for i in order if scored.labels[i] == 0][:EXAMPLES_PER_CLASS]
     picks = [int(i) for i in anomalous + normal]
     x = torch.stack([images_of(dataset[i]) for i in picks])
-    recon = model.example_reconstruction(x.to(device))
+    recon = reconstructions(model, x, device, tiling)
     recon = None if recon is None else denormalise(recon, model.config)
     titles = [f"{'anomalous' if scored.labels[i] else 'good'} {scored.scores[i]:.4g}" for i in picks]
     example_grid(denormalise(x, model.config), recon, scored.heatmaps[picks], titles, out / "examples.png")
+
+
+@torch.inference_mode()
+def reconstructions(
+    model: AnomalyModel, x: torch.Tensor, device: torch.device, tiling: Tiling | None
+) -> torch.Tensor | None:
+    """The model's reconstructions of ``x`` [B, C, H, W] (None where it does not reconstruct); tiled,
+    each frame's tiles reconstructed and stitched."""
+    if tiling is None:
+        return model.example_reconstruction(x.to(device))
+    frames = []
+    for frame in x.numpy():
+        rebuilt = model.example_reconstruction(torch.from_numpy(tiling.cut(frame)).to(device))
+        if rebuilt is None:
+            return None
+        frames.append(tiling.stitch(rebuilt.cpu().numpy(), frame.shape[-1], frame.shape[-2]))
+    return torch.from_numpy(np.stack(frames))
 
 
 def denormalise(x: torch.Tensor, config: ModelConfig) -> np.ndarray:

@@ -19,6 +19,7 @@ import dataclasses
 import datetime as dt
 import json
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,12 @@ from mnemo.bundle import TORCHSCRIPT_FILE, Manifest, read_manifest
 from mnemo.calibration import Calibration, is_anomalous
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
+from mnemo.tiling import Tiling
 from mnemo.training import config as run_config
 from mnemo.training import datasets, distributed
 from mnemo.training.batches import TensorBatches
 from mnemo.training.calibration import calibrate
-from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset
+from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset, score_frames
 from mnemo.training.export import export_bundle
 from mnemo.training.plots import write_plots
 from mnemo.training.trainer import fit, pick_device, seed_everything
@@ -52,7 +54,9 @@ EXPORT_SAMPLES = 8
 # ------------------------------------------------------------------------------------------ building
 
 
-def load_splits(data: run_config.DataConfig, prep: Preprocessing) -> datasets.Splits:
+def load_splits(
+    data: run_config.DataConfig, prep: Preprocessing, tiling: Tiling | None = None
+) -> datasets.Splits:
     if not data.path:
         raise ValueError("no dataset: set data.path in the config or pass --data DIR")
     if data.kind == "idx":
@@ -62,8 +66,11 @@ def load_splits(data: run_config.DataConfig, prep: Preprocessing) -> datasets.Sp
         )  # fmt: skip
     if data.kind == "folder":
         return datasets.folder_splits(
-            data.path, prep, val_fraction=data.val_fraction, split_seed=data.split_seed, flips=data.flips
-        )
+            data.path, prep, val_fraction=data.val_fraction, split_seed=data.split_seed, flips=data.flips,
+            tiling=tiling,
+        )  # fmt: skip
+    if tiling is not None:
+        raise ValueError("data.tiled needs a folder dataset (IDX images are the model's size already)")
     raise ValueError(f"data.kind must be 'folder' or 'idx', got {data.kind!r}")
 
 
@@ -111,6 +118,26 @@ def unaugmented(dataset: Dataset) -> Dataset:
 
 def preprocessing_of(model: AnomalyModel, resize: str) -> Preprocessing:
     return Preprocessing.from_model_config(model.config, resize=resize)
+
+
+def tiling_of(model: AnomalyModel, data: run_config.DataConfig) -> Tiling | None:
+    """The run's tiling (``data.tiled``): tiles of the model's input size."""
+    return Tiling(model.config.image_size, data.tile_overlap, data.tile_scale) if data.tiled else None
+
+
+def score_split(
+    model: AnomalyModel,
+    split: Dataset,
+    tiling: Tiling | None,
+    images: Iterable,
+    device: torch.device,
+    progress: bool,
+) -> ScoredSet:
+    """A split scored image by image from ``images`` (its batches), or, tiled, frame by frame (each
+    frame's tiles merged as the service merges them)."""
+    if tiling is None:
+        return score_dataset(model, images, device, progress)
+    return score_frames(model, getattr(split, "frames", split), tiling, device, progress=progress)
 
 
 # --------------------------------------------------------------------------------------------- files
@@ -162,7 +189,8 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     if world.size > 1:  # same initial weights everywhere (broadcast in fit), own training randomness
         torch.manual_seed(cfg.seed + world.rank)
     prep = preprocessing_of(model, cfg.data.resize)
-    splits = load_splits(cfg.data, prep)
+    tiling = tiling_of(model, cfg.data)
+    splits = load_splits(cfg.data, prep, tiling)
     optim = run_config.resolve_optim(cfg.optim, model.config)
     cfg = dataclasses.replace(cfg, optim=optim)
     if world.is_main:
@@ -184,9 +212,11 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
 
-    val = score_dataset(model, val_loader, device, progress)
+    val = score_split(model, splits.val, tiling, val_loader, device, progress)
     test = (
-        score_dataset(model, loader(splits.test, optim.batch_size, workers), device, progress)
+        score_split(
+            model, splits.test, tiling, loader(splits.test, optim.batch_size, workers), device, progress
+        )
         if splits.test
         else None
     )
@@ -213,7 +243,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     }
     if test is not None:
         report["test"] = evaluation_report(test, calibration)
-        write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device)
+        write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device, tiling)
     write_json(out / REPORT_FILE, report)
     print(summary_line(report, calibration))
     distributed.barrier()  # (a world of one: nothing) the group ends on every rank at once
@@ -252,17 +282,18 @@ def evaluate_run(
     cfg = run_config.load(run_dir / CONFIG_FILE, [f"data.path={data}"] if data else [])
     torch_device = pick_device(device)
     model = load_model(run_dir, torch_device)
-    splits = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize))
+    tiling = tiling_of(model, cfg.data)
+    splits = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize), tiling)
     if splits.test is None:
         raise ValueError(f"{cfg.data.path} has no labelled test split to evaluate on")
     test_loader = loader(splits.test, cfg.optim.batch_size, 0)
-    scored = score_dataset(model, test_loader, torch_device, progress)
+    scored = score_split(model, splits.test, tiling, test_loader, torch_device, progress)
     calibration = Calibration.from_dict(read_json(run_dir / CALIBRATION_FILE))
     out = Path(out) if out else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
     report = {"data": splits.summary, "test": evaluation_report(scored, calibration)}
     write_json(out / REPORT_FILE, report)
-    write_plots(model, splits.test, scored, calibration, out / PLOTS_DIR, torch_device)
+    write_plots(model, splits.test, scored, calibration, out / PLOTS_DIR, torch_device, tiling)
     print(summary_line(report, calibration))
     return out
 
@@ -323,6 +354,7 @@ def export_run(
         samples=torch.load(run_dir / SAMPLES_FILE),
         training={"run_config": cfg.to_dict(), "data": report.get("data"), "epochs": report.get("epochs")},
         metrics=report.get("test", {}),
+        tiling=None if (tiling := tiling_of(model, cfg.data)) is None else tiling.to_dict(),
         atol=atol,
     )
 
@@ -357,6 +389,7 @@ def export_from_bundle(
         samples=samples,
         training={**manifest.training, "exported_again_from": manifest.version},
         metrics=manifest.metrics,
+        tiling=manifest.tiling,
         atol=atol,
     )
 

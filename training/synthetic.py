@@ -92,9 +92,18 @@ def random_crop(texture: np.ndarray, size: int, rng: np.random.Generator, scale:
     return _resize(texture[top : top + side, left : left + side], size)
 
 
-def good_image(texture: np.ndarray, name: str, size: int, rng: np.random.Generator) -> np.ndarray:
-    """A normal sample [size, size] in [0, 1]: crop, flips, (rotation), brightness/contrast jitter."""
-    img = random_crop(texture, size, rng)
+def mirrored(texture: np.ndarray, side: int) -> np.ndarray:
+    """The texture repeated by mirroring (no seams) to at least ``side`` × ``side``."""
+    pad_h, pad_w = max(0, side - texture.shape[0]), max(0, side - texture.shape[1])
+    return np.pad(texture, ((0, pad_h), (0, pad_w)), mode="symmetric")
+
+
+def good_image(
+    texture: np.ndarray, name: str, size: int, rng: np.random.Generator, view: float = 2.0
+) -> np.ndarray:
+    """A normal sample [size, size] in [0, 1]: crop (of side ≈ ``view`` × size), flips, (rotation),
+    brightness/contrast jitter."""
+    img = random_crop(texture, size, rng, view)
     if rng.random() < 0.5:
         img = img[:, ::-1]
     if rng.random() < 0.5:
@@ -241,17 +250,27 @@ def generate(
     n_test_defect: int = 10,
     seed: int = 0,
     rgb: bool = False,
+    defect_size: int | None = None,
 ) -> dict[str, Any]:
-    """Write the dataset (layout in the module docstring) and return its summary (also ``dataset.json``)."""
+    """Write the dataset (layout in the module docstring) and return its summary (also ``dataset.json``).
+
+    ``defect_size``: the high-resolution variant (issue 14's tiling benchmark). Good images are then the
+    texture at its own scale, mirrored to cover frames larger than it, and each defect is drawn by the
+    usual generator in a random ``defect_size``² window of the frame, so it covers a few hundred of its
+    pixels, as on a line camera's frame.
+    """
     if texture not in TEXTURES:
         raise ValueError(f"unknown texture {texture!r}; choose from {TEXTURES}")
     if size < 16:
         raise ValueError(f"size must be at least 16 pixels, got {size}")
     if min(n_train, n_test_good, n_test_defect) < 0:
         raise ValueError("image counts must not be negative")
+    if defect_size is not None and not 16 <= defect_size <= size:
+        raise ValueError(f"defect_size must be in [16, size = {size}], got {defect_size}")
     out = Path(out_dir)
     textures = {t: load_texture(t) for t in TEXTURES}
-    base = textures[texture]
+    base = textures[texture] if defect_size is None else mirrored(textures[texture], round(1.2 * size))
+    view = 2.0 if defect_size is None else 1.0
     width = max(3, len(str(max(n_train, n_test_good, n_test_defect) - 1)))
     counts: dict[str, int] = {}
 
@@ -259,7 +278,17 @@ def generate(
         return np.random.default_rng([seed, _SPLIT_CODES[split], index])
 
     def good(rng: np.random.Generator) -> np.ndarray:
-        return _colour(good_image(base, texture, size, rng), texture, rgb, rng)
+        return _colour(good_image(base, texture, size, rng, view), texture, rgb, rng)
+
+    def defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        if defect_size is None:
+            return make_defect(img, kind, rng, textures, texture)
+        top, left = rng.integers(0, size - defect_size + 1, 2)
+        window = (slice(top, top + defect_size), slice(left, left + defect_size))
+        painted, small = make_defect(img[window], kind, rng, textures, texture)
+        img, mask = img.copy(), np.zeros((size, size), bool)
+        img[window], mask[window] = painted, small
+        return img, mask
 
     for split, folder, n in (("train", "train/good", n_train), ("test_good", "test/good", n_test_good)):
         for i in range(n):
@@ -268,7 +297,7 @@ def generate(
     for kind in DEFECT_TYPES:
         for i in range(n_test_defect):
             rng = rng_for(kind, i)
-            img, mask = make_defect(good(rng), kind, rng, textures, texture)
+            img, mask = defect(good(rng), kind, rng)
             _save(img, out / "test" / kind / f"{i:0{width}d}.png")
             _save(mask[..., None].astype(np.float32), out / "ground_truth" / kind / f"{i:0{width}d}_mask.png")
         counts[f"test/{kind}"] = n_test_defect
@@ -277,6 +306,7 @@ def generate(
         "size": size,
         "rgb": rgb,
         "channels": 3 if rgb else 1,
+        "defect_size": defect_size,
         "seed": seed,
         "defect_types": list(DEFECT_TYPES),
         "counts": counts,

@@ -67,5 +67,8 @@ def write_triton_repository(bundle: Path, repo: Path, max_batch_size: int = MAX_
         "calibration": manifest.calibration,
         "rule": "anomalous iff score > calibration.threshold; p-value: mnemo.calibration.p_value",
     }
+    if manifest.tiling:  # the graph scores tiles: cutting and merging (mnemo.tiling) are the client's too
+        sidecar["tiling"] = manifest.tiling
+        sidecar["rule"] += "; tiled: the frame's score is its worst tile's (mnemo.tiling.Tiling.merge)"
     (model_dir / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=1))
     return model_dir
