@@ -264,3 +264,20 @@ def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist,
     table = (tmp_path / "out" / "train-speed.md").read_text()
     assert "| memae | mnist roco 1×28×28 | 256 |" in table
     assert json.loads((tmp_path / "out" / "train-speed.json").read_text())["records"][0]["model"] == "memae"
+
+
+def test_highres_bench_trains_both_arms_judges_them_on_the_same_pixels_and_times_them(tmp_path):
+    from mnemo.benchmarks import highres
+
+    setup = highres.Setup(
+        size=256, defect_size=32, n_train=10, n_test_good=3, n_test_defect=1, tile=32, overlap=8, scale=0.5,
+        minutes=0.05,
+    )  # fmt: skip
+    record = highres.run(setup, tmp_path / "work", tmp_path / "results", progress=False)
+    assert record["tiled"]["tiles_per_frame"] == 25  # 128 px working frames: 5 × 5 tiles of 32 px
+    for arm in highres.ARMS:
+        r = record[arm]
+        assert 0 <= r["image_auroc"] <= 1 and 0 <= r["pixel_auroc"] <= 1 and 0 <= r["pro"] <= 1
+        assert r["latency"]["frames"] == 8 and 0 < r["latency"]["median_ms"] <= r["latency"]["p95_ms"]
+    table = (tmp_path / "results" / "highres.md").read_text()
+    assert "| tiled |" in table and "| resized |" in table and "Pixel metrics of both at 128 px" in table
