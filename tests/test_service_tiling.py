@@ -155,3 +155,23 @@ def test_a_tiling_whose_tile_is_not_the_models_input_is_refused_at_load(tiled_di
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def test_a_tiled_bundle_with_an_roi_ignores_defects_outside_it(tiled_dir, tmp_path):
+    models, good = tmp_path / "models", tiled_dir.parent / "good"
+    mask = np.zeros((FRAME, FRAME), np.uint8)
+    mask[:, : FRAME // 2] = 255  # the frame's left half
+    Image.fromarray(mask).save(tmp_path / "roi.png")
+    models.mkdir()
+    recalibrate(
+        tiled_dir / "tiled", good, out=models / "tiled", roi=tmp_path / "roi.png", version="3", progress=False
+    )
+    with running_server(make_settings(models, max_wait_ms=5, max_queue=64)) as url:
+        left, right = with_defect(frame(11), 10, 40), with_defect(frame(11), 80, 40)
+        body = post_files(url, "tiled", [png_bytes(left), png_bytes(right)], regions="true").json()["results"]
+    assert [r["verdict"] for r in body] == ["anomalous", "ok"]
+    for result in body:  # nothing outside the ROI is ever reported (inside, the 1 % pixel level may fire)
+        assert all(region["x"] + region["width"] <= FRAME // 2 for region in result["regions"])
+    assert any(
+        region["x"] <= 10 + 20 and region["x"] + region["width"] >= 10 for region in body[0]["regions"]
+    )

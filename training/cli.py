@@ -90,6 +90,13 @@ def _train(subparsers) -> None:
         help="working resolution / the images' own, in (0, 1] (data.tile_scale, default 1: every camera "
         "pixel; 0.5 halves each side first, a quarter of the tiles; implies --tiled)",
     )
+    p.add_argument(
+        "--roi",
+        metavar="MASK.png",
+        help="region of interest (data.roi): a mask of the camera frame, white where parts matter. Scores "
+        "become the heatmap's peak inside it, calibration and pixel metrics count only the pixels inside, "
+        "and the bundle carries the mask (checksummed), so the service judges the same way",
+    )
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     p.add_argument("--resume", action="store_true", help="continue from the run directory's last.pt")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (log lines only)")

@@ -31,6 +31,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         else None,
         "data.tile_overlap": args.tile_overlap,
         "data.tile_scale": args.tile_scale,
+        "data.roi": args.roi,
     }
     overrides += [f"{key}={value}" for key, value in flags.items() if value is not None]
     cfg = run_config.load(train_config_path(args.config, args.recipe, args.model), overrides)

@@ -38,6 +38,7 @@ class DataConfig:
     tiled: bool = False  # folder: score tile by tile (mnemo.tiling): tiles of image_size at tile_scale
     tile_overlap: int = 16  # tiled: pixels neighbouring tiles share (blended in the heatmap)
     tile_scale: float = 1.0  # tiled: working resolution / the images' own (1 = every camera pixel)
+    roi: str = ""  # folder: a mask PNG of the frame (white counts): scored and calibrated inside (mnemo.roi)
 
 
 SCHEDULES = ("constant", "cosine")

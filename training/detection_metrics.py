@@ -70,9 +70,13 @@ def image_metrics(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     }
 
 
-def pixel_auroc(heatmaps: np.ndarray, masks: np.ndarray) -> float:
-    """AUROC over every pixel of every image; heatmaps and masks [N, H, W], masks > 0.5 = defect."""
+def pixel_auroc(heatmaps: np.ndarray, masks: np.ndarray, valid: np.ndarray | None = None) -> float:
+    """AUROC over every pixel of every image; heatmaps and masks [N, H, W], masks > 0.5 = defect.
+    ``valid`` (bool [H, W], a region of interest): only the pixels inside count."""
     heat, defect = _pixels(heatmaps, masks)
+    if valid is not None:
+        inside = np.broadcast_to(valid, heat.shape)
+        heat, defect = heat[inside], defect[inside]
     s, y = _binary(heat, defect, "pixel AUROC")
     return float(roc_auc_score(y, s))
 
@@ -82,6 +86,7 @@ def pro_score(
     masks: np.ndarray,
     max_fpr: float = PRO_MAX_FPR,
     max_thresholds: int = PRO_MAX_THRESHOLDS,
+    valid: np.ndarray | None = None,
 ) -> float:
     """Area under the PRO curve up to ``max_fpr``, divided by ``max_fpr`` (so a perfect map scores 1).
 
@@ -89,16 +94,20 @@ def pro_score(
     evaluation code labels them). At a threshold t, PRO(t) is the mean over all regions of the fraction
     of the region's pixels with heat ≥ t, and FPR(t) the fraction of all defect-free pixels (of every
     image) with heat ≥ t. The curve is integrated with the trapezoid rule in FPR, linearly interpolated
-    at exactly ``max_fpr``.
+    at exactly ``max_fpr``. ``valid`` (bool [H, W], a region of interest): only the pixels inside count,
+    regions included (a defect is cut to its part inside).
     """
     if not 0.0 < max_fpr <= 1.0:
         raise ValueError(f"max_fpr must be in (0, 1], got {max_fpr}")
-    fpr, pro = pro_curve(heatmaps, masks, max_thresholds)
+    fpr, pro = pro_curve(heatmaps, masks, max_thresholds, valid)
     return float(np.clip(_area_up_to(fpr, pro, max_fpr) / max_fpr, 0.0, 1.0))
 
 
 def pro_curve(
-    heatmaps: np.ndarray, masks: np.ndarray, max_thresholds: int = PRO_MAX_THRESHOLDS
+    heatmaps: np.ndarray,
+    masks: np.ndarray,
+    max_thresholds: int = PRO_MAX_THRESHOLDS,
+    valid: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) with FPR ascending, from (0, 0) to (1, 1), one point per candidate threshold.
 
@@ -110,9 +119,11 @@ def pro_curve(
     the heat values (the curve sampled exactly at those thresholds).
     """
     heat, defect = _pixels(heatmaps, masks)
-    _binary(heat, defect, "PRO")
+    inside = np.ones(heat.shape, bool) if valid is None else np.broadcast_to(valid, heat.shape)
+    defect = defect & inside
+    _binary(heat[inside], defect[inside], "PRO")
     regions, n_regions = _regions(defect)
-    regions, heat = regions.ravel(), heat.ravel()
+    regions, heat = regions[inside], heat[inside]
     thresholds = _candidates(heat, max_thresholds)
     bins = np.searchsorted(thresholds, heat, side="right") - 1  # pixel reaches thresholds[0..bins]
     normal = regions == 0

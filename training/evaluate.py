@@ -6,6 +6,7 @@ PRO integrated to FPR 0.3. The report is JSON (``report.json``) plus PNG plots (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ class ScoredSet:
     heatmaps: np.ndarray  # [N, H, W] float32
     masks: np.ndarray | None  # [N, H, W] bool, when the dataset has pixel masks
     has_mask: np.ndarray | None = None  # [N] bool: False for a defect image whose mask file is missing
+    valid: np.ndarray | None = None  # [H, W] bool: the region of interest; pixel metrics count only inside
 
 
 def unpack(batch) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
@@ -108,6 +110,17 @@ def score_frames(
     )
 
 
+def within_roi(scored: ScoredSet, roi: np.ndarray | None) -> ScoredSet:
+    """What the service answers for a bundle with this ROI (bool [H, W] on the heatmaps' grid, as
+    ``mnemo.roi``): each image's score becomes its heatmap's peak inside, the heatmap outside is set to
+    the lowest value inside (calm), and pixel metrics count only the pixels inside."""
+    if roi is None:
+        return scored
+    inside = scored.heatmaps[:, roi]
+    heat = np.where(roi, scored.heatmaps, np.float32(inside.min())).astype(np.float32)
+    return dataclasses.replace(scored, scores=inside.max(axis=1).astype(np.float64), heatmaps=heat, valid=roi)
+
+
 def compute_metrics(scored: ScoredSet) -> dict[str, Any]:
     """Image metrics when both classes are present; pixel metrics when anomalous masks exist too."""
     report: dict[str, Any] = {
@@ -121,8 +134,8 @@ def compute_metrics(scored: ScoredSet) -> dict[str, Any]:
         keep = np.ones(len(scored.scores), bool) if scored.has_mask is None else scored.has_mask
         heat, masks = scored.heatmaps[keep], scored.masks[keep]
         report["pixel"] = {
-            "auroc": detection_metrics.pixel_auroc(heat, masks),
-            "pro": detection_metrics.pro_score(heat, masks),
+            "auroc": detection_metrics.pixel_auroc(heat, masks, valid=scored.valid),
+            "pro": detection_metrics.pro_score(heat, masks, valid=scored.valid),
             "n_images": int(keep.sum()),
         }
     return report

@@ -28,6 +28,7 @@ import torch
 
 from mnemo.bundle import MANIFEST_FILE, ONNX_FILE, RECONSTRUCTION_FILE, TORCHSCRIPT_FILE, Manifest, sha256_of
 from mnemo.models.base import AnomalyModel
+from mnemo.roi import ROI_FILE
 
 ONNX_OPSET = 17
 INPUT_NAME = "image"
@@ -167,10 +168,12 @@ def export_bundle(
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     tiling: dict[str, Any] | None = None,
+    roi: Path | None = None,
     atol: float = 1e-4,
 ) -> Manifest:
     """Export, verify, and only then move the finished bundle into ``out_dir`` (replacing an old one).
-    ``tiling`` (``mnemo.tiling.Tiling.to_dict``): the bundle scores images tile by tile."""
+    ``tiling`` (``mnemo.tiling.Tiling.to_dict``): the bundle scores images tile by tile. ``roi``: a mask
+    PNG the bundle carries (checksummed) and scores inside (``mnemo.roi``)."""
     facts = model.export_facts()  # first: a model not ready to export raises before anything is written
     model = model.eval().cpu()
     samples = samples.detach().cpu().float()
@@ -184,7 +187,11 @@ def export_bundle(
         rebuilt = export_reconstruction(model, staging / RECONSTRUCTION_FILE, samples, atol)
         if rebuilt is not None:
             diffs["reconstruction"] = rebuilt
-        files = [f for f in (ONNX_FILE, TORCHSCRIPT_FILE, RECONSTRUCTION_FILE) if (staging / f).is_file()]
+        if roi is not None:
+            shutil.copyfile(roi, staging / ROI_FILE)
+        files = [
+            f for f in (ONNX_FILE, TORCHSCRIPT_FILE, RECONSTRUCTION_FILE, ROI_FILE) if (staging / f).is_file()
+        ]
         manifest = Manifest(
             name=name,
             version=version,
@@ -197,6 +204,7 @@ def export_bundle(
             training={**(training or {}), "export_max_abs_diff": diffs},
             metrics=metrics or {},
             tiling=tiling,
+            roi={"file": ROI_FILE} if roi is not None else None,
             libraries=library_versions(),
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         )

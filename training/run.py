@@ -6,6 +6,7 @@ It holds everything needed to evaluate or export later without the training data
     best.pt, last.pt   training checkpoints (resume with --resume)
     model.pt           the final weights (best epoch, plus what ``after_fit`` set: DAAD+'s score scaling)
     samples.pt         a few held-out good images, for the export's self-check
+    roi.png            the region-of-interest mask (``data.roi``), when the run has one
     history.json       per-epoch losses
     calibration.json   threshold, how it was chosen, normal-score quantiles (mnemo.calibration)
     report.json        data summary, metrics, threshold behaviour on the test split
@@ -18,6 +19,7 @@ import copy
 import dataclasses
 import datetime as dt
 import json
+import shutil
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -31,12 +33,20 @@ from mnemo.bundle import TORCHSCRIPT_FILE, Manifest, read_manifest
 from mnemo.calibration import Calibration, is_anomalous
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
+from mnemo.roi import ROI_FILE, RoiError, fit_mask, mask_from_image
 from mnemo.tiling import Tiling
 from mnemo.training import config as run_config
 from mnemo.training import datasets, distributed
 from mnemo.training.batches import TensorBatches
 from mnemo.training.calibration import calibrate
-from mnemo.training.evaluate import ScoredSet, compute_metrics, images_of, score_dataset, score_frames
+from mnemo.training.evaluate import (
+    ScoredSet,
+    compute_metrics,
+    images_of,
+    score_dataset,
+    score_frames,
+    within_roi,
+)
 from mnemo.training.export import export_bundle
 from mnemo.training.plots import write_plots
 from mnemo.training.trainer import fit, pick_device, seed_everything
@@ -61,14 +71,22 @@ def load_splits(
         raise ValueError("no dataset: set data.path in the config or pass --data DIR")
     if data.kind == "idx":
         return datasets.idx_splits(
-            data.path, data.protocol, data.target_class, prep,
-            val_fraction=data.val_fraction, split_seed=data.split_seed,
-        )  # fmt: skip
+            data.path,
+            data.protocol,
+            data.target_class,
+            prep,
+            val_fraction=data.val_fraction,
+            split_seed=data.split_seed,
+        )
     if data.kind == "folder":
         return datasets.folder_splits(
-            data.path, prep, val_fraction=data.val_fraction, split_seed=data.split_seed, flips=data.flips,
+            data.path,
+            prep,
+            val_fraction=data.val_fraction,
+            split_seed=data.split_seed,
+            flips=data.flips,
             tiling=tiling,
-        )  # fmt: skip
+        )
     if tiling is not None:
         raise ValueError("data.tiled needs a folder dataset (IDX images are the model's size already)")
     raise ValueError(f"data.kind must be 'folder' or 'idx', got {data.kind!r}")
@@ -140,6 +158,32 @@ def score_split(
     return score_frames(model, getattr(split, "frames", split), tiling, device, progress=progress)
 
 
+def judged_in_roi(
+    scored: ScoredSet, roi: Path | None, prep: Preprocessing, tiling: Tiling | None
+) -> ScoredSet:
+    """``scored`` as a bundle with the ``roi`` mask PNG judges it (``evaluate.within_roi``)."""
+    if roi is None:
+        return scored
+    return within_roi(scored, fit_mask(mask_from_image(roi, prep, tiling), scored.heatmaps.shape[1:]))
+
+
+def keep_roi(data: run_config.DataConfig, out: Path) -> Path | None:
+    """The run's ROI mask, checked and copied into the run directory (export reads it from there)."""
+    if not data.roi:
+        return None
+    source = Path(data.roi)
+    try:
+        mask_from_image(source, Preprocessing())
+    except RoiError as exc:
+        raise ValueError(f"data.roi {source}: {exc}") from None
+    shutil.copyfile(source, out / ROI_FILE)
+    return out / ROI_FILE
+
+
+def run_roi(run_dir: Path) -> Path | None:
+    return run_dir / ROI_FILE if (run_dir / ROI_FILE).is_file() else None
+
+
 # --------------------------------------------------------------------------------------------- files
 
 
@@ -190,6 +234,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         torch.manual_seed(cfg.seed + world.rank)
     prep = preprocessing_of(model, cfg.data.resize)
     tiling = tiling_of(model, cfg.data)
+    roi = keep_roi(cfg.data, out) if world.is_main else None
     splits = load_splits(cfg.data, prep, tiling)
     optim = run_config.resolve_optim(cfg.optim, model.config)
     cfg = dataclasses.replace(cfg, optim=optim)
@@ -212,20 +257,20 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
 
-    val = score_split(model, splits.val, tiling, val_loader, device, progress)
-    test = (
-        score_split(
-            model, splits.test, tiling, loader(splits.test, optim.batch_size, workers), device, progress
-        )
-        if splits.test
-        else None
+    val = judged_in_roi(
+        score_split(model, splits.val, tiling, val_loader, device, progress), roi, prep, tiling
     )
+    test = None
+    if splits.test:
+        test_loader = loader(splits.test, optim.batch_size, workers)
+        test = score_split(model, splits.test, tiling, test_loader, device, progress)
+        test = judged_in_roi(test, roi, prep, tiling)
     calibration = calibrate(
         val.scores,
         false_alarm_rate=cfg.false_alarm_rate,
         scores=None if test is None else test.scores,
         labels=None if test is None else test.labels,
-        normal_heatmaps=val.heatmaps,
+        normal_heatmaps=val.heatmaps if val.valid is None else val.heatmaps[:, val.valid],
         pixel_false_alarm_rate=cfg.pixel_false_alarm_rate,
     )
     write_json(out / CALIBRATION_FILE, calibration.to_dict())
@@ -282,12 +327,13 @@ def evaluate_run(
     cfg = run_config.load(run_dir / CONFIG_FILE, [f"data.path={data}"] if data else [])
     torch_device = pick_device(device)
     model = load_model(run_dir, torch_device)
-    tiling = tiling_of(model, cfg.data)
-    splits = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize), tiling)
+    tiling, prep = tiling_of(model, cfg.data), preprocessing_of(model, cfg.data.resize)
+    splits = load_splits(cfg.data, prep, tiling)
     if splits.test is None:
         raise ValueError(f"{cfg.data.path} has no labelled test split to evaluate on")
     test_loader = loader(splits.test, cfg.optim.batch_size, 0)
     scored = score_split(model, splits.test, tiling, test_loader, torch_device, progress)
+    scored = judged_in_roi(scored, run_roi(run_dir), prep, tiling)
     calibration = Calibration.from_dict(read_json(run_dir / CALIBRATION_FILE))
     out = Path(out) if out else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
@@ -355,6 +401,7 @@ def export_run(
         training={"run_config": cfg.to_dict(), "data": report.get("data"), "epochs": report.get("epochs")},
         metrics=report.get("test", {}),
         tiling=None if (tiling := tiling_of(model, cfg.data)) is None else tiling.to_dict(),
+        roi=run_roi(run_dir),
         atol=atol,
     )
 
@@ -390,6 +437,7 @@ def export_from_bundle(
         training={**manifest.training, "exported_again_from": manifest.version},
         metrics=manifest.metrics,
         tiling=manifest.tiling,
+        roi=Path(bundle) / manifest.roi["file"] if manifest.roi else None,
         atol=atol,
     )
 
