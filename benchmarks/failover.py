@@ -2,7 +2,9 @@
 the reference balancer config), steady load through the balancer, and one replica killed (SIGKILL)
 mid-run (issue 15). Reports what the clients saw: requests sent, failed (anything but 200), retried by the
 balancer (its ``X-Mnemo-Retries`` header), and how long after the kill requests still needed a retry
-(the time until the balancer stopped sending to the dead replica).
+(the time until the balancer stopped sending to the dead replica). ``balanced`` does the same in front of
+replicas started elsewhere: CI's Docker stage runs two containers of the image and ``docker kill``s one
+(``docker/ci_checks.py failover``).
 
 Needs ``haproxy`` (Debian: ``apt-get install haproxy``). A benchmark and a test alike: the suite runs it
 short (``tests/test_replicas.py``).
@@ -12,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,8 +63,8 @@ def post(url: str, body: bytes) -> tuple[int, str, int]:
 def run(
     bundle: Path, image: bytes, model: str, duration: float = 8.0, kill_at: float = 3.0, clients: int = 8
 ) -> dict[str, Any]:
-    haproxy = os.environ.get("HAPROXY", "haproxy")
-    ports = [free_port() for _ in range(3)]
+    """Two ``mnemo serve`` processes on this machine behind the balancer; the first one SIGKILLed."""
+    ports = [free_port() for _ in range(2)]
     serve_env = {**os.environ, "MNEMO_INTRA_OP_THREADS": "1"}  # two replicas share the cores
     command = [sys.executable, "-m", "mnemo", "serve", "--model-dir", str(bundle), "--log-level", "warning"]
     replicas = [
@@ -73,33 +75,55 @@ def run(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        for port in ports[:2]
+        for port in ports
     ]
-    env = {
-        **os.environ,
-        "MNEMO_BALANCER_BIND": f"127.0.0.1:{ports[2]}",
-        "MNEMO_REPLICA_1": f"127.0.0.1:{ports[0]}",
-        "MNEMO_REPLICA_2": f"127.0.0.1:{ports[1]}",
-    }
-    balancer = None
     try:
-        for port in ports[:2]:
-            wait_ready(f"http://127.0.0.1:{port}/readyz")
-        balancer = subprocess.Popen(
-            [haproxy, "-db", "-f", str(CONFIG)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        url = f"http://127.0.0.1:{ports[2]}"
-        wait_ready(f"{url}/readyz")
-        time.sleep(1.5)  # both replicas through their first health checks
-        return _load(url + f"/v1/models/{model}:score", image, replicas[0], duration, kill_at, clients)
+        addresses = [f"127.0.0.1:{port}" for port in ports]
+        kill = replicas[0].kill  # SIGKILL: no graceful shutdown, as when a machine dies
+        return balanced(addresses, kill, image, model, duration, kill_at, clients)
     finally:
-        for process in [*replicas, *([balancer] if balancer else [])]:
+        for process in replicas:
             if process.poll() is None:
                 process.terminate()
                 process.wait(10)
 
 
-def _load(url: str, image: bytes, victim: subprocess.Popen, duration: float, kill_at: float, clients: int):
+def balanced(
+    replicas: list[str],
+    kill: Callable[[], object],
+    image: bytes,
+    model: str,
+    duration: float = 8.0,
+    kill_at: float = 3.0,
+    clients: int = 8,
+) -> dict[str, Any]:
+    """The reference HAProxy in front of two running ``replicas`` (host:port, the first is the one
+    ``kill()`` stops at ``kill_at`` seconds: a process here, a container in CI's Docker stage), load
+    through it, and what the clients saw."""
+    haproxy = os.environ.get("HAPROXY", "haproxy")
+    port = free_port()
+    env = {
+        **os.environ,
+        "MNEMO_BALANCER_BIND": f"127.0.0.1:{port}",
+        "MNEMO_REPLICA_1": replicas[0],
+        "MNEMO_REPLICA_2": replicas[1],
+    }
+    for replica in replicas:
+        wait_ready(f"http://{replica}/readyz")
+    balancer = subprocess.Popen(
+        [haproxy, "-db", "-f", str(CONFIG)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(f"{url}/readyz")
+        time.sleep(1.5)  # both replicas through their first health checks
+        return _load(url + f"/v1/models/{model}:score", image, kill, duration, kill_at, clients)
+    finally:
+        balancer.terminate()
+        balancer.wait(10)
+
+
+def _load(url: str, image: bytes, kill: Callable[[], object], duration: float, kill_at: float, clients: int):
     records: list[tuple[float, int, str, int]] = []  # (time, status, replica, retries)
     lock = threading.Lock()
     started = time.monotonic()
@@ -115,7 +139,7 @@ def _load(url: str, image: bytes, victim: subprocess.Popen, duration: float, kil
     for thread in threads:
         thread.start()
     time.sleep(kill_at)
-    victim.send_signal(signal.SIGKILL)
+    kill()
     killed = time.monotonic() - started
     for thread in threads:
         thread.join()

@@ -12,6 +12,7 @@ Both are judged on the same pixels: the tiled run's stitched heatmaps and the re
 stretched (bilinear) to the tiling's working resolution, against the masks at that resolution; image
 AUROC from each run's own scores. Latency: each exported bundle behind a real ``mnemo serve`` (ONNX
 Runtime, CPU), every test frame POSTed one after the other as a PNG, the client's wall time per frame.
+A finished arm of the same setup is judged again, not trained again, so an interrupted run resumes.
 A benchmark, not a test: timings depend on the machine (recorded in the results).
 """
 
@@ -90,6 +91,21 @@ def arm_config(arm: str, setup: Setup, data: Path, work: Path) -> run_config.Run
     )
 
 
+def finished(cfg: run_config.RunConfig) -> bool:
+    """Whether ``cfg``'s run directory holds a finished run of the same recipe, data and budget (then it
+    is judged again rather than trained again: an interrupted benchmark resumes)."""
+    out = cfg.output_path
+    if not (out / "report.json").is_file() or not (out / "config.yaml").is_file():
+        return False
+    saved = run_config.load(out / "config.yaml")
+    same_model = all(saved.model_config.get(k) == v for k, v in cfg.model_config.items())
+    return (
+        same_model
+        and (saved.model, saved.data, saved.seed) == (cfg.model, cfg.data, cfg.seed)
+        and saved.optim.max_minutes == cfg.optim.max_minutes
+    )
+
+
 def pixel_metrics_at_working_resolution(run: Path, data: Path, setup: Setup) -> dict[str, float]:
     """The resized run's heatmaps, stretched to the tiling's working resolution, against its masks."""
     model = load_model(run)
@@ -153,8 +169,8 @@ def run(setup: Setup, work: Path, results: Path, progress: bool = True) -> dict[
     }
     bundles = {}
     for arm in ARMS:
-        started = time.perf_counter()
-        out = train_run(arm_config(arm, setup, data, work), progress=progress)
+        cfg = arm_config(arm, setup, data, work)
+        out = cfg.output_path if finished(cfg) else train_run(cfg, progress=progress)
         report = json.loads((out / "report.json").read_text())
         pixel = (
             report["test"]["pixel"]
@@ -166,7 +182,7 @@ def run(setup: Setup, work: Path, results: Path, progress: bool = True) -> dict[
             "pixel_auroc": pixel["auroc"],
             "pro": pixel["pro"],
             "epochs": report["epochs"],
-            "wall_minutes": (time.perf_counter() - started) / 60,
+            "train_minutes": report["train_seconds"] / 60,
         }
         bundles[arm] = work / "bundles" / arm
         export_run(out, bundles[arm], name=arm)

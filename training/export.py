@@ -34,6 +34,9 @@ ONNX_OPSET = 17
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "heatmap")
 RECONSTRUCTION_OUTPUT = "reconstruction"
+# float32 rounding grows with the values: the restore recipe's standardised heatmaps reach tens and ONNX
+# Runtime's kernels differ from PyTorch's by ~1e-4 of that; a wrong graph differs by the values' own size
+EXPORT_RTOL = 1e-3
 LIBRARIES = ("mnemo", "torch", "onnx", "onnxruntime", "numpy")
 
 
@@ -111,18 +114,17 @@ def max_abs_diff(a: tuple, b: tuple) -> float:
 
 
 def check_close(name: str, reference: tuple, candidate: tuple, atol: float = 1e-4) -> float:
-    """Raise ``ExportMismatchError`` if an output differs by more than ``atol`` × its magnitude (its
-    largest |value|, at least 1: float32 rounding grows with the values, and standardised scores reach
-    tens); return the max absolute diff."""
+    """Raise ``ExportMismatchError`` if an output differs by more than ``atol`` + ``EXPORT_RTOL`` × its
+    magnitude (its largest |value|); return the max absolute diff."""
     for ref, cand, out in zip(reference, candidate, OUTPUT_NAMES):
         if np.shape(ref) != np.shape(cand):
             raise ExportMismatchError(f"{name}: {out} shape {np.shape(cand)} != PyTorch {np.shape(ref)}")
         diff = max_abs_diff((ref,), (cand,))
-        allowed = atol * max(1.0, float(np.max(np.abs(ref))) if np.size(ref) else 1.0)
+        allowed = atol + EXPORT_RTOL * (float(np.max(np.abs(ref))) if np.size(ref) else 0.0)
         if not diff <= allowed:
             raise ExportMismatchError(
-                f"{name} {out} differs from PyTorch by {diff:.3g} (tolerance {allowed:.3g} = {atol:g} × its "
-                "magnitude)"
+                f"{name} {out} differs from PyTorch by {diff:.3g} (tolerance {allowed:.3g} = {atol:g} + "
+                f"{EXPORT_RTOL:g} × its largest |value|)"
             )
     return max_abs_diff(reference, candidate)
 

@@ -23,12 +23,12 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mnemo.imaging import DEFAULT_MAX_PIXELS, ImageDecodeError, Preprocessing, decode_image, resize_to
+from mnemo.imaging import DEFAULT_MAX_PIXELS, Preprocessing, resize_to
 from mnemo.tiling import Tiling, working_pixels
-from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample
+from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset
 
 
-class FrameDataset(Dataset):
+class FrameDataset(SampleDataset):
     """Whole images at the tiling's working resolution: ``image`` float32 [C, h, w] in the model's
     normalisation, ``label``, ``mask`` float32 [1, h, w], ``has_mask``, ``path`` (as image folders)."""
 
@@ -51,17 +51,6 @@ class FrameDataset(Dataset):
     def cached(self) -> bool:
         """Whether decoded frames are kept (they fit in ``CACHE_BYTES``)."""
         return self._cache is not None
-
-    @property
-    def labels(self) -> np.ndarray:
-        return np.array([s.label for s in self.samples], np.int64)
-
-    @property
-    def missing_masks(self) -> list[Path]:
-        return [s.path for s in self.samples if s.label == 1 and s.mask_path is None]
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         sample = self.samples[index]
@@ -88,12 +77,6 @@ class FrameDataset(Dataset):
         std = np.asarray(self.prep.std, np.float32).reshape(-1, 1, 1)
         mean = np.asarray(self.prep.mean, np.float32).reshape(-1, 1, 1)
         return (np.transpose(pixels, (2, 0, 1)).astype(np.float32) / 255.0 - mean) / std
-
-    def _decode(self, path: Path) -> np.ndarray:
-        try:
-            return decode_image(path, max_pixels=self.max_pixels)
-        except (ImageDecodeError, OSError) as exc:
-            raise DatasetError(f"cannot read {path}: {exc}") from None
 
     def _mask(self, index: int) -> np.ndarray:
         """[1, h, w] float32 0/1 at the working resolution (nearest)."""
