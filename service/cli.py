@@ -78,7 +78,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "MNEMO_MAX_HEADER_BYTES (request line + headers, else 431; default 32768), "
         "MNEMO_KEEP_ALIVE_TIMEOUT_S (idle kept-alive connections; default 5), MNEMO_CAPTURE_OK_FRACTION, "
         "MNEMO_CAPTURE_MAX_MB, MNEMO_CAPTURE_QUEUE (review capture) (service/settings.py; the limits: "
-        "docs/security.md).",
+        "docs/security.md). Score options per request: heatmap=, heatmap_scale=, regions=true, "
+        "reconstruction=true, roi=x,y,w,h, threshold=. A bundle trained with `mnemo train --tiled` is "
+        "scored tile by tile (its tiles count against --max-queue; the score is the worst tile's, heatmaps "
+        "and regions come at its working resolution, in the upload's coordinates).",
     )
     for flag, (field, kind, text) in FLAGS.items():
         p.add_argument(flag, type=kind, default=None, help=f"{text} [env MNEMO_{field.upper()}]")
@@ -100,7 +103,8 @@ def _recalibrate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="good images: a folder of them, or an MVTec-layout folder (its train/good is read)",
+        help="good images: a folder of them, or an MVTec-layout folder (its train/good is read); a tiled "
+        "bundle scores them tile by tile, as it serves, so they must share one size",
     )
     p.add_argument("--out", help="write the recalibrated bundle here instead of in place (must not exist)")
     p.add_argument(
