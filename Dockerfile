@@ -21,10 +21,11 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # `python3 -m venv` works on python:3.11-slim and on a plain Debian base with python3-venv alike.
 RUN python3 -m venv /opt/venv
 WORKDIR /src
-# Dependencies first, read from pyproject.toml, so editing the code does not re-download them.
+# Dependencies first, read from pyproject.toml, so editing the code does not re-download them: the
+# service's own and the `grpc` extra (the Open Inference Protocol over gRPC, off unless MNEMO_GRPC_PORT).
 COPY pyproject.toml README.md ./
-RUN /opt/venv/bin/python -c "import tomllib; \
-print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" > requirements.txt \
+RUN /opt/venv/bin/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+print('\n'.join(p['dependencies'] + p['optional-dependencies']['grpc']))" > requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r requirements.txt
 # Every package pyproject.toml installs: the `mnemo` CLI lists the commands of training/ and benchmarks/
 # too, which import torch only when such a command runs; the serving path imports mnemo/ and service/.
@@ -72,7 +73,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     MNEMO_MODEL_DIR=/models \
     MNEMO_HOST=0.0.0.0 \
     MNEMO_PORT=8000
-EXPOSE 8000
+EXPOSE 8000 8001
 # /readyz is 503 until every bundle is loaded and warmed. urllib, because slim images have no curl;
 # urlopen raises (exit 1) on any non-2xx answer.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \

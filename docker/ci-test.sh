@@ -235,13 +235,14 @@ image_facts() {
   local size
   size="$("$DOCKER" image inspect --format '{{.Size}}' "$IMAGE")" || return 1
   "$DOCKER" run --rm --entrypoint /opt/venv/bin/python "$IMAGE" -c "
-import importlib.util, os, mnemo.service.app
+import importlib.util, os, mnemo.service.app, mnemo.service.oip_grpc as g
 assert importlib.util.find_spec('torch') is None, 'torch is in the CPU image'
 assert os.getuid() != 0, 'the image runs as root'
-print('no torch, uid', os.getuid(), end='; ')" || return 1
+import grpc; assert len(g.messages()) >= 12, 'the gRPC protocol messages do not load'
+print('no torch, gRPC', grpc.__version__, 'uid', os.getuid(), end='; ')" || return 1
   echo "image $IMAGE: $((size / 1000000)) MB"
 }
-check "CPU image: service imports, no torch, non-root" image_facts
+check "CPU image: service imports, no torch, gRPC messages load, non-root" image_facts
 
 # ------------------------------------------------------------------------------------ the service, live
 

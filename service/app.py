@@ -26,6 +26,7 @@ from mnemo.service.errors import install_error_handlers
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import ModelStore
 from mnemo.service.oip import v2, v2_health
+from mnemo.service.oip_grpc import start_server as start_grpc
 from mnemo.service.routes import ops, v1
 from mnemo.service.schemas import ErrorResponse
 from mnemo.service.settings import Settings
@@ -71,9 +72,12 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.capture = _capture_store(settings, app.state.metrics)
     store: ModelStore = app.state.store
     loading = asyncio.create_task(_initial_load(store))
+    grpc_server = await start_grpc(app.state, settings) if settings.grpc_port else None
     try:
         yield
     finally:
+        if grpc_server is not None:  # running calls get the shutdown timeout to finish
+            await grpc_server.stop(settings.shutdown_timeout_s)
         loading.cancel()
         await asyncio.gather(loading, return_exceptions=True)
         await store.close()

@@ -14,6 +14,11 @@ FLAGS = {
     "--model-dir": ("model_dir", str, "directory of model bundles, or one bundle (default ./bundles)"),
     "--host": ("host", str, "interface to listen on; 0.0.0.0 for all (default 127.0.0.1)"),
     "--port": ("port", int, "TCP port (default 8000)"),
+    "--grpc-port": (
+        "grpc_port",
+        int,
+        "also serve the Open Inference Protocol over gRPC on this port; 0 = off (default 0; needs grpcio)",
+    ),
     "--backend": ("backend", str, "auto (= onnxruntime), onnxruntime or torchscript (default auto)"),
     "--device": ("device", str, "auto (CUDA when present, else CPU), cpu, cuda or cuda:N (default auto)"),
     "--max-batch-size": ("max_batch_size", int, "most images per inference call (default 16)"),

@@ -30,11 +30,14 @@ import numpy as np
 from fastapi import APIRouter, Request, Response
 
 from mnemo import __version__
+from mnemo.service.capture import CaptureStore
+from mnemo.service.decoding import CpuSlots
 from mnemo.service.dependencies import CaptureDep, CpuSlotsDep, MetricsDep, SettingsDep, StoreDep, find_model
 from mnemo.service.errors import ApiError
 from mnemo.service.model_store import LoadedModel
 from mnemo.service.routes import UNKNOWN_MODEL
 from mnemo.service.scoring import ScoreOptions, decode_and_infer, infer_inputs, judge, observe, within_roi
+from mnemo.service.settings import Settings
 from mnemo.service.uploads import Upload
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -66,8 +69,14 @@ async def ready(store: StoreDep) -> Response:
 @v2.get("/models/{name:model_name}", summary="model metadata")
 @v2.get("/models/{name:model_name}/versions/{version}", summary="model metadata, one version")
 async def model_metadata(name: str, store: StoreDep, version: str | None = None) -> dict[str, Any]:
-    model = versioned(store, name, version)
+    return metadata_of(versioned(store, name, version))
+
+
+def metadata_of(model: LoadedModel) -> dict[str, Any]:
+    """The protocol's model metadata (REST and gRPC). A tiled bundle takes images of any size (its
+    heatmaps follow them) and ``pixels`` as single tiles."""
     pre, m = model.preprocessing, model.manifest
+    heat = [-1, 1, -1, -1] if model.tiling else [-1, 1, pre.size, pre.size]
     return {
         "name": m.name,
         "versions": [m.version],
@@ -80,7 +89,7 @@ async def model_metadata(name: str, store: StoreDep, version: str | None = None)
             {"name": "score", "datatype": "FP32", "shape": [-1]},
             {"name": "p_value", "datatype": "FP32", "shape": [-1]},
             {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
-            {"name": "heatmap", "datatype": "FP32", "shape": [-1, 1, pre.size, pre.size]},
+            {"name": "heatmap", "datatype": "FP32", "shape": heat},
         ],
     }
 
@@ -128,32 +137,47 @@ async def infer(
         model = versioned(store, name, version)
         count.model = name
         parsed = parse_infer_request(await request.body(), request.headers.get(HEADER_LENGTH), model)
-        if len(parsed.tensor) > settings.max_files:
-            raise ApiError(
-                400, "too_many_files", f"{len(parsed.tensor)} images; the limit is {settings.max_files}"
-            )
-        if parsed.input_name == "image":
-            uploads = [Upload(f"image[{i}]", data) for i, data in enumerate(parsed.tensor)]
-            decoded, results, _ = await decode_and_infer(request, model, uploads, settings, slots)
-        else:
-            uploads = [Upload(f"pixels[{i}]", b"") for i in range(len(parsed.tensor))]
-            decoded, results = await infer_inputs(request, model, list(parsed.tensor), settings)
-        options = ScoreOptions(threshold=parsed.threshold)
-        images = judge(model, uploads, results, decoded, options, settings.heatmap_grid_size)
-        observe(model, images, uploads, capture)
-        tensors = {
-            "score": np.array([i.score for i in images], np.float32),
-            "p_value": np.array([i.p_value for i in images], np.float32),
-            "verdict": [i.verdict.encode() for i in images],
-        }
-        if "heatmap" in parsed.outputs:  # the largest output: only when asked for (or all are)
-            heat = [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
-            if len({h.shape for h in heat}) > 1:  # a tiled bundle's maps follow each image's size
-                shapes = ", ".join(f"{h.shape[1]}×{h.shape[0]}" for h in heat)
-                message = f"heatmaps of {shapes}: one tensor needs images of one size (or one per request)"
-                raise ApiError(400, "mixed_sizes", message)
-            tensors["heatmap"] = np.stack(heat)[:, None].astype(np.float32)
+        tensors = await run_inference(request, model, parsed, settings, slots, capture)
         return infer_response(model, parsed, tensors)
+
+
+async def run_inference(
+    request: Request | None,
+    model: LoadedModel,
+    parsed: InferRequest,
+    settings: Settings,
+    slots: CpuSlots,
+    capture: CaptureStore | None,
+) -> dict[str, Any]:
+    """The output tensors of a parsed infer request (REST, or gRPC with ``request`` None): its images
+    decoded and limited as ``/v1`` uploads (or its pixels taken as they are), through the batcher,
+    judged, counted and offered to capture."""
+    if len(parsed.tensor) > settings.max_files:
+        raise ApiError(
+            400, "too_many_files", f"{len(parsed.tensor)} images; the limit is {settings.max_files}"
+        )
+    if parsed.input_name == "image":
+        uploads = [Upload(f"image[{i}]", data) for i, data in enumerate(parsed.tensor)]
+        decoded, results, _ = await decode_and_infer(request, model, uploads, settings, slots)
+    else:
+        uploads = [Upload(f"pixels[{i}]", b"") for i in range(len(parsed.tensor))]
+        decoded, results = await infer_inputs(request, model, list(parsed.tensor), settings)
+    options = ScoreOptions(threshold=parsed.threshold)
+    images = judge(model, uploads, results, decoded, options, settings.heatmap_grid_size)
+    observe(model, images, uploads, capture)
+    tensors = {
+        "score": np.array([i.score for i in images], np.float32),
+        "p_value": np.array([i.p_value for i in images], np.float32),
+        "verdict": [i.verdict.encode() for i in images],
+    }
+    if "heatmap" in parsed.outputs:  # the largest output: only when asked for (or all are)
+        heat = [within_roi(model, r, size, None)[0] for r, size in zip(results, decoded.sizes)]
+        if len({h.shape for h in heat}) > 1:  # a tiled bundle's maps follow each image's size
+            shapes = ", ".join(f"{h.shape[1]}×{h.shape[0]}" for h in heat)
+            message = f"heatmaps of {shapes}: one tensor needs images of one size (or one per request)"
+            raise ApiError(400, "mixed_sizes", message)
+        tensors["heatmap"] = np.stack(heat)[:, None].astype(np.float32)
+    return tensors
 
 
 def parse_infer_request(body: bytes, header_length: str | None, model: LoadedModel) -> InferRequest:
@@ -243,7 +267,11 @@ def requested_outputs(header: dict[str, Any]) -> dict[str, bool]:
 
 
 def threshold_of(header: dict[str, Any]) -> float | None:
-    value = (header.get("parameters") or {}).get("threshold")
+    return threshold_value((header.get("parameters") or {}).get("threshold"))
+
+
+def threshold_value(value: Any) -> float | None:
+    """The ``threshold`` request parameter: None, or a finite number."""
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):

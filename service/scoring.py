@@ -117,7 +117,7 @@ async def score_request(
 
 
 async def decode_and_infer(
-    request: Request,
+    request: Request | None,
     model: LoadedModel,
     uploads: list[Upload],
     settings: Settings,
@@ -125,7 +125,8 @@ async def decode_and_infer(
     overlay: bool = False,
 ) -> tuple[Decoded, list[ImageResult], float]:
     """Decode ``uploads`` within the pixel limits and run them through the model's batcher, under the
-    request's deadline; returns the decoded images, their results and when decoding ended."""
+    request's deadline; returns the decoded images, their results and when decoding ended. ``request``
+    None (gRPC): nobody watches for a disconnect here; the gRPC server cancels a call whose client left."""
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     decoding = Decoding(uploads, model.preprocessing, overlay, model.tiling)
     limits = PixelLimits(settings.max_image_pixels, settings.max_request_pixels, settings.max_queue)
@@ -141,7 +142,7 @@ async def decode_and_infer(
 
 
 async def infer_inputs(
-    request: Request, model: LoadedModel, inputs: list[np.ndarray], settings: Settings
+    request: Request | None, model: LoadedModel, inputs: list[np.ndarray], settings: Settings
 ) -> tuple[Decoded, list[ImageResult]]:
     """Model inputs a client prepared itself (already [C, H, W] in the model's normalisation) through the
     batcher, under the request's deadline. For a tiled bundle each input is one tile, scored alone."""
@@ -189,7 +190,7 @@ class _Cancelled:
     else can come). Nothing here refers back to the watcher once it is cancelled, so a request leaves
     no reference cycle for the garbage collector."""
 
-    def __init__(self, request: Request, deadline: float, timeout_s: float) -> None:
+    def __init__(self, request: Request | None, deadline: float, timeout_s: float) -> None:
         self.request, self.timeout_s = request, timeout_s
         self.timeout = asyncio.timeout_at(deadline)
         self.gone: list[bool] = []  # the watcher appends True when the client has left
@@ -197,15 +198,18 @@ class _Cancelled:
     async def __aenter__(self) -> None:
         if self.timeout.when() <= asyncio.get_running_loop().time():
             raise self._late()
-        self.watcher = asyncio.ensure_future(
-            _cancel_on_disconnect(self.request.receive, asyncio.current_task(), self.gone)
-        )
+        self.watcher = None
+        if self.request is not None:
+            self.watcher = asyncio.ensure_future(
+                _cancel_on_disconnect(self.request.receive, asyncio.current_task(), self.gone)
+            )
         await self.timeout.__aenter__()
 
     async def __aexit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
     ) -> None:
-        self.watcher.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
         del self.watcher
         try:
             await self.timeout.__aexit__(kind, exc, tb)

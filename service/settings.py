@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="also serve the Open Inference Protocol over gRPC on this port (same host); 0 = off; "
+        "needs grpcio (pip install 'mnemo[grpc]')",
+    )
     backend: Backend = Field(
         "auto", description="auto (= onnxruntime), onnxruntime or torchscript (needs torch installed)"
     )
