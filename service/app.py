@@ -48,8 +48,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app, metrics)
     too_large = metrics.errors.labels("payload_too_large")
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes, on_reject=too_large.inc)
-    app.include_router(ops)
-    app.include_router(v2_health)
     for router in (v1, v2):  # the API key, when set, guards both protocols
         if settings.api_key is None:
             app.include_router(router)
@@ -59,6 +57,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 dependencies=[Depends(api_key_check(settings))],
                 responses={401: {"model": ErrorResponse}},
             )
+    app.include_router(ops)  # after /v1: routes are matched in order, and nearly every request is a score
+    app.include_router(v2_health)
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # process-wide; it would score images with missing rows
         logger.warning("PIL.ImageFile.LOAD_TRUNCATED_IMAGES was set; turning it off")
         ImageFile.LOAD_TRUNCATED_IMAGES = False

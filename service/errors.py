@@ -6,6 +6,8 @@ Clients on the line branch on ``code`` (stable, snake_case); ``message`` is for 
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,6 +32,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.file, self.headers = status, code, message, file, headers
 
 
+def validation_problems(errors: list[dict[str, Any]], where: tuple[str, ...] = ()) -> str:
+    """Pydantic's errors in one line: ``query.heatmap: Input should be ...; ...``."""
+    return "; ".join(f"{'.'.join(map(str, (*where, *e['loc'])))}: {e['msg']}" for e in errors)
+
+
 def error_response(error: ApiError, request: Request | None = None) -> JSONResponse:
     """The service's error shape; under ``/v2`` the Open Inference Protocol's, ``{"error": message}``."""
     if request is not None and request.url.path.startswith("/v2"):
@@ -50,9 +57,8 @@ def install_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
         return error_response(ApiError(exc.status_code, code, str(exc.detail), headers=exc.headers), request)
 
     async def on_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
         metrics.errors.labels("invalid_parameter").inc()
-        return error_response(ApiError(422, "invalid_parameter", problems), request)
+        return error_response(ApiError(422, "invalid_parameter", validation_problems(exc.errors())), request)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         metrics.errors.labels("internal").inc()  # Starlette still logs the traceback

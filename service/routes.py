@@ -12,27 +12,24 @@ from __future__ import annotations
 import html
 from functools import cache
 from pathlib import Path
-from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse
 from prometheus_client.exposition import choose_encoder
 from starlette.convertors import StringConvertor, register_url_convertor
 
 from mnemo.service.dependencies import (
-    CaptureDep,
-    CpuSlotsDep,
     MetricsDep,
     ModelDep,
     SettingsDep,
     StoreDep,
     find_model,
+    parse_query,
+    query_parameters,
 )
 from mnemo.service.schemas import (
     ErrorResponse,
     Health,
-    HeatmapFormat,
-    HeatmapScaleKind,
     ModelInfo,
     ModelList,
     Readiness,
@@ -66,6 +63,9 @@ UPLOAD_BODY = {
         },
     }
 }
+
+
+MODEL_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 class ModelNameConvertor(StringConvertor):
@@ -124,6 +124,34 @@ async def metrics(request: Request, service_metrics: MetricsDep) -> Response:
 # ------------------------------------------------------------------------------------------------- /v1
 
 
+# The score route first: routes are matched in order, and this one takes nearly every request.
+@v1.post(
+    "/models/{name:model_name}:score",
+    response_model=ScoreResponse,
+    response_model_exclude_none=True,
+    responses=ERRORS,
+    openapi_extra={**UPLOAD_BODY, "parameters": [MODEL_NAME, *query_parameters(ScoreOptions)]},
+    summary="score images: anomaly score, p-value, verdict and optional heatmap per image",
+)
+async def score(request: Request) -> Response:
+    # Lean on purpose (issue 17): the query string is validated by pydantic-core in one call and the
+    # service's parts come from app.state, so FastAPI solves no dependencies per request; the answer is
+    # serialised once, straight to JSON bytes (returning the model would have FastAPI validate it again
+    # and encode it with the standard library). Counted by model and status; the model is looked up
+    # here, after the query, so an unknown name is counted too and a bad query answers 422 first.
+    # (No docstring: FastAPI would publish it as the operation's description.)
+    state = request.app.state
+    with state.metrics.counting(UNKNOWN_MODEL) as count:
+        options = parse_query(ScoreOptions, request)
+        name = request.path_params["name"]
+        model = find_model(state.store, name)
+        count.model = name
+        answer = await score_request(
+            request, model, options, state.settings, state.cpu_slots, count.started, state.capture
+        )
+        return Response(answer.model_dump_json(exclude_none=True), media_type="application/json")
+
+
 @v1.get("/models", response_model=ModelList, summary="the loaded models, and the bundles that failed to load")
 async def list_models(store: StoreDep) -> ModelList:
     return ModelList(
@@ -139,56 +167,3 @@ async def get_model(model: ModelDep) -> ModelInfo:
 @v1.post("/admin/reload", response_model=ReloadResult, summary="re-scan the model directory")
 async def reload_models(store: StoreDep) -> ReloadResult:
     return ReloadResult(**vars(await store.reload()))
-
-
-@v1.post(
-    "/models/{name:model_name}:score",
-    response_model=ScoreResponse,
-    response_model_exclude_none=True,
-    responses=ERRORS,
-    openapi_extra=UPLOAD_BODY,
-    summary="score images: anomaly score, p-value, verdict and optional heatmap per image",
-)
-async def score(
-    request: Request,
-    name: str,
-    store: StoreDep,
-    settings: SettingsDep,
-    service_metrics: MetricsDep,
-    slots: CpuSlotsDep,
-    capture: CaptureDep,
-    heatmap: Annotated[
-        HeatmapFormat, Query(description="overlay/gray: base64 PNG; grid: float grid")
-    ] = "none",
-    threshold: Annotated[
-        float | None, Query(description="override the model's threshold", allow_inf_nan=False)
-    ] = None,
-    regions: Annotated[
-        bool, Query(description="list the connected areas above the model's calibrated pixel level")
-    ] = False,
-    reconstruction: Annotated[
-        bool, Query(description="return the model's reconstruction: what this part looks like to its memory")
-    ] = False,
-    roi: Annotated[
-        str | None,
-        Query(
-            description="x,y,width,height in the image's pixels: only that part counts (score = heatmap peak "
-            "inside; verdict by the pixel level unless the bundle has its own ROI)",
-            pattern=r"^-?\d+,-?\d+,\d+,\d+$",
-        ),
-    ] = None,
-    heatmap_scale: Annotated[
-        HeatmapScaleKind,
-        Query(
-            description="calibrated: one colour scale for every image (default); image: each map's min…max"
-        ),
-    ] = "calibrated",
-) -> ScoreResponse:
-    # Counts every request by model and status. The model is looked up here rather than as a dependency,
-    # so that an unknown name is counted too (as _unknown) and a bad query still answers 422 first.
-    # (No docstring: FastAPI would publish it as the operation's description.)
-    with service_metrics.counting(UNKNOWN_MODEL) as count:
-        model = find_model(store, name)
-        count.model = name
-        options = ScoreOptions(heatmap, threshold, regions, reconstruction, heatmap_scale, roi)
-        return await score_request(request, model, options, settings, slots, count.started, capture)

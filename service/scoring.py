@@ -16,12 +16,12 @@ import asyncio
 import base64
 import logging
 import time
-from dataclasses import dataclass
 from functools import partial
 
 import anyio
 import anyio.to_thread
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.types import Receive
 
@@ -54,16 +54,30 @@ logger = logging.getLogger("mnemo.service")
 PNG_FORMATS = ("overlay", "gray")  # drawn in a worker thread; "grid" and "none" are cheap
 
 
-@dataclass(frozen=True)
-class ScoreOptions:
-    """What a request may choose, from its query string."""
+class ScoreOptions(BaseModel):
+    """What a request may choose, from its query string (validated by pydantic-core in one call; the
+    route publishes these fields as its OpenAPI query parameters)."""
 
-    heatmap: HeatmapFormat = "none"
-    threshold: float | None = None  # overrides the model's calibrated threshold
-    regions: bool = False  # list the defect regions (needs the bundle's pixel calibration)
-    reconstruction: bool = False  # return the model's reconstruction (needs reconstruction.onnx)
-    heatmap_scale: HeatmapScaleKind = "calibrated"  # colours: the calibrated scale, or each map's min…max
-    roi: str | None = None  # "x,y,width,height" in the upload's pixels: only that part counts
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    heatmap: HeatmapFormat = Field("none", description="overlay/gray: base64 PNG; grid: float grid")
+    threshold: float | None = Field(None, description="override the model's threshold", allow_inf_nan=False)
+    regions: bool = Field(
+        False, description="list the connected areas above the model's calibrated pixel level"
+    )
+    reconstruction: bool = Field(
+        False, description="return the model's reconstruction: what this part looks like to its memory"
+    )
+    heatmap_scale: HeatmapScaleKind = Field(
+        "calibrated",
+        description="calibrated: one colour scale for every image (default); image: each map's min…max",
+    )
+    roi: str | None = Field(
+        None,
+        description="x,y,width,height in the image's pixels: only that part counts (score = heatmap peak "
+        "inside; verdict by the pixel level unless the bundle has its own ROI)",
+        pattern=r"^-?\d+,-?\d+,\d+,\d+$",
+    )
 
 
 async def score_request(
