@@ -42,6 +42,11 @@ from mnemo.service.uploads import Upload
 from mnemo.tiling import Tiling, TilingError, prepare_tiles, working_pixels
 
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes in tens of milliseconds and ~16 MB; larger ones queue for a slot
+# Uploads this small (all files together) are decoded on the event loop: a 64 px PNG decodes in ~0.1 ms,
+# less than handing it to a worker thread and back costs the loop. Their declared size must also stay
+# under INLINE_PIXELS, so a small file that declares a large image still goes to a thread.
+INLINE_BYTES = 32 * 1024
+INLINE_PIXELS = 256 * 256
 T = TypeVar("T")
 Pixels = tuple[np.ndarray, np.ndarray | None]  # model input (tiled: its tiles), display crop for overlays
 
@@ -79,7 +84,8 @@ class Decoding:
     """One request's images on their way to model input, in two steps.
 
     ``start`` reads every header, checks the pixel limits and decodes the small images, in one worker
-    thread call that is not interrupted (its cost is bounded: small images only). ``finish`` decodes the
+    thread call that is not interrupted (its cost is bounded: small images only), or, for a few tiny
+    files (``INLINE_BYTES``, ``INLINE_PIXELS``), on the event loop itself. ``finish`` decodes the
     large images one at a time, each once a large-image slot is free; it may be cancelled at any await
     (the request's deadline, its client leaving), and a decode already running then keeps both its slots
     until it returns, so the slots always bound the threads at work. ``close`` drops what is left.
@@ -94,8 +100,16 @@ class Decoding:
 
     async def start(self, limits: PixelLimits, slots: CpuSlots) -> None:
         view = _View(self.pre, self.overlay, self.tiling)
-        first = partial(_open_and_decode_small, self.uploads, view, limits, self.opened, self.done)
-        await anyio.to_thread.run_sync(first, limiter=slots.any)
+        decode = partial(_decode_small, self.uploads, view, self.opened, self.done)
+        if sum(len(upload.data) for upload in self.uploads) > INLINE_BYTES:
+            opening = partial(_open_checked, self.uploads, view, limits, self.opened)
+            await anyio.to_thread.run_sync(lambda: (opening(), decode()), limiter=slots.any)
+            return
+        _open_checked(self.uploads, view, limits, self.opened)  # headers of a few small files: cheap
+        if sum(image.pixels for image in self.opened) <= INLINE_PIXELS:
+            decode()  # costs the loop less than the hop to a worker thread and back
+        else:
+            await anyio.to_thread.run_sync(decode, limiter=slots.any)
 
     async def finish(self, slots: CpuSlots) -> Decoded:
         """Every upload as model input (and display crop for overlays), in upload order."""
@@ -152,15 +166,8 @@ class _View:
     tiling: Tiling | None
 
 
-def _open_and_decode_small(
-    uploads: list[Upload],
-    view: _View,
-    limits: PixelLimits,
-    opened: list[OpenImage],
-    done: list[Pixels | None],
-) -> None:
-    """In a worker thread: read every header and check the pixel (and tile) limits, then decode the small
-    images. Fills ``opened`` and ``done`` (None where a large image is still to decode)."""
+def _open_checked(uploads: list[Upload], view: _View, limits: PixelLimits, opened: list[OpenImage]) -> None:
+    """Read every header and check the pixel (and tile) limits; fills ``opened``. No pixel is decoded."""
     for i, upload in enumerate(uploads):
         opened.append(_named(upload, i, partial(open_image, upload.data, max_pixels=limits.image)))
     declared = sum(image.pixels for image in opened)
@@ -173,6 +180,12 @@ def _open_and_decode_small(
         )
     if view.tiling is not None:
         _check_tiles(uploads, opened, view.tiling, limits.tiles)
+
+
+def _decode_small(
+    uploads: list[Upload], view: _View, opened: list[OpenImage], done: list[Pixels | None]
+) -> None:
+    """Decode the images at most ``LARGE_IMAGE_PIXELS`` large; fills ``done`` (None for a large one)."""
     for i, (upload, image) in enumerate(zip(uploads, opened)):
         small = image.pixels <= LARGE_IMAGE_PIXELS
         done.append(_named(upload, i, partial(_model_pixels, image, view)) if small else None)
