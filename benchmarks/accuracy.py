@@ -47,7 +47,7 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    from mnemo.training.trainer import usable_cores  # torch: only once a benchmark runs
+    from mnemo.machine import usable_cores
 
     return {
         "cpu": cpu,

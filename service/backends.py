@@ -7,6 +7,7 @@ CPU image built for it, never needs torch.
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Protocol
@@ -14,6 +15,7 @@ from typing import Protocol
 import numpy as np
 
 from mnemo.bundle import ONNX_FILE, TORCHSCRIPT_FILE
+from mnemo.machine import usable_cores
 
 
 class Runner(Protocol):
@@ -24,26 +26,57 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
+# ``threads=0`` (auto) on a CPU with several cores: a model that takes less than this per image on one
+# thread runs on one, since a request's own work (HTTP, decode, JSON: 1-2.5 ms) then costs more than its
+# inference and the other cores serve better decoding requests (brick, 64 px: +10-50 % images/s on 2
+# cores, benchmarks/results/serve-inference-lane.md); a heavier one gets every core (DAAD 256: ~30 ms).
+ONE_THREAD_MS_PER_IMAGE = 5.0
+PROBE_BATCH = 4
+
+
 class OnnxRunner:
-    """ONNX Runtime session; CUDA execution provider when asked for (or ``auto`` and present)."""
+    """ONNX Runtime session; CUDA execution provider when asked for (or ``auto`` and present). ``threads``:
+    intra-op threads; 0 = auto (see ``ONE_THREAD_MS_PER_IMAGE``), chosen by timing the model once."""
 
     backend = "onnxruntime"
 
     def __init__(self, path: Path, device: str = "auto", threads: int = 0, spinning: bool = False) -> None:
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        # ORT's own default is to spin; in a server idle spinning threads burn the cores that decode the
-        # next images, so the service turns it off unless asked (MNEMO_ORT_SPINNING).
-        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         providers = self._providers(ort.get_available_providers(), device)
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        auto = threads == 0 and providers == ["CPUExecutionProvider"] and usable_cores() > 1
+        self.session = self._session(ort, path, 1 if auto else threads, spinning, providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape[1:])
         self.output_names = ["score", "heatmap"]
+        self.threads = 1 if auto else threads  # 0: ONNX Runtime's own choice (every core)
+        if auto and self.ms_per_image() >= ONE_THREAD_MS_PER_IMAGE:
+            self.session = self._session(ort, path, 0, spinning, providers)
+            self.threads = 0
+
+    @staticmethod
+    def _session(ort, path: Path, threads: int, spinning: bool, providers: list):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        # ORT's own default is to spin; in a server idle spinning threads burn the cores that decode the
+        # next images, so the service turns it off unless asked (MNEMO_ORT_SPINNING).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+
+    def ms_per_image(self) -> float:
+        """Milliseconds per image of a small zero batch, the best of three runs after a warm-up one."""
+        if any(d is None for d in self.input_shape):
+            return float("inf")  # no fixed shape to probe with: keep every core
+        batch = np.zeros((PROBE_BATCH, *self.input_shape), np.float32)
+        self.run(batch)
+        times = []
+        for _ in range(3):
+            started = time.perf_counter()
+            self.run(batch)
+            times.append(time.perf_counter() - started)
+        return 1000 * min(times) / PROBE_BATCH
 
     @staticmethod
     def _providers(available: list[str], device: str) -> list[str | tuple[str, dict]]:

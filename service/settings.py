@@ -42,7 +42,12 @@ class Settings(BaseSettings):
         "auto", description="auto (= onnxruntime), onnxruntime or torchscript (needs torch installed)"
     )
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
-    intra_op_threads: int = Field(0, ge=0, description="threads per inference call; 0 lets the runtime pick")
+    intra_op_threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads per inference call; 0 = auto: one thread for a model that takes "
+        "under 5 ms an image on it (the other cores then serve requests), else every core",
+    )
     ort_spinning: bool = Field(
         False,
         description="let idle ONNX Runtime threads spin between batches: faster big models on a dedicated "

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from mnemo.machine import usable_cores
 from mnemo.models.base import AnomalyModel
 from mnemo.training import distributed
 from mnemo.training.config import OptimConfig
@@ -44,11 +45,6 @@ def pick_device(name: str = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
     return device
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity, which containers and ``taskset`` narrow)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def set_threads(threads: int = 0) -> int:
