@@ -32,6 +32,7 @@ from mnemo.service.errors import ApiError
 from mnemo.service.oip import (
     OUTPUTS,
     InferRequest,
+    image_bytes,
     metadata_of,
     pixels,
     run_inference,
@@ -156,22 +157,15 @@ def threshold_of(parameters) -> float | None:
 
 
 def _bytes_elements(raw: bytes | None, typed: list[bytes], shape: list[int]) -> list[bytes]:
-    """BYTES elements from raw contents (4-byte little-endian length before each) or typed ones."""
+    """BYTES elements from raw contents (4-byte little-endian lengths, read as the REST route reads its
+    binary tensors) or typed ``bytes_contents``."""
+    if raw is not None:
+        return image_bytes(raw, shape)
     if len(shape) != 1 or shape[0] < 1:
         raise ApiError(400, "bad_shape", f"image must have shape [N] with N >= 1, got {shape}")
-    elements, offset = list(typed), 0
-    if raw is not None:
-        while offset < len(raw):
-            if offset + 4 > len(raw):
-                raise ApiError(400, "bad_input", "truncated BYTES tensor")
-            (length,) = struct.unpack_from("<I", raw, offset)
-            if offset + 4 + length > len(raw):
-                raise ApiError(400, "bad_input", "a BYTES element runs past the tensor's end")
-            elements.append(raw[offset + 4 : offset + 4 + length])
-            offset += 4 + length
-    if len(elements) != shape[0]:
-        raise ApiError(400, "bad_shape", f"image declares {shape[0]} elements but holds {len(elements)}")
-    return elements
+    if len(typed) != shape[0]:
+        raise ApiError(400, "bad_shape", f"image declares {shape[0]} elements but holds {len(typed)}")
+    return typed
 
 
 def infer_response(response_type, model, parsed: InferRequest, tensors: dict[str, Any]):

@@ -179,3 +179,25 @@ def test_the_committed_descriptor_is_the_proto_compiled(tmp_path):
         check=True,
     )
     assert out.read_bytes() == DESCRIPTOR_FILE.read_bytes(), "recompile: see the .proto's header"
+
+
+def test_typed_contents_work_as_raw_ones(served, bundle_dir):
+    """A client that sends ``contents.bytes_contents`` (not tritonclient's raw form) gets the same scores."""
+    import grpc
+
+    m = messages()
+    request = m["ModelInferRequest"](model_name="gray")
+    tensor = request.inputs.add(name="image", datatype="BYTES", shape=[2])
+    tensor.contents.bytes_contents.extend(images())
+    request.outputs.add(name="score")
+    with grpc.insecure_channel(served[1]) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=m["ModelInferRequest"].SerializeToString,
+            response_deserializer=m["ModelInferResponse"].FromString,
+        )
+        response = infer(request, timeout=30)
+    (output,) = response.outputs
+    assert output.name == "score" and list(output.shape) == [2]
+    scores = np.frombuffer(response.raw_output_contents[0], "<f4")
+    np.testing.assert_allclose(scores, offline_scores(bundle_dir / "gray", images())[0], atol=1e-4)
