@@ -52,7 +52,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------------------------- transport events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        super().connection_made(OneWriteTransport(transport, asyncio.get_running_loop()))
         self._arm(self.header_timeout_s)  # a connection that never sends a byte is timed too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -149,6 +149,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             self.transport.write(head.encode("latin-1") + body)
         self.transport.close()
+
+
+class OneWriteTransport:
+    """The connection's transport, but a response's status line and headers wait for its first body
+    chunk and go out with it in one write: one send, one TCP segment for a small answer, where uvicorn
+    writes them apart. A head that no body follows (HEAD, 304, a 100-continue) goes out on the loop's
+    next turn; order is always kept. Everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport, self._loop, self._head = transport, loop, None
+
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head + data)
+        elif data.startswith(b"HTTP/1.") and data.endswith(b"\r\n\r\n"):  # a response head: hold it
+            self._head = data
+            self._loop.call_soon(self.flush)
+        else:
+            self._transport.write(data)
+
+    def flush(self) -> None:
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def guarded_protocol(settings: Settings, on_refuse: Callable[[str], None] | None = None) -> type:
