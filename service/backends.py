@@ -26,35 +26,43 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
-# ``threads=0`` (auto) on a CPU with several cores: a model that takes less than this per image on one
-# thread runs on one, since a request's own work (HTTP, decode, JSON: 1-2.5 ms) then costs more than its
-# inference and the other cores serve better decoding requests (brick, 64 px: +10-50 % images/s on 2
-# cores, benchmarks/results/serve-inference-lane.md); a heavier one gets every core (DAAD 256: ~30 ms).
+# Auto settings on a CPU (``threads=0``, ``spinning="auto"``) follow the model's cost, timed once at load
+# on one thread. Under this per image, a request's own work (HTTP, decode, JSON: 1-2.5 ms) costs more than
+# its inference: one thread, sleeping between batches, leaves the other cores to the requests (brick, 64 px:
+# +10-50 % images/s on 2 cores, benchmarks/results/serve-inference-lane.md). At or above it the batches
+# keep the cores busy: every core, spinning between batches (DAAD 256, ~30 ms: 0.69 -> 0.92 of raw ORT).
 ONE_THREAD_MS_PER_IMAGE = 5.0
 PROBE_BATCH = 4
 
 
 class OnnxRunner:
-    """ONNX Runtime session; CUDA execution provider when asked for (or ``auto`` and present). ``threads``:
-    intra-op threads; 0 = auto (see ``ONE_THREAD_MS_PER_IMAGE``), chosen by timing the model once."""
+    """ONNX Runtime session; CUDA execution provider when asked for (or ``auto`` and present).
+    ``threads``: intra-op threads, 0 = auto; ``spinning``: idle threads spin between batches, ``"auto"``
+    by the model's cost (see ``ONE_THREAD_MS_PER_IMAGE``)."""
 
     backend = "onnxruntime"
 
-    def __init__(self, path: Path, device: str = "auto", threads: int = 0, spinning: bool = False) -> None:
+    def __init__(
+        self, path: Path, device: str = "auto", threads: int = 0, spinning: bool | str = "auto"
+    ) -> None:
         import onnxruntime as ort
 
         providers = self._providers(ort.get_available_providers(), device)
-        auto = threads == 0 and providers == ["CPUExecutionProvider"] and usable_cores() > 1
-        self.session = self._session(ort, path, 1 if auto else threads, spinning, providers)
+        cpu = providers == ["CPUExecutionProvider"]
+        auto_threads = threads == 0 and cpu and usable_cores() > 1
+        auto_spin = spinning == "auto"
+        self.threads = 1 if auto_threads else threads  # 0: ONNX Runtime's own choice (every core)
+        self.spinning = False if auto_spin else bool(spinning)
+        self.session = self._session(ort, path, self.threads, self.spinning, providers)
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         graph_input = self.session.get_inputs()[0]
         self.input_name = graph_input.name
         self.input_shape = tuple(d if isinstance(d, int) else None for d in graph_input.shape[1:])
         self.output_names = ["score", "heatmap"]
-        self.threads = 1 if auto else threads  # 0: ONNX Runtime's own choice (every core)
-        if auto and self.ms_per_image() >= ONE_THREAD_MS_PER_IMAGE:
-            self.session = self._session(ort, path, 0, spinning, providers)
-            self.threads = 0
+        if cpu and (auto_threads or auto_spin) and self.ms_per_image() >= ONE_THREAD_MS_PER_IMAGE:
+            self.threads = 0 if auto_threads else threads
+            self.spinning = True if auto_spin else self.spinning
+            self.session = self._session(ort, path, self.threads, self.spinning, providers)
 
     @staticmethod
     def _session(ort, path: Path, threads: int, spinning: bool, providers: list):
@@ -147,7 +155,7 @@ class ReconstructionRunner:
 
 
 def create_runner(
-    bundle_dir: Path, backend: str, device: str, threads: int = 0, ort_spinning: bool = False
+    bundle_dir: Path, backend: str, device: str, threads: int = 0, ort_spinning: bool | str = "auto"
 ) -> Runner:
     backend = resolve_backend(backend)
     if backend == "onnxruntime":

@@ -48,10 +48,12 @@ class Settings(BaseSettings):
         description="ONNX Runtime threads per inference call; 0 = auto: one thread for a model that takes "
         "under 5 ms an image on it (the other cores then serve requests), else every core",
     )
-    ort_spinning: bool = Field(
-        False,
-        description="let idle ONNX Runtime threads spin between batches: faster big models on a dedicated "
-        "host (DAAD 256: +4-18 % throughput), but the spinning takes CPU from decoding the next images",
+    ort_spinning: Literal["auto"] | bool = Field(
+        "auto",
+        description="let idle ONNX Runtime threads spin between batches (1/0). auto: only for a model that "
+        "takes 5 ms an image or more, whose batches keep the cores busy anyway (DAAD 256 on 2 cores: 0.69 -> "
+        "0.92 of raw throughput at c=32); a small model's spinning threads would take the CPU its requests "
+        "need (brick: -45 % at c=64)",
     )
     max_batch_size: int = Field(16, ge=1, description="most images run together in one inference call")
     max_wait_ms: float = Field(
