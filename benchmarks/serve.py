@@ -4,8 +4,9 @@ Per bundle, in one run: (1) raw ONNX Runtime in-process on already-normalised ar
 64 (median call time), keeping the best images/s (the limit) and batch-1 latency; (2) a real ``mnemo serve``
 subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``; (4) dynamic batching again,
 each request carrying ``burst`` images (a multipart upload, as a camera sending a burst would). (2) and (3)
-send one PNG per request; with ``--spinning``, (5) dynamic batching with ``MNEMO_ORT_SPINNING=1``, the
-service's ONNX Runtime threads spinning as raw ORT's do by default.
+send one PNG per request, with the service's default ONNX Runtime settings (threads and spinning chosen
+by the model's cost, ``service/backends.py``); with ``--spinning``, (5) dynamic batching with
+``MNEMO_ORT_SPINNING=1``, the threads spinning whatever the model.
 Headline: service images/s ÷ raw best images/s.
 
 The load generator runs on the same CPU as the server, so on a small box the client's own CPU use is part
@@ -149,7 +150,10 @@ class Server:
 
     def start(self) -> float:
         started = time.perf_counter()
-        env = {**os.environ, "PYTHONPATH": str(REPO), "MNEMO_ORT_SPINNING": str(int(self.spinning))}
+        env = {k: v for k, v in os.environ.items() if k != "MNEMO_ORT_SPINNING"}  # default: auto
+        env["PYTHONPATH"] = str(REPO)
+        if self.spinning:
+            env["MNEMO_ORT_SPINNING"] = "1"
         self.process = subprocess.Popen(self.args, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
         deadline = started + READY_TIMEOUT_S
         while time.perf_counter() < deadline:
@@ -228,7 +232,7 @@ def service_mode(
             "max_batch_size": max_batch_size,
             "images_per_request": images_per_request,
             "max_wait_ms": max_wait_ms,
-            "ort_spinning": spinning,
+            "ort_spinning": True if spinning else "auto",
             "cold_start_s": round(cold, 2),
             "memory_after_load_mb": idle,
             "memory_after_run_mb": server.memory_mb(),
