@@ -300,9 +300,14 @@ class ModelStore:
         )
         model.batcher.start()
         self.metrics.set_model(model.info())
+        threads = getattr(model.runner, "threads", None)  # ONNX Runtime's choice (auto: by the model's cost)
+        engine = ""
+        if threads is not None:
+            engine = ", all cores" if threads == 0 else f", {threads} thread{'s' if threads > 1 else ''}"
+            engine += ", spinning" if model.runner.spinning else ""
         logger.info(
-            "loaded model %s version %s from %s (%s on %s)",
-            model.name, model.manifest.version, model.path, model.runner.backend, model.runner.device,
+            "loaded model %s version %s from %s (%s on %s%s)",
+            model.name, model.manifest.version, model.path, model.runner.backend, model.runner.device, engine,
         )  # fmt: skip
 
     async def _stop(self, model: LoadedModel) -> None:
