@@ -120,6 +120,21 @@ def _time_calls(call, seconds: float, most: int = 2000) -> list[float]:
 # ------------------------------------------------------------------------------------------- service
 
 
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds a process has used, all threads. Linux's per-thread scheduler clock (nanoseconds, in
+    /proc/PID/task/*/schedstat) where it is readable, since the process's own counters tick in 10 ms and a
+    short, light run can fall between two ticks; threads that have exited count through those counters."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    counted = (int(stat[11]) + int(stat[12])) / ticks  # utime, stime (fields 14, 15), exited threads too
+    try:
+        threads = Path(f"/proc/{pid}/task").iterdir()
+        precise = sum(int((t / "schedstat").read_text().split()[0]) for t in threads) / 1e9
+    except (OSError, ValueError, IndexError):
+        return counted
+    return max(counted, precise)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -182,9 +197,7 @@ class Server:
 
     def probe(self, model: str) -> tuple[float, float, float]:
         """(CPU seconds of the server process, all threads; its batch-size sum; its batch count)."""
-        ticks = os.sysconf("SC_CLK_TCK")
-        stat = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(stat[11]) + int(stat[12])) / ticks  # utime, stime (fields 14, 15)
+        cpu = process_cpu_s(self.process.pid)
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as answer:
             text = answer.read().decode()
         total = {"sum": 0.0, "count": 0.0}
