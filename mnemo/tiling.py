@@ -27,7 +27,15 @@ from typing import Any
 
 import numpy as np
 
-from mnemo.imaging import Preprocessing, model_box_to_image, normalise, resize_to, to_channels
+from mnemo.imaging import (
+    OpenImage,
+    Preprocessing,
+    decode_for_model,
+    model_box_to_image,
+    normalise,
+    resize_to,
+    to_channels,
+)
 
 
 class TilingError(ValueError):
@@ -153,6 +161,13 @@ def heat_box_to_image(
     sx, sy = width / w, height / h
     x0, y0, x1, y1 = box
     return x0 * sx, y0 * sy, x1 * sx, y1 * sy
+
+
+def decode_working(opened: OpenImage, prep: Preprocessing, tiling: Tiling) -> np.ndarray:
+    """An opened image decoded at the tiling's working resolution, in the model's channels: float32
+    [h, w, C] on 0…255 (closes ``opened``), as the service and ``mnemo recalibrate`` both cut it."""
+    target = tiling.working_size(*opened.image.size)
+    return working_pixels(decode_for_model(opened, prep, target), target, prep.channels)
 
 
 def working_pixels(pixels: np.ndarray, size: tuple[int, int], channels: int) -> np.ndarray:

@@ -39,7 +39,7 @@ from mnemo.imaging import (
 )
 from mnemo.service.errors import ApiError
 from mnemo.service.uploads import Upload
-from mnemo.tiling import Tiling, TilingError, prepare_tiles, working_pixels
+from mnemo.tiling import Tiling, TilingError, decode_working, prepare_tiles
 
 LARGE_IMAGE_PIXELS = 4_000_000  # decodes in tens of milliseconds and ~16 MB; larger ones queue for a slot
 # Uploads this small (all files together) are decoded on the event loop: a 64 px PNG decodes in ~0.1 ms,
@@ -94,12 +94,13 @@ class Decoding:
     def __init__(
         self, uploads: list[Upload], pre: Preprocessing, overlay: bool, tiling: Tiling | None = None
     ) -> None:
-        self.uploads, self.pre, self.overlay, self.tiling = uploads, pre, overlay, tiling
+        self.uploads, self.tiling = uploads, tiling
+        self.view = _View(pre, overlay, tiling)
         self.opened: list[OpenImage] = []
         self.done: list[Pixels | None] = []
 
     async def start(self, limits: PixelLimits, slots: CpuSlots) -> None:
-        view = _View(self.pre, self.overlay, self.tiling)
+        view = self.view
         decode = partial(_decode_small, self.uploads, view, self.opened, self.done)
         if sum(len(upload.data) for upload in self.uploads) > INLINE_BYTES:
             opening = partial(_open_checked, self.uploads, view, limits, self.opened)
@@ -113,15 +114,14 @@ class Decoding:
 
     async def finish(self, slots: CpuSlots) -> Decoded:
         """Every upload as model input (and display crop for overlays), in upload order."""
-        view = _View(self.pre, self.overlay, self.tiling)
         for i, image in enumerate(self.opened):
             if self.done[i] is None:
-                decode = partial(_decode_large, self.uploads[i], i, image, view)
+                decode = partial(_decode_large, self.uploads[i], i, image, self.view)
                 self.done[i] = await _large_in_thread(decode, slots)
         sizes = [image.image.size for image in self.opened]
         self.close()
         inputs = [item[0] for item in self.done]
-        displays = [item[1] for item in self.done] if self.overlay else None
+        displays = [item[1] for item in self.done] if self.view.overlay else None
         working = [self.tiling.working_size(*size) for size in sizes] if self.tiling else None
         return Decoded(inputs, displays, sizes, working)
 
@@ -221,8 +221,7 @@ def _model_pixels(image: OpenImage, view: _View) -> Pixels:
     if tiling is None:
         sized = decode_for_model(image, pre)
         return prepare_pixels(sized, pre), display_rgb(sized, pre) if view.overlay else None
-    target = tiling.working_size(*image.image.size)
-    working = working_pixels(decode_for_model(image, pre, target), target, pre.channels)
+    working = decode_working(image, pre, tiling)
     return prepare_tiles(working, pre, tiling), rgb_uint8(working) if view.overlay else None
 
 

@@ -28,10 +28,10 @@ from tqdm.auto import tqdm
 
 from mnemo.bundle import MANIFEST_FILE, Manifest, read_manifest
 from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE, Calibration, calibrate_normal, is_anomalous
-from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, decode_for_model, open_image, preprocess
+from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, open_image, preprocess
 from mnemo.roi import ROI_FILE, fit_mask, mask_from_image
 from mnemo.service.backends import create_runner
-from mnemo.tiling import Tiling, prepare_tiles, working_pixels
+from mnemo.tiling import Tiling, decode_working, prepare_tiles
 
 DEFAULT_FALSE_ALARM_RATE = 0.01  # when the old threshold was not chosen by a false-alarm rate
 
@@ -80,14 +80,13 @@ def score_images(
 def score_tiled(runner, prep: Preprocessing, tiling: Tiling, path: Path, batch_size: int):
     """One image's (score, stitched heatmap), its tiles run ``batch_size`` at a time."""
     with open_image(path) as opened:
-        target = tiling.working_size(*opened.image.size)
         tiling.check(*opened.image.size)
-        tiles = prepare_tiles(
-            working_pixels(decode_for_model(opened, prep, target), target, prep.channels), prep, tiling
-        )
+        working = decode_working(opened, prep, tiling)
+    tiles = prepare_tiles(working, prep, tiling)
     parts = [runner.run(tiles[i : i + batch_size]) for i in range(0, len(tiles), batch_size)]
     scores = np.concatenate([score for score, _ in parts])
-    return tiling.merge(scores, np.concatenate([heat[:, 0] for _, heat in parts]), *target)
+    height, width = working.shape[:2]
+    return tiling.merge(scores, np.concatenate([heat[:, 0] for _, heat in parts]), width, height)
 
 
 def recalibrate(

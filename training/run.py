@@ -167,13 +167,16 @@ def judged_in_roi(
     return within_roi(scored, fit_mask(mask_from_image(roi, prep, tiling), scored.heatmaps.shape[1:]))
 
 
-def keep_roi(data: run_config.DataConfig, out: Path) -> Path | None:
-    """The run's ROI mask, checked and copied into the run directory (export reads it from there)."""
+def keep_roi(
+    data: run_config.DataConfig, out: Path, prep: Preprocessing, tiling: Tiling | None
+) -> Path | None:
+    """The run's ROI mask, checked on the run's own grid (a small ROI must survive the resize) and copied
+    into the run directory (export reads it from there)."""
     if not data.roi:
         return None
     source = Path(data.roi)
     try:
-        mask_from_image(source, Preprocessing())
+        mask_from_image(source, prep, tiling)
     except RoiError as exc:
         raise ValueError(f"data.roi {source}: {exc}") from None
     shutil.copyfile(source, out / ROI_FILE)
@@ -234,7 +237,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         torch.manual_seed(cfg.seed + world.rank)
     prep = preprocessing_of(model, cfg.data.resize)
     tiling = tiling_of(model, cfg.data)
-    roi = keep_roi(cfg.data, out) if world.is_main else None
+    roi = keep_roi(cfg.data, out, prep, tiling) if world.is_main else None
     splits = load_splits(cfg.data, prep, tiling)
     optim = run_config.resolve_optim(cfg.optim, model.config)
     cfg = dataclasses.replace(cfg, optim=optim)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from mnemo.imaging import DEFAULT_MAX_PIXELS, Preprocessing, resize_to
+from mnemo.imaging import DEFAULT_MAX_PIXELS, Preprocessing, normalise, resize_to
 from mnemo.tiling import Tiling, working_pixels
 from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset
 
@@ -73,10 +73,8 @@ class FrameDataset(SampleDataset):
         return frame
 
     def normalised(self, pixels: np.ndarray) -> np.ndarray:
-        """uint8 [h, w, C] → float32 [C, h, w] = (pixel/255 - mean) / std."""
-        std = np.asarray(self.prep.std, np.float32).reshape(-1, 1, 1)
-        mean = np.asarray(self.prep.mean, np.float32).reshape(-1, 1, 1)
-        return (np.transpose(pixels, (2, 0, 1)).astype(np.float32) / 255.0 - mean) / std
+        """uint8 [h, w, C] → float32 [C, h, w] in the model's normalisation (``mnemo.imaging.normalise``)."""
+        return normalise(pixels, self.prep.mean, self.prep.std)
 
     def _mask(self, index: int) -> np.ndarray:
         """[1, h, w] float32 0/1 at the working resolution (nearest)."""
