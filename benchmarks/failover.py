@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -25,14 +24,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from mnemo.benchmarks.serve import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "docker" / "haproxy" / "haproxy.cfg"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(url: str, timeout_s: float = 60.0) -> None:

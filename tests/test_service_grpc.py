@@ -21,21 +21,16 @@ from mnemo.service.oip_grpc import DESCRIPTOR_FILE, messages
 from tests.image_bytes import png_bytes
 from tests.service_helpers import (
     defect_image,
-    free_socket,
     make_settings,
     metric_value,
     running_server,
     smooth_images,
 )
 from tests.test_service_api import offline_scores, post_files
+from tests.test_service_cli import free_port
 
 pytest_plugins = ["tests.service_fixtures"]
 KEY = "grpc-secret"
-
-
-def free_port() -> int:
-    with free_socket() as sock:
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
