@@ -40,7 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mnemo.models.anomaly_synthesis import synthesize
+from mnemo.models.anomaly_synthesis import MATERIALS, check_materials, synthesize
 from mnemo.models.backbones import conv_block, deconv_block
 from mnemo.models.base import AnomalyModel, ModelConfig
 from mnemo.models.daad import DAADConfig, MemoryUNet, check_stages
@@ -73,6 +73,7 @@ class RestorationConfig(ModelConfig):
     score_maps: tuple[str, ...] = ("segment", "ssim")  # cues summed into the heatmap (SCORE_MAPS)
     standardize: bool = True  # z-score every cue per pixel position with training-image statistics
     synth_share: float = 0.5  # share of training images that get a synthetic anomaly
+    synth_materials: tuple[str, ...] = MATERIALS  # what synthetic blotches are made of (anomaly_synthesis)
     ssim_weight: float = 1.0  # λ_ssim in L_rec
     focal_gamma: float = 2.0
     score_pool: int = 5  # side of the local mean whose maximum is the image score (odd, pixels)
@@ -83,6 +84,7 @@ class RestorationConfig(ModelConfig):
             raise ValueError(
                 f"score_maps must be distinct names from {SCORE_MAPS}, got {list(self.score_maps)}"
             )
+        check_materials(self.synth_materials, "synth_materials")
         if self.score_pool < 1 or self.score_pool % 2 == 0:
             raise ValueError(f"score_pool must be a positive odd number of pixels, got {self.score_pool}")
 
@@ -166,7 +168,9 @@ class RestoringMemoryUNet(AnomalyModel):
         # Validation (eval mode) corrupts with a fixed seed, so epochs compare on the same anomalies and
         # early stopping weighs the head's segmentation as well as the restoration.
         rng = self._synthesis_rng() if self.training else torch.Generator().manual_seed(0)
-        corrupted, mask = synthesize(clean.detach().cpu(), rng, share=cfg.synth_share)
+        corrupted, mask = synthesize(
+            clean.detach().cpu(), rng, share=cfg.synth_share, materials=cfg.synth_materials
+        )
         x_in = (corrupted.to(x.device) - self.mean) / self.std
         x_hat = self.generator(x_in)
         ssim = 1 - self.ssim(self.pixels(x_hat), clean).mean()

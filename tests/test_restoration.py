@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from mnemo import models
-from mnemo.models.anomaly_synthesis import perlin_masks, polyline_masks, synthesize
+from mnemo.models.anomaly_synthesis import (
+    MATERIALS,
+    blotch_material,
+    fractal_noise,
+    perlin_masks,
+    polyline_masks,
+    rescaled,
+    synthesize,
+)
 from mnemo.models.structural import SSIMMap
 from tests.conftest import TINY_CONFIGS
 
@@ -30,16 +38,50 @@ def test_synthesis_is_deterministic_for_a_seed_and_differs_across_seeds():
     assert not torch.equal(a[0], c[0])
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_synthesis_masks_mark_exactly_the_changed_pixels(seed):
-    x = _good_batch(8, 48, seed)
-    out, mask = synthesize(x, torch.Generator().manual_seed(seed), share=1.0, min_change=0.02)
+@pytest.mark.parametrize(
+    ("seed", "materials", "channels"),
+    [(s, MATERIALS, 1) for s in range(5)] + [(5, (m,), 3) for m in MATERIALS],
+)
+def test_synthesis_masks_mark_exactly_the_changed_pixels(seed, materials, channels):
+    x = _good_batch(8, 48, seed).expand(8, channels, 48, 48)
+    gen = torch.Generator().manual_seed(seed)
+    out, mask = synthesize(x, gen, share=1.0, min_change=0.02, materials=materials)
     change = (out - x).abs().amax(dim=1, keepdim=True)
     assert mask.shape == (8, 1, 48, 48) and set(mask.unique().tolist()) <= {0.0, 1.0}
     assert (change[mask == 1] >= 0.02).all()
     assert (change[mask == 0] < 0.02).all()
     assert mask.sum() > 0, "share=1 must corrupt something"
     assert out.min() >= 0 and out.max() <= 1
+
+
+def test_rescaled_material_is_the_surface_at_another_scale():
+    ramp = torch.linspace(0, 1, 32).view(1, 1, 1, 32).expand(64, 1, 32, 32).contiguous()
+    out = rescaled(ramp, torch.Generator().manual_seed(0))
+    slopes = out.diff(dim=-1).abs().mean(dim=(1, 2, 3)) / ramp.diff(dim=-1).mean()
+    zoomed_in, zoomed_out = slopes < 0.75, slopes > 1.5  # half the slope, or twice it (mirrored halves)
+    assert out.shape == ramp.shape and (zoomed_in | zoomed_out).all()
+    assert zoomed_in.any() and zoomed_out.any()
+
+
+def test_noise_material_is_foreign_matter_in_range_and_seeded():
+    a = fractal_noise(4, 3, 32, torch.Generator().manual_seed(1))
+    b = fractal_noise(4, 3, 32, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, b)
+    assert a.shape == (4, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert (a.std(dim=(1, 2, 3)) > 0).all()
+    torch.testing.assert_close(a[:, 0], a[:, 2])  # grey matter on every channel
+
+
+def test_blotch_material_draws_each_named_material_and_refuses_unknown_names():
+    other = _good_batch(32, 32)
+    out = blotch_material(other, torch.Generator().manual_seed(0), ("image", "noise"))
+    same = (out == other).flatten(1).all(dim=1)
+    assert same.any() and (~same).any()
+    assert torch.equal(blotch_material(other, torch.Generator(), ("image",)), other)
+    with pytest.raises(ValueError, match="materials must be names from"):
+        blotch_material(other, torch.Generator(), ("dtd",))
+    with pytest.raises(ValueError, match="synth_materials"):
+        models.make_config("restore", synth_materials=("dtd",))
 
 
 def test_share_zero_leaves_the_batch_untouched():
