@@ -182,7 +182,6 @@ def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
-    from mnemo import models
     from mnemo.training import config as run_cfg
     from mnemo.training.run import train_run
 
@@ -201,10 +200,7 @@ def run_cell(
         "patience": patience,
         "model_config": cfg.model_config,
         # every field, defaults included: a later change of a default must not pass for the same cell
-        "resolved_model_config": {
-            k: list(v) if isinstance(v, tuple) else v  # as JSON will hold it
-            for k, v in dataclasses.asdict(models.make_config(cell.model, **cfg.model_config)).items()
-        },
+        "resolved_model_config": report["model_config"],
         "auroc": image["auroc"],
         "auprc": image["auprc"],
         "f1": image["f1"],

@@ -11,6 +11,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnemo import models
@@ -160,6 +161,10 @@ def test_train_writes_a_complete_run_directory(trained_run):
         assert (run / name).is_file(), name
     report = json.loads((run / "report.json").read_text())
     assert report["epochs"] == 2 and report["data"]["counts"]["test_anomalous"] == 15
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    resolved = report["model_config"]  # every field, also those config.yaml leaves to the defaults
+    assert set(config["model_config"]) < set(resolved)
+    assert all(resolved[k] == v for k, v in config["model_config"].items())
     image = report["test"]["image"]
     assert 0 <= image["auroc"] <= 1 and 0 <= image["auprc"] <= 1 and 0 <= image["f1"] <= 1
     assert 0 <= report["test"]["pixel"]["pro"] <= 1
