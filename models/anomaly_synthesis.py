@@ -123,12 +123,13 @@ def blotch_material(
     check_materials(materials)
     batch, channels, size, _ = other.shape
     choice = torch.randint(0, len(materials), (batch, 1, 1, 1), generator=generator)
-    made = {"image": lambda: other, "rescaled": lambda: rescaled(other, generator)}
-    made["noise"] = lambda: fractal_noise(batch, channels, size, generator)
     out = other
     for i, name in enumerate(materials):
-        out = torch.where(choice == i, made[name](), out)
-    return out
+        if name == "rescaled":
+            out = torch.where(choice == i, rescaled(other, generator), out)
+        elif name == "noise":
+            out = torch.where(choice == i, fractal_noise(batch, channels, size, generator), out)
+    return out  # ``image`` keeps ``other`` where it was chosen
 
 
 def _pick(batch: int, generator: torch.Generator, p: float) -> torch.Tensor:

@@ -289,7 +289,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "best_val_loss": state.best_val,
         "device": str(device),
         # every field, defaults included: config.yaml holds only what was set, and a default may change
-        "model_config": resolved_model_config(model),
+        "model_config": dataclasses.asdict(model.config),
     }
     if test is not None:
         report["test"] = evaluation_report(test, calibration)
@@ -299,11 +299,6 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     distributed.barrier()  # (a world of one: nothing) the group ends on every rank at once
     distributed.finish()
     return out
-
-
-def resolved_model_config(model: AnomalyModel) -> dict[str, Any]:
-    """The model's whole configuration as JSON holds it (tuples as lists)."""
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(model.config).items()}
 
 
 def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
