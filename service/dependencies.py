@@ -72,22 +72,32 @@ async def loaded_model(name: str, store: StoreDep) -> LoadedModel:
 ModelDep = Annotated[LoadedModel, Depends(loaded_model)]
 
 
+def api_key_guard(settings: Settings) -> Callable[[str | None], None]:
+    """``guard(key)`` raises the 401 unless ``key`` is the configured API key (compared in constant time)."""
+    if settings.api_key is None:
+        raise ValueError("no API key is configured")
+    expected = settings.api_key.get_secret_value().encode()
+
+    def guard(key: str | None) -> None:
+        if not (key and secrets.compare_digest(key.encode(), expected)):
+            raise ApiError(
+                401, "unauthorized", f"missing or wrong API key in the {settings.api_key_header} header"
+            )
+
+    return guard
+
+
 def api_key_check(settings: Settings) -> Callable[..., Awaitable[None]]:
     """A dependency enforcing the configured API key (``create_app`` adds it only when a key is set, so
     the OpenAPI document declares the security scheme exactly when the server enforces it).
 
     Built from the settings rather than injected: the header's name must be known when routes are added.
     """
-    if settings.api_key is None:
-        raise ValueError("no API key is configured")
+    guard = api_key_guard(settings)
     header = APIKeyHeader(name=settings.api_key_header, auto_error=False)
-    expected = settings.api_key.get_secret_value().encode()
 
     async def check(key: str | None = Depends(header)) -> None:  # not Annotated: `header` is a local
-        if not (key and secrets.compare_digest(key.encode(), expected)):
-            raise ApiError(
-                401, "unauthorized", f"missing or wrong API key in the {settings.api_key_header} header"
-            )
+        guard(key)
 
     return check
 

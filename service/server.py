@@ -30,6 +30,7 @@ from typing import Any, ClassVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from mnemo.service.score_shortcut import ScoreShortcut
 from mnemo.service.settings import Settings
 
 
@@ -198,9 +199,10 @@ def guarded_protocol(settings: Settings, on_refuse: Callable[[str], None] | None
     )
 
 
-def server_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Config:
+def server_config(settings: Settings, app: Any, *, shortcut: bool = True, **overrides: Any) -> uvicorn.Config:
     """The ``uvicorn.Config`` for ``app`` under ``settings``: address, log level, the guarded protocol,
-    keep-alive and graceful-shutdown timeouts. ``overrides`` go to ``uvicorn.Config`` as they are."""
+    keep-alive and graceful-shutdown timeouts; a Mnemo app is served through its ``ScoreShortcut`` unless
+    ``shortcut=False`` (the tests compare the two). ``overrides`` go to ``uvicorn.Config`` as they are."""
     metrics = getattr(getattr(app, "state", None), "metrics", None)
     on_refuse = (lambda code: metrics.errors.labels(code).inc()) if metrics is not None else None
     options: dict[str, Any] = dict(
@@ -211,4 +213,6 @@ def server_config(settings: Settings, app: Any, **overrides: Any) -> uvicorn.Con
         timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
+    if shortcut and metrics is not None:
+        app = ScoreShortcut(app)
     return uvicorn.Config(app, **{**options, **overrides})

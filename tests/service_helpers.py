@@ -89,14 +89,20 @@ def free_socket() -> socket.socket:
 
 @contextlib.contextmanager
 def running_server(
-    settings: Settings, app: FastAPI | None = None, timeout_s: float = 20.0, ready: bool = True
+    settings: Settings,
+    app: FastAPI | None = None,
+    timeout_s: float = 20.0,
+    ready: bool = True,
+    shortcut: bool = True,
 ) -> Iterator[str]:
     """Serve ``app`` (default ``create_app(settings)``) with uvicorn, configured as ``mnemo serve`` does
-    it (``server_config``: the guarded protocol and its limits), on an ephemeral loopback port until it is
-    ready (``ready=False``: until its start-up load has finished, ready or not); yields the base URL."""
+    it (``server_config``: the guarded protocol and its limits, the score shortcut unless ``shortcut`` is
+    False), on an ephemeral loopback port until it is ready (``ready=False``: until its start-up load has
+    finished, ready or not); yields the base URL."""
     app = app or create_app(settings)
     sock = free_socket()
-    server = uvicorn.Server(server_config(settings, app, log_level="warning", lifespan="on"))
+    config = server_config(settings, app, shortcut=shortcut, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"

@@ -154,9 +154,8 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
         assert [p["concurrency"] for p in r["points"]] == [1, 2]
         for p in r["points"]:
             assert p["errors"] == 0 and 0 < p["ok"] <= 12
-            assert p["ratio_vs_raw"] == pytest.approx(
-                p["images_per_s"] / b["raw"]["best_images_per_s"], abs=1e-3
-            )
+            assert p["raw_images_per_s"] > 0  # re-timed beside the point, not the sweep's figure
+            assert p["ratio_vs_raw"] == pytest.approx(p["images_per_s"] / p["raw_images_per_s"], abs=1e-3)
             assert p["p50_ms"] <= p["p99_ms"] and p["server_cpu_ms_per_image"] > 0
             assert 1 <= p["mean_batch_size"] <= (1 if mode == "batch1" else 4)
     assert b["service"]["batch1"]["max_batch_size"] == 1
