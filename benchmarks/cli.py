@@ -137,8 +137,9 @@ def _serve(sub) -> None:
         "with dynamic batching, once with --max-batch-size 1 (one PNG per request each), once with dynamic "
         "batching and --burst PNGs per request, and with --spinning once more with MNEMO_ORT_SPINNING=1; "
         "each loaded by an asyncio closed-loop generator at each concurrency (bounded by --requests and "
-        "--duration). Reports images/s, "
-        "p50/p95/p99 latency, service ÷ raw, cold start to ready and the server's resident memory. Writes "
+        "--duration). Reports images/s, p50/p95/p99 latency, service ÷ raw (raw re-timed at the sweep's "
+        "best two batch sizes right before and after each point, so the two are side by side), server CPU "
+        "per image, mean batch size, cold start to ready and the server's resident memory. Writes "
         "serve.json and serve.md. Bundles it exports itself are untrained: speed does not depend on the "
         "weights.",
     )
