@@ -168,6 +168,21 @@ def threshold_for_false_alarm_rate(normal_scores: np.ndarray, rate: float) -> fl
     return float(np.sort(scores)[k - 1])
 
 
+def too_few_for_rate(n: int, rate: float) -> str | None:
+    """A warning when ``n`` good images cannot resolve the false-alarm ``rate`` (n·rate < 1), else None.
+
+    Then ``threshold_for_false_alarm_rate`` is their largest score, and by exchangeability a new good
+    image scores above the largest of ``n`` with probability 1/(n+1): that, not ``rate``, is the false-alarm
+    rate to expect (a small training folder keeps only a few images for calibration)."""
+    if rate <= 0.0 or n * rate >= 1.0:
+        return None
+    return (
+        f"the threshold was calibrated on {n} good image{'s' if n != 1 else ''}, too few for a false-alarm "
+        f"rate of {rate:g} (that needs {math.ceil(1 / rate)}): it is their largest score, so expect about "
+        f"{1 / (n + 1):.0%} of new good images to be flagged; calibrate on more good images"
+    )
+
+
 def normal_quantiles(normal_scores: np.ndarray, n_points: int = N_QUANTILES) -> np.ndarray:
     """Sorted scores when there are at most ``n_points`` of them, else quantiles at i/(n_points-1)."""
     scores = np.sort(_clean(normal_scores))

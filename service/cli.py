@@ -136,6 +136,7 @@ def _recalibrate(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_recalibrate(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from mnemo.cli import print_json
@@ -148,6 +149,8 @@ def run_recalibrate(args: argparse.Namespace) -> int:
         version=args.version, backend=args.backend, device=args.device, progress=not args.no_progress,
     )  # fmt: skip
     print_json(report)
+    if report["warning"]:
+        print(f"warning: {report['warning']}", file=sys.stderr)
     return 0
 
 

@@ -27,7 +27,13 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from mnemo.bundle import MANIFEST_FILE, Manifest, read_manifest
-from mnemo.calibration import DEFAULT_PIXEL_FALSE_ALARM_RATE, Calibration, calibrate_normal, is_anomalous
+from mnemo.calibration import (
+    DEFAULT_PIXEL_FALSE_ALARM_RATE,
+    Calibration,
+    calibrate_normal,
+    is_anomalous,
+    too_few_for_rate,
+)
 from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, open_image, preprocess
 from mnemo.roi import ROI_FILE, fit_mask, mask_from_image
 from mnemo.service.backends import create_runner
@@ -137,6 +143,7 @@ def recalibrate(
         "pixel_false_alarm_rate": pixel_false_alarm_rate,
         "pixel_threshold": {"old": old.pixel.threshold if old.pixel else None, "new": new.pixel.threshold},
         "roi": roi_source is not None,
+        "warning": too_few_for_rate(new.n, false_alarm_rate),
     }
     roi_bytes = roi_source.read_bytes() if roi_source is not None else None
     files = dict(manifest.files)

@@ -15,6 +15,7 @@ from mnemo.calibration import (
     normal_quantiles,
     p_value,
     threshold_for_false_alarm_rate,
+    too_few_for_rate,
 )
 from mnemo.training.calibration import calibrate
 
@@ -35,6 +36,19 @@ def test_threshold_rule_on_small_cases():
     assert threshold_for_false_alarm_rate([5.0, 5.0, 5.0, 1.0], 0.25) == 5.0  # ties at t are not flagged
     with pytest.raises(ValueError, match="no normal scores"):
         threshold_for_false_alarm_rate([], 0.01)
+
+
+def test_too_few_good_images_for_the_rate_are_warned_about_with_the_rate_to_expect():
+    assert too_few_for_rate(100, 0.01) is None and too_few_for_rate(10, 0.1) is None
+    assert too_few_for_rate(5, 0.0) is None  # rate 0 asks for the maximum anyway
+    warning = too_few_for_rate(4, 0.01)
+    assert "4 good images" in warning and "needs 100" in warning and "20%" in warning
+    # what it promises: with 4 calibration images the threshold is their maximum, and a fifth good image
+    # from the same distribution lands above it one time in five (not one in a hundred)
+    rng = np.random.default_rng(0)
+    trials = rng.normal(size=(20_000, 5))
+    flagged = [is_anomalous(t[4], threshold_for_false_alarm_rate(t[:4], 0.01)) for t in trials]
+    assert np.mean(flagged) == pytest.approx(1 / 5, abs=0.01)
 
 
 def test_p_values_exact_by_hand():

@@ -58,6 +58,7 @@ def test_recalibrate_moves_the_threshold_and_a_reload_serves_it(bundle_dir, tmp_
         assert report["threshold"]["new"] == pytest.approx(expected.threshold, abs=1e-4)
         assert report["pixel_threshold"]["new"] == pytest.approx(expected.pixel.threshold, abs=1e-4)
         assert report["old_threshold_flags"] == pytest.approx(np.mean(is_anomalous(scores, old.threshold)))
+        assert report["warning"] is None and "warning" not in done.stderr  # 30 images resolve 5 %
 
         after = read_manifest(bundle)  # checksums verified: the model files are untouched
         assert after.version == "2" and after.files == before.files
@@ -99,3 +100,14 @@ def test_recalibrate_to_a_new_directory_leaves_the_bundle_alone(bundle_dir, tmp_
     assert done.returncode == 0, done.stderr
     assert read_manifest(out).version == "v2" and read_manifest(out).calibration["target"] == 0.1
     assert read_manifest(bundle_dir / "gray").version != "v2"
+
+
+def test_recalibrate_warns_when_its_images_cannot_resolve_the_rate(
+    bundle_dir, tmp_path, brighter_good_images
+):
+    args = ("--out", str(tmp_path / "strict"), "--false-alarm-rate", "0.001", "--no-progress")
+    done = mnemo("recalibrate", str(bundle_dir / "gray"), "--data", str(brighter_good_images), *args)
+    assert done.returncode == 0, done.stderr
+    warning = json.loads(done.stdout)["warning"]
+    assert "30 good images" in warning and "needs 1000" in warning and "3%" in warning  # 1/31
+    assert f"warning: {warning}" in done.stderr

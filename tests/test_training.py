@@ -172,6 +172,7 @@ def test_train_writes_a_complete_run_directory(trained_run):
         assert (run / "plots" / plot).stat().st_size > 1000
     calibration = json.loads((run / "calibration.json").read_text())
     assert calibration["method"] == "false_alarm_rate" and calibration["n"] == 4  # 10 % of 40 held out
+    assert "calibrated on 4 good images" in report["calibration_warning"]  # 4 cannot resolve 1 %
 
 
 def test_exported_bundle_scores_like_pytorch_in_onnxruntime_without_torch(trained_run):

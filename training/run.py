@@ -20,6 +20,7 @@ import dataclasses
 import datetime as dt
 import json
 import shutil
+import sys
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from mnemo import models
 from mnemo.bundle import TORCHSCRIPT_FILE, Manifest, read_manifest
-from mnemo.calibration import Calibration, is_anomalous
+from mnemo.calibration import Calibration, is_anomalous, too_few_for_rate
 from mnemo.imaging import Preprocessing
 from mnemo.models.base import AnomalyModel
 from mnemo.roi import ROI_FILE, RoiError, fit_mask, mask_from_image
@@ -277,6 +278,8 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         pixel_false_alarm_rate=cfg.pixel_false_alarm_rate,
     )
     write_json(out / CALIBRATION_FILE, calibration.to_dict())
+    if warning := too_few_for_rate(calibration.n, cfg.false_alarm_rate):
+        print(f"warning: {warning} (more training images, or a larger data.val_fraction)", file=sys.stderr)
     report = {
         "model": cfg.model,
         "data": splits.summary,
@@ -290,6 +293,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "device": str(device),
         # every field, defaults included: config.yaml holds only what was set, and a default may change
         "model_config": dataclasses.asdict(model.config),
+        "calibration_warning": warning,
     }
     if test is not None:
         report["test"] = evaluation_report(test, calibration)
