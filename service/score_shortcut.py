@@ -13,9 +13,9 @@ the route. ``server_config`` serves every app through it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from starlette.types import Receive, Scope, Send
 
 from mnemo.service.body_limit import BodyLimitMiddleware
@@ -60,7 +60,7 @@ class ScoreShortcut:
             return
         await response(scope, receive, send)
 
-    def _handler(self, exc: Exception):
+    def _handler(self, exc: Exception) -> Callable[[Request, Exception], Awaitable[Response]]:
         """The app's handler for ``exc``: the most specific registered class, as Starlette looks it up."""
         handlers = self.app.exception_handlers
         return next(handlers[kind] for kind in type(exc).__mro__ if kind in handlers)
