@@ -135,7 +135,8 @@ def _serve(sub) -> None:
         description="For each bundle: raw ONNX Runtime throughput in-process (best batch size, and the "
         "single-image latency); then a real `mnemo serve` subprocess on 127.0.0.1 (random port), once "
         "with dynamic batching, once with --max-batch-size 1 (one PNG per request each), once with dynamic "
-        "batching and --burst PNGs per request, and with --spinning once more with MNEMO_ORT_SPINNING=1; "
+        "batching and --burst PNGs per request, with --spinning once more with MNEMO_ORT_SPINNING=1, and "
+        "with --no-keep-alive once more on a fresh connection per request; "
         "each loaded by an asyncio closed-loop generator at each concurrency (bounded by --requests and "
         "--duration). Reports images/s, p50/p95/p99 latency, service ÷ raw (raw re-timed at the sweep's "
         "best two batch sizes right before and after each point, so the two are side by side), server CPU "
@@ -191,6 +192,12 @@ def _serve(sub) -> None:
         action="store_true",
         help="add a 'dynamic spin' mode: dynamic batching with MNEMO_ORT_SPINNING=1 (idle ONNX Runtime "
         "threads spin, as the raw measurement's do)",
+    )
+    p.add_argument(
+        "--no-keep-alive",
+        action="store_true",
+        help="add a 'dynamic close' mode: dynamic batching, every request on a fresh TCP connection closed "
+        "after its answer (Connection: close), as a camera that connects per frame sends them",
     )
     p.add_argument(
         "--work", default="runs/bench-serve", help="where exported bundles go (default runs/bench-serve)"
@@ -258,6 +265,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raw_seconds=args.raw_seconds,
         burst=args.burst,
         spinning=args.spinning,
+        no_keep_alive=args.no_keep_alive,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
     return 0

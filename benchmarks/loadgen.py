@@ -1,6 +1,6 @@
-"""A closed-loop HTTP load generator: ``concurrency`` workers, each on its own keep-alive connection,
-sending its next request as soon as the previous one answers, until ``requests`` were sent or ``duration``
-seconds passed.
+"""A closed-loop HTTP load generator: ``concurrency`` workers, each on its own keep-alive connection (or a
+fresh connection per request), sending its next request as soon as the previous one answers, until
+``requests`` were sent or ``duration`` seconds passed.
 
 The client speaks just enough HTTP/1.1 over asyncio streams to resend one prebuilt request and read a
 ``Content-Length`` response, as ``wrk`` does. A general client costs far more: with httpx the generator
@@ -58,13 +58,13 @@ def image_body(png: bytes, count: int) -> tuple[bytes, str]:
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def post_request(url: str, body: bytes, content_type: str) -> bytes:
-    """The bytes of one keep-alive POST, built once and resent by every worker."""
+def post_request(url: str, body: bytes, content_type: str, keep_alive: bool = True) -> bytes:
+    """The bytes of one POST (keep-alive, or ``Connection: close``), built once and resent by every worker."""
     parts = urlsplit(url)
     target = parts.path + (f"?{parts.query}" if parts.query else "")
     head = (
         f"POST {target} HTTP/1.1\r\nHost: {parts.netloc}\r\nContent-Type: {content_type}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: keep-alive\r\n\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
     )
     return head.encode("ascii") + body
 
@@ -80,7 +80,8 @@ class Connection:
         parts = urlsplit(url)
         return cls(*await asyncio.open_connection(parts.hostname, parts.port or 80))
 
-    async def send(self, request: bytes) -> tuple[int, bytes]:
+    async def send(self, request: bytes, closing: bool = False) -> tuple[int, bytes]:
+        """Status and body of the answer; ``closing``: the request asked the server to close after it."""
         self.writer.write(request)
         head = await self.reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
@@ -91,7 +92,7 @@ class Connection:
         if "content-length" not in headers:
             raise ConnectionError(f"response without Content-Length (status {status})")
         body = await self.reader.readexactly(int(headers["content-length"]))
-        if headers.get("connection", "").lower() == "close":
+        if headers.get("connection", "").lower() == "close" and not closing:
             raise ConnectionError(f"server closed the connection (status {status})")
         return status, body
 
@@ -114,14 +115,20 @@ async def run_load(
     requests: int = 4000,
     images_per_request: int = 1,
     probe: Callable[[], tuple[float, float, float]] | None = None,
+    keep_alive: bool = True,
 ) -> LoadResult:
     """POST ``png`` (``images_per_request`` copies per request) to ``url`` under closed-loop load.
     ``probe()`` → (server CPU seconds, batch-size sum, batch count), read after the warm-up and at the end,
-    makes the result explain itself: the server's CPU per image and its mean batch size."""
-    request = post_request(url, *image_body(png, images_per_request))
+    makes the result explain itself: the server's CPU per image and its mean batch size. ``keep_alive``
+    False: every request on a fresh connection, closed after its answer (as a camera posting one frame per
+    connection does), so connection set-up and teardown are part of what is measured."""
+    request = post_request(url, *image_body(png, images_per_request), keep_alive=keep_alive)
     connections = [await Connection.open(url) for _ in range(concurrency)]
     for i in range(WARMUP_REQUESTS):
-        await connections[i % concurrency].send(request)
+        await connections[i % concurrency].send(request, closing=not keep_alive)
+        if not keep_alive:
+            connections[i % concurrency].close()
+            connections[i % concurrency] = await Connection.open(url)
     latencies: list[float] = []
     server_ms: list[float] = []
     errors = sent = 0
@@ -135,7 +142,10 @@ async def run_load(
             sent += 1
             t = time.perf_counter()
             try:
-                status, body = await connections[i].send(request)
+                if not keep_alive:  # the connection is part of the request: timed with it
+                    connections[i].close()
+                    connections[i] = await Connection.open(url)
+                status, body = await connections[i].send(request, closing=not keep_alive)
             except (OSError, ValueError, asyncio.IncompleteReadError):
                 errors += 1  # a broken connection: count it, then carry on with a new one
                 connections[i].close()

@@ -6,7 +6,9 @@ subprocess with dynamic batching; (3) the same with ``--max-batch-size 1``; (4) 
 each request carrying ``burst`` images (a multipart upload, as a camera sending a burst would). (2) and (3)
 send one PNG per request, with the service's default ONNX Runtime settings (threads and spinning chosen
 by the model's cost, ``service/backends.py``); with ``--spinning``, (5) dynamic batching with
-``MNEMO_ORT_SPINNING=1``, the threads spinning whatever the model.
+``MNEMO_ORT_SPINNING=1``, the threads spinning whatever the model; with ``--no-keep-alive``, (6) dynamic
+batching with every request on a fresh connection (``Connection: close``), as a camera that connects per
+frame would send them.
 Headline: service images/s ÷ raw images/s at the best batch size, the raw figure re-timed (at the sweep's
 best two sizes) right before and after each service point (their mean), so the ratio is side by side on a
 machine whose speed drifts.
@@ -246,6 +248,7 @@ def service_mode(
     images_per_request: int = 1,
     spinning: bool = False,
     raw_beside: Callable[[], float] | None = None,
+    keep_alive: bool = True,
     **load,
 ) -> dict[str, Any]:
     """Every concurrency point against one server; ``raw_beside()`` (raw images/s now), timed before the
@@ -265,7 +268,15 @@ def service_mode(
         points = []
         for c in concurrency:
             point = asyncio.run(
-                run_load(url, png, c, images_per_request=images_per_request, probe=probe, **load)
+                run_load(
+                    url,
+                    png,
+                    c,
+                    images_per_request=images_per_request,
+                    probe=probe,
+                    keep_alive=keep_alive,
+                    **load,
+                )
             )
             points.append(point.to_dict())
             if raw_beside:
@@ -276,6 +287,7 @@ def service_mode(
             "images_per_request": images_per_request,
             "max_wait_ms": max_wait_ms,
             "ort_spinning": True if spinning else "auto",
+            "keep_alive": keep_alive,
             "cold_start_s": round(cold, 2),
             "memory_after_load_mb": idle,
             "memory_after_run_mb": server.memory_mb(),
@@ -300,14 +312,25 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
     raw_beside = partial(runtime.best_of, raw["leading_batches"], settings["raw_seconds"])
     modes = {}
     batch = settings["max_batch_size"]
-    plan = [("dynamic", batch, 1, False), ("batch1", 1, 1, False)]
+    plan = [("dynamic", batch, 1, False, True), ("batch1", 1, 1, False, True)]
     if settings["burst"] > 1:
-        plan.append((f"dynamic x{settings['burst']}", batch, settings["burst"], False))
+        plan.append((f"dynamic x{settings['burst']}", batch, settings["burst"], False, True))
     if settings["spinning"]:
-        plan.append(("dynamic spin", batch, 1, True))
-    for mode, size, images, spin in plan:
+        plan.append(("dynamic spin", batch, 1, True, True))
+    if settings["no_keep_alive"]:
+        plan.append(("dynamic close", batch, 1, False, False))
+    for mode, size, images, spin, keep_alive in plan:
         modes[mode] = service_mode(
-            bundle, png, size, settings["max_wait_ms"], concurrency, images, spin, raw_beside, **load
+            bundle,
+            png,
+            size,
+            settings["max_wait_ms"],
+            concurrency,
+            images,
+            spin,
+            raw_beside,
+            keep_alive,
+            **load,
         )
         for p in modes[mode]["points"]:
             p["ratio_vs_raw"] = round(p["images_per_s"] / p["raw_images_per_s"], 3)
@@ -338,10 +361,11 @@ def run(
     raw_seconds: float = 1.5,
     burst: int = 16,
     spinning: bool = False,
+    no_keep_alive: bool = False,
 ) -> dict[str, Any]:
     settings = dict(
         duration=duration, requests=requests, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-        raw_seconds=raw_seconds, burst=burst, spinning=spinning,
+        raw_seconds=raw_seconds, burst=burst, spinning=spinning, no_keep_alive=no_keep_alive,
     )  # fmt: skip
     report = {
         "machine": machine(),

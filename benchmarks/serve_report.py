@@ -19,6 +19,7 @@ def render(report: dict[str, Any]) -> str:
         f"`{report['commit']}`. GPU: {report['gpu']}. One PNG per request at the model's input size "
         f"(mode `dynamic x{s.get('burst', 1)}`: that many PNGs per multipart request"
         + ("; mode `dynamic spin`: dynamic batching with `MNEMO_ORT_SPINNING=1`" if s.get("spinning") else "")
+        + ("; mode `dynamic close`: a fresh connection per request" if s.get("no_keep_alive") else "")
         + "); "
         f"{s['duration']} s or {s['requests']} requests per point; dynamic batching = max batch "
         f"{s['max_batch_size']}, max wait {s['max_wait_ms']} ms. Ratio = service images/s ÷ raw ONNX Runtime "

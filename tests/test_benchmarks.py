@@ -141,13 +141,14 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     bundle = export_tiny_bundle(tmp_path / "bundles", "tiny")
     report = serve.run(
         [str(bundle)], tmp_path / "work", tmp_path / "results", concurrency=[1, 2], duration=0.5,
-        requests=12, max_batch_size=4, raw_seconds=0.05, burst=3, spinning=True,
+        requests=12, max_batch_size=4, raw_seconds=0.05, burst=3, spinning=True, no_keep_alive=True,
     )  # fmt: skip
     (b,) = report["bundles"]
     assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
-    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3", "dynamic spin"]
+    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3", "dynamic spin", "dynamic close"]
     assert b["service"]["dynamic x3"]["images_per_request"] == 3
-    assert [m["ort_spinning"] for m in b["service"].values()] == ["auto", "auto", "auto", True]
+    assert [m["ort_spinning"] for m in b["service"].values()] == ["auto", "auto", "auto", True, "auto"]
+    assert [m["keep_alive"] for m in b["service"].values()] == [True] * 4 + [False]
     for mode in b["service"]:
         r = b["service"][mode]
         assert r["cold_start_s"] > 0 and r["memory_after_load_mb"]["rss_mb"] > 10
@@ -180,6 +181,41 @@ def test_load_generator_counts_refusals_and_keeps_its_connections(tmp_path):
     assert (refused.requests, refused.ok, refused.errors, refused.p50_ms) == (10, 0, 10, None)
     assert (served.requests, served.ok, served.errors) == (10, 10, 0)
     assert served.server_p50_ms > 0 and served.p50_ms >= served.server_p50_ms
+
+
+@pytest.mark.parametrize("keep_alive", [True, False])
+def test_load_generator_reuses_or_renews_its_connections(keep_alive):
+    """Keep-alive: one connection per worker for the whole run; without: one per request (warm-up too)."""
+    from mnemo.benchmarks.loadgen import WARMUP_REQUESTS, run_load
+
+    accepted, answer = [], b'{"timings_ms": {"total_ms": 1.0}}'
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(1)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            closing = b"connection: close" in head.lower()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n"
+                % (len(answer), b"connection: close\r\n" * closing)
+                + answer
+            )
+            await writer.drain()
+            if closing:
+                writer.close()
+                return
+
+    async def scenario():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await run_load(f"http://127.0.0.1:{port}/x", b"png", 2, requests=10, keep_alive=keep_alive)
+
+    result = asyncio.run(scenario())
+    assert (result.requests, result.ok, result.errors) == (10, 10, 0)
+    assert len(accepted) == (2 if keep_alive else 2 + WARMUP_REQUESTS + 10)
 
 
 @pytest.mark.parametrize("spinning", [False, True])
