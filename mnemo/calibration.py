@@ -176,10 +176,11 @@ def too_few_for_rate(n: int, rate: float) -> str | None:
     rate to expect (a small training folder keeps only a few images for calibration)."""
     if rate <= 0.0 or n * rate >= 1.0:
         return None
+    images, largest = ("1 good image", "its score") if n == 1 else (f"{n} good images", "their largest score")
     return (
-        f"the threshold was calibrated on {n} good image{'s' if n != 1 else ''}, too few for a false-alarm "
-        f"rate of {rate:g} (that needs {math.ceil(1 / rate)}): it is their largest score, so expect about "
-        f"{1 / (n + 1):.0%} of new good images to be flagged; calibrate on more good images"
+        f"the threshold was calibrated on {images}, too few for a false-alarm rate of {rate:g} (that needs "
+        f"{math.ceil(1 / rate)}): it is {largest}, so expect about {1 / (n + 1):.0%} of new good images to "
+        "be flagged; calibrate on more good images"
     )
 
 

@@ -279,7 +279,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     )
     write_json(out / CALIBRATION_FILE, calibration.to_dict())
     if warning := too_few_for_rate(calibration.n, cfg.false_alarm_rate):
-        print(f"warning: {warning} (more training images, or a larger data.val_fraction)", file=sys.stderr)
+        print(f"warning: {warning} (add training images or raise data.val_fraction)", file=sys.stderr)
     report = {
         "model": cfg.model,
         "data": splits.summary,
