@@ -4,10 +4,10 @@ Through FastAPI such a request passes seven ASGI layers (server errors, telemetr
 exception handlers, an exit stack, the router's match against every route) before ``routes.score`` runs,
 and its answer goes back through a ``send`` wrapper per layer: 0.18 of the event loop's 0.87 ms per
 request (brick bundle, c=8 and 32, event-loop thread CPU; issue 17). ``ScoreShortcut`` sits outside the
-app and hands exactly these requests to the same ``routes.score``, behind the same body limit, API key
-check and exception handlers, so the answer is the app's byte for byte; every other request (another
-method on the same path included) goes through the app unchanged, and the OpenAPI document still lists
-the route. ``server_config`` serves every app through it.
+app and hands exactly these requests to the same ``routes.score``, behind the app's own middleware (the
+body limit), the same API key check and the app's exception handlers, so the answer is the app's byte for
+byte; every other request (another method on the same path included) goes through the app unchanged, and
+the OpenAPI document still lists the route. ``server_config`` serves every app through it.
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import re
 from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mnemo.service.body_limit import BodyLimitMiddleware
 from mnemo.service.dependencies import api_key_guard
 from mnemo.service.routes import ModelNameConvertor, score
 
@@ -34,8 +33,9 @@ class ScoreShortcut:
         self.guard: Callable[[str | None], None] | None = None
         if settings.api_key is not None:
             self.guard, self.key_header = api_key_guard(settings), settings.api_key_header
-        too_large = app.state.metrics.errors.labels("payload_too_large")
-        self.limited = BodyLimitMiddleware(self._score, settings.max_upload_bytes, on_reject=too_large.inc)
+        self.limited: ASGIApp = self._score  # inside the app's own middleware (the body limit), as built
+        for cls, args, kwargs in reversed(app.user_middleware):
+            self.limited = cls(self.limited, *args, **kwargs)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "POST" and not scope.get("root_path"):
