@@ -35,7 +35,16 @@ TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anom
 # Real defects (issue "real defects"): MVTec-layout folders under --data, each model trained with its
 # shipped recipe (training/recipes/) under the same time budget, as `mnemo train --recipe R --max-minutes`.
 REAL_DATASETS = {"elpv-mono": "elpv-mono"}  # name -> subfolder of --data
-REAL_RECIPES = {"restore": "restore", "ae": "ae-cpu", "memae": "memae-cpu", "daad": "daad-cpu"}
+REAL_RECIPES = {  # model -> its shipped CPU recipe (training/recipes/): every architecture has one
+    "restore": "restore",
+    "ae": "ae-cpu",
+    "memae": "memae-cpu",
+    "memorizer": "memorizer-cpu",
+    "rftm": "rftm-cpu",
+    "daad": "daad-cpu",
+    "daad_plus": "daad-plus-cpu",
+    "anomem": "anomem-cpu",
+}
 REAL_MINUTES = 15.0
 PAPER_MAX_EPOCHS, PAPER_PATIENCE = 100, 10
 FULL_EPOCHS = {"synthetic": 20}  # a protocol's full epoch count when it is not the papers' 100

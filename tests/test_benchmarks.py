@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mnemo import models
 from mnemo.benchmarks import accuracy, accuracy_plan, serve
 from mnemo.benchmarks.accuracy_report import render
 
@@ -267,7 +268,8 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     assert "skipping elpv-mono" in capsys.readouterr().out
     generate(tmp_path / "elpv-mono", size=32, n_train=20, n_test_good=4, n_test_defect=1)
     assert _dataset_present("elpv-mono", tmp_path)
-    cells = accuracy_plan.plan(["elpv-mono"], ["restore", "anomem"], range(10), [7], max_epochs=1)
+    assert set(accuracy_plan.REAL_RECIPES) == set(models.list_models())  # every architecture has a recipe
+    cells = accuracy_plan.plan(["elpv-mono"], ["restore"], range(10), [7], max_epochs=1)
     assert [(c.model, c.protocol, c.target_class) for c in cells] == [("restore", "real", 0)]
     monkeypatch.setattr(accuracy, "REAL_MINUTES", 5.0)
     results = tmp_path / "real.json"

@@ -4,9 +4,11 @@ weights on both ranks after every step, half the steps each, and rank 0 finishes
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -14,10 +16,12 @@ from tests.test_training import mnemo
 from tests.test_training_budget import TINY_RESTORE, _sets
 
 
-def torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    # --standalone: a rendezvous on a port torchrun picks itself (no race with other tests for one)
+def torchrun(*args: str, tmp: Path, timeout: int = 240) -> subprocess.CompletedProcess:
+    # --standalone: a rendezvous on a port torchrun picks itself (no race with other tests for one);
+    # TMPDIR: torchrun leaves a torchelastic_* log folder in the temp dir, so it goes to the test's own
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     return done
 
@@ -56,7 +60,7 @@ def test_gradients_are_averaged_so_both_ranks_hold_the_same_weights(tmp_path):
         distributed.finish()
     """)
     )
-    torchrun(str(script))
+    torchrun(str(script), tmp=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]  # bit for bit: one model trained on two shards
     assert ranks[0]["steps"] == 2 * 4  # 64 images, 32 per rank, batch 8: 4 steps an epoch
@@ -66,7 +70,7 @@ def test_torchrun_trains_exports_and_halves_each_ranks_steps(data, tmp_path):
     run = tmp_path / "run"
     args = ["--data", str(data), "--out", str(run), "--epochs", "3", "--no-progress",
             *_sets([*TINY_RESTORE, "optim.patience=100"])]  # fmt: skip
-    done = torchrun("-m", "mnemo", "train", *args)
+    done = torchrun("-m", "mnemo", "train", *args, tmp=tmp_path)
     assert done.stdout.count("training restore on cpu, 2 processes") == 1  # rank 0 alone speaks
     report = json.loads((run / "report.json").read_text())
     history = json.loads((run / "history.json").read_text())

@@ -64,6 +64,25 @@ def test_default_recipe_trains_end_to_end_and_is_visible_in_the_config(synth_dat
     assert (bundle / "model.onnx").is_file()
 
 
+@pytest.mark.parametrize("recipe", run_config.list_recipes())
+def test_every_shipped_recipe_builds_its_model_and_trains_a_step_at_its_own_size(recipe):
+    """A recipe is a file of field names: a typo, or sizes its model cannot take, fails here, not after a
+    user's 15 minutes of training."""
+    from mnemo import models
+
+    cfg = run_config.load(run_config.recipe_path(recipe))
+    assert cfg.data.path == "" and cfg.optim.max_epochs >= 1
+    model = models.create(cfg.model, **{**cfg.model_config, "in_channels": 1, "mean": (0.5,), "std": (0.5,)})
+    size = model.config.image_size
+    x = torch.randn(2, 1, size, size, generator=torch.Generator().manual_seed(0))
+    loss = model.train().loss(x)["loss"]
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.inference_mode():
+        score, heatmap = model.eval().score(x)
+    assert score.shape == (2,) and heatmap.shape[-2:] == (size, size)
+
+
 def test_max_minutes_stops_training_and_finishes_the_run(synth_data, tmp_path):
     run = tmp_path / "run"
     started = time.monotonic()
