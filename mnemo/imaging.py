@@ -45,6 +45,16 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 DEFAULT_MAX_PIXELS = 40_000_000
 RESIZE_POLICIES = ("resize", "center_crop")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  # what folders are read for
+# The only formats Pillow may open (``Image.open(formats=...)``): what cameras and inspection software write.
+# The others cost what their header does not declare: an ICO or ICNS decodes its embedded PNG while it is
+# opened, before its size can be checked (16 ICOs of 150 KB took a server to 2.5 GB), and QOI or plain PPM
+# decode in Python at ~1 s a megapixel, holding the GIL.
+ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+# A PNG's chunks are walked in Python, by Pillow and by ``png_rows_missing``: 16 MB of empty chunks cost
+# 8 s. Real encoders write image data in chunks of 8 KiB or more, so more than one chunk per
+# ``PNG_BYTES_PER_CHUNK`` bytes on average (and more than ``PNG_MIN_CHUNKS``) is refused before Pillow
+# sees it.
+PNG_BYTES_PER_CHUNK, PNG_MIN_CHUNKS = 1024, 4096
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -219,12 +229,15 @@ def decode_for_model(
 def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
     if not data:
         raise ImageDecodeError("empty", "empty input (0 bytes)")
+    if data.startswith(_SIGNATURES[0]):
+        _check_png_chunks(data)
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
         if data.startswith(_SIGNATURES):  # a known format's magic bytes, cut before the header ends
             raise ImageDecodeError("truncated", "image header is truncated") from None
-        raise ImageDecodeError("not_an_image", "not a recognised image format") from None
+        accepted = ", ".join(ACCEPTED_FORMATS)
+        raise ImageDecodeError("not_an_image", f"not an image in an accepted format ({accepted})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         # Pillow's global guard fired first (its limit or a warnings-as-errors filter): same outcome.
         raise ImageDecodeError("too_large", f"image exceeds the decoder's pixel limit ({exc})") from None
@@ -259,6 +272,24 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise ImageDecodeError(
             "too_large", f"image is {width}×{height} = {width * height:,} pixels, the limit is {max_pixels:,}"
+        )
+
+
+def _check_png_chunks(data: bytes) -> None:
+    """Refuse a PNG of more chunks than ``PNG_BYTES_PER_CHUNK`` allows, walking no further than the limit."""
+    limit = max(PNG_MIN_CHUNKS, len(data) // PNG_BYTES_PER_CHUNK)
+    pos, end = 8, len(data)
+    for _ in range(limit + 1):  # ``limit`` chunks, then IEND
+        if pos + 8 > end:
+            return
+        length, kind = _PNG_CHUNK.unpack_from(data, pos)
+        if kind == b"IEND":
+            return
+        pos += 12 + length
+    if pos + 8 <= end:
+        raise ImageDecodeError(
+            "too_large",
+            f"PNG of {len(data):,} bytes holds more than {limit:,} chunks; real encoders write far fewer",
         )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import re
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -32,6 +33,20 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from mnemo.service.score_shortcut import ScoreShortcut
 from mnemo.service.settings import Settings
+
+HEAD_END = b"\r\n\r\n"  # llhttp takes CRLF line ends only
+UPGRADE_HEADER = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
+IGNORED_UPGRADE = b"\r\nx-ignored-upgrade:"
+_HELD_PREFIXES = (b"\r\nupgrade:", HEAD_END)
+
+
+def _unfinished_tail(head: bytes) -> int:
+    """How many of ``head``'s last bytes could begin an Upgrade header or the head's end."""
+    tail = head[-10:].lower()
+    for n in range(len(tail), 0, -1):
+        if any(prefix.startswith(tail[-n:]) for prefix in _HELD_PREFIXES):
+            return n
+    return 0
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -45,7 +60,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._in_head = True  # the next bytes belong to a request line or headers
-        self._head_bytes = 0
+        self._head_bytes = 0  # of this head, handed to the parser
+        self._held = b""  # of this head, not yet handed over (``_receive_head``)
         self._in_body = False
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
@@ -61,35 +77,43 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._in_head:
-            room = self.max_header_bytes - self._head_bytes
-            if len(data) > room:
-                self._head_bytes = self.max_header_bytes
-                if room > 0:
-                    super().data_received(data[:room])
-                if self.transport.is_closing():
-                    return
-                if self._in_head:  # the head did not end within the limit
-                    message = f"request line and headers exceed {self.max_header_bytes} bytes"
-                    self._refuse(431, "headers_too_large", message)
-                    return
-                self.data_received(
-                    data[room:]
-                )  # the head ended in time: the rest is body or the next request
-                return
-            self._head_bytes += len(data)
-        else:
+        while self._in_head and data and not self.transport.is_closing():
+            data = self._receive_head(data)  # what follows a complete head: body, or pipelined requests
+        if data and not self.transport.is_closing():
             self._last_data = self.loop.time()
-        super().data_received(data)
+            super().data_received(data)
         # Timers only for what is still incomplete once this chunk is parsed: a request that arrives whole
         # (the usual case) costs no timer at all.
         if self._timer is None and not self.transport.is_closing():
             if self._in_body:
                 self._arm(self.body_timeout_s)
-            elif (
-                self._in_head and self._head_bytes
-            ):  # a later request's head, begun on a kept-alive connection
+            elif self._in_head and (self._head_bytes or self._held):  # a later head on a kept-alive one
                 self._arm(self.header_timeout_s)
+
+    def _receive_head(self, data: bytes) -> bytes:
+        """Hand the parser this request's head only, without its Upgrade header, and never more of it
+        than ``max_header_bytes``; returns what follows a complete head (body, next request).
+
+        Why the Upgrade header goes: httptools stops parsing at the end of a head that offers to switch
+        protocols, so the body of a request offering ``Upgrade: h2c`` (every JDK HttpClient does, on plain
+        HTTP) never reached the app (Kludex/uvicorn#2722). This server speaks HTTP/1.1 only, so it ignores
+        the offer as RFC 9110 §7.8 allows. A few trailing bytes that may begin that header or the head's
+        end are held back until more arrive, so neither is missed across reads.
+        """
+        pending = self._held + data
+        end = pending.find(HEAD_END)
+        head, rest = (pending[: end + 4], pending[end + 4 :]) if end >= 0 else (pending, b"")
+        held = 0 if end >= 0 else _unfinished_tail(head)
+        if self._head_bytes + len(head) > self.max_header_bytes:
+            self._refuse(
+                431, "headers_too_large", f"request line and headers exceed {self.max_header_bytes} bytes"
+            )
+            return b""
+        self._held, head = head[len(head) - held :], head[: len(head) - held]
+        self._head_bytes += len(head)
+        # even b"": uvicorn cancels its keep-alive timer on any data
+        super().data_received(UPGRADE_HEADER.sub(IGNORED_UPGRADE, head))
+        return rest
 
     # ------------------------------------------------------------------------------- parser callbacks
 

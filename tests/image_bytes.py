@@ -37,15 +37,28 @@ def png_of_zero_rows(
     """A PNG declaring width×height, 8 bits, colour type ``colour`` (0 gray, 2 RGB), whose one IDAT holds
     ``rows`` all-zero rows (default: all of them) and ``tail``, maximally compressed: 8000×5000 RGB with
     two rows is the 126-byte file of issue 13, with every row a complete 116 KB one."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     row = 1 + width * (3 if colour == 2 else 1)  # a filter byte, then the pixels
     raw = b"\0" * (row * (height if rows is None else rows)) + tail
     header = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
-    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
+    body = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw, 9)) + png_chunk(b"IEND", b"")
     return b"\x89PNG\r\n\x1a\n" + body
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_with_empty_chunks(png: bytes, count: int, after_data: bool = False) -> bytes:
+    """``png`` with ``count`` empty ancillary chunks after its header (or just before IEND)."""
+    filler = png_chunk(b"abCd", b"") * count
+    cut = len(png) - 12 if after_data else 8 + 25  # IEND is the last 12 bytes; IHDR ends at 33
+    return png[:cut] + filler + png[cut:]
+
+
+def ico_wrapping(png: bytes) -> bytes:
+    """An ICO whose directory declares 256×256 and whose one entry is ``png``, of whatever size it is."""
+    entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
+    return struct.pack("<HHH", 0, 1, 1) + entry + png
 
 
 def missing_pixel_data(pixels: np.ndarray) -> dict[str, bytes]:

@@ -14,7 +14,15 @@ from PIL import Image
 
 from mnemo import imaging
 from mnemo.imaging import ImageDecodeError, Preprocessing
-from tests.image_bytes import encode, missing_pixel_data, png_declaring, png_of_zero_rows
+from tests.image_bytes import (
+    encode,
+    ico_wrapping,
+    missing_pixel_data,
+    png_chunk,
+    png_declaring,
+    png_of_zero_rows,
+    png_with_empty_chunks,
+)
 
 
 def test_module_does_not_import_torch():
@@ -120,6 +128,50 @@ def test_bad_bytes_raise_with_reason(data, reason):
         imaging.decode_image(data)
     assert err.value.reason == reason
     assert isinstance(err.value, ValueError)
+
+
+@pytest.mark.parametrize("fmt", imaging.ACCEPTED_FORMATS)
+def test_every_accepted_format_decodes(fmt):
+    assert imaging.decode_image(encode(Image.fromarray(GRAY).convert("RGB"), fmt)).shape[:2] == (6, 8)
+
+
+@pytest.mark.parametrize("fmt", ["PPM", "ICO", "TGA", "PCX", "SGI", "QOI-like"])
+def test_formats_outside_the_accepted_ones_are_refused_unopened(fmt):
+    """Pillow opens these too, but an ICO decodes its embedded PNG before its size can be checked and
+    QOI or plain PPM decode in Python: none of them gets past the header."""
+    if fmt == "ICO":
+        data = ico_wrapping(png_of_zero_rows(4000, 4000, colour=2))  # 48 MB of RGB if it were decoded
+    elif fmt == "QOI-like":
+        data = b"qoif" + struct.pack(">II", 1000, 1000) + b"\x03\x00" + b"\x6a" * 100_000 + b"\0" * 7 + b"\1"
+    else:
+        data = encode(Image.fromarray(GRAY).convert("RGB"), fmt)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="not an image in an accepted format") as err:
+        imaging.decode_image(data)
+    assert err.value.reason == "not_an_image" and time.perf_counter() - start < 0.05
+
+
+@pytest.mark.parametrize("after_data", [False, True], ids=["before-IDAT", "before-IEND"])
+def test_a_png_flooded_with_chunks_is_refused_before_pillow_walks_them(after_data):
+    png = encode(Image.fromarray(GRAY))
+    limit = imaging.PNG_MIN_CHUNKS
+    assert imaging.decode_image(png_with_empty_chunks(png, limit - 3, after_data)).shape == (6, 8, 1)
+    flood = png_with_empty_chunks(png, 1_000_000, after_data)  # 12 MB of empty chunks: seconds in Pillow
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="chunks") as err:
+        imaging.decode_image(flood)
+    assert err.value.reason == "too_large" and time.perf_counter() - start < 0.5
+
+
+def test_a_png_written_in_many_small_data_chunks_still_decodes():
+    """libpng writes 8 KiB data chunks; 1.1 KiB ones, more than ``PNG_MIN_CHUNKS`` of them, still pass."""
+    pixels = (RNG.random((2200, 2200)) * 255).astype(np.uint8)
+    stream = zlib.compress(b"".join(b"\0" + row.tobytes() for row in pixels), 0)  # stored: 4.8 MB
+    chunks = b"".join(png_chunk(b"IDAT", stream[i : i + 1100]) for i in range(0, len(stream), 1100))
+    assert len(stream) // 1100 > imaging.PNG_MIN_CHUNKS
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 2200, 2200, 8, 0, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + header + chunks + png_chunk(b"IEND", b"")
+    assert np.array_equal(imaging.decode_image(data)[..., 0], pixels.astype(np.float32))
 
 
 def test_path_errors_name_the_file(tmp_path):

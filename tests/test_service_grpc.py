@@ -104,7 +104,7 @@ def test_fp32_pixels_and_a_threshold_parameter(client, bundle_dir):
     "model, tensor, code, words",
     [
         ("nothing", "image", "StatusCode.NOT_FOUND", "nothing"),
-        ("gray", "broken", "StatusCode.INVALID_ARGUMENT", "not a recognised image"),
+        ("gray", "broken", "StatusCode.INVALID_ARGUMENT", "not an image in an accepted format"),
         ("gray", "pixels", "StatusCode.INVALID_ARGUMENT", "pixels must have shape"),
     ],
 )

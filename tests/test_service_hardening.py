@@ -4,6 +4,8 @@ as ``mnemo serve`` configures it), and where it matters a normal client is serve
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import shutil
 import socket
 import threading
@@ -238,6 +240,62 @@ def test_an_oversized_header_that_arrives_whole_is_answered_431(server):
         answer, _ = read_until_closed(sock, timeout_s=5)
     assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
     assert b'"code": "headers_too_large"' in answer
+
+
+def test_pipelined_requests_past_the_header_limit_in_one_write_are_all_answered(server):
+    """The limit is per request head, not per read: 1200 pipelined GETs (43 KB) sent at once, and a POST
+    whose 32 KB body ends just before the limit with the next head straddling it (were each a 431)."""
+    get = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+    last = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    body = b"x" * (32_768 - 120)
+    post = b"POST /healthz HTTP/1.1\r\nHost: test\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+    for stream, answers in ((get * 1199 + last, [b"200"] * 1200), (post + last, [b"405", b"200"])):
+        with raw(server) as sock:
+            sock.sendall(stream)
+            answer, _ = read_until_closed(sock, timeout_s=10)
+        assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == answers
+
+
+def test_an_h2c_upgrade_offer_is_ignored_and_the_body_still_scored(server):
+    """Every JDK HttpClient offers ``Upgrade: h2c`` on plain HTTP; httptools then dropped the body
+    (Kludex/uvicorn#2722: a 400 ``empty``). Sent whole, head and body apart, the head one byte at a time,
+    and chunked, the answer is the plain request's."""
+    image = png_bytes(smooth_images(1, 1, 28, seed=5)[0])
+    plain = httpx.post(f"{server}/v1/models/gray:score", content=image, headers={"content-type": "image/png"})
+    expected = plain.json()["results"][0]["score"]
+    offer = (
+        b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+    )
+    head = score_request_head(len(image)).replace(b"Host: test\r\n", b"Host: test\r\n" + offer)
+    chunked = head.replace(b"Content-Length: %d" % len(image), b"Transfer-Encoding: chunked")
+    chunks = b"%x\r\n" % len(image) + image + b"\r\n0\r\n\r\n"
+    ways = {
+        "whole": [head + image],
+        "apart": [head, image],
+        "bytewise": [*(head[i : i + 1] for i in range(len(head))), image],
+        "chunked": [chunked, chunks],
+    }
+    for way, writes in ways.items():
+        with raw(server) as sock:
+            for piece in writes:
+                sock.sendall(piece)
+                time.sleep(0.001 if way == "bytewise" else 0.05)
+            status, body = read_response(sock)
+        assert status == 200, (way, body[:200])
+        assert json.loads(body)["results"][0]["score"] == pytest.approx(expected, abs=1e-6), way
+
+
+def read_response(sock: socket.socket) -> tuple[int, bytes]:
+    """One response with a Content-Length body, read off a kept-alive connection."""
+    sock.settimeout(10)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return int(head.split()[1]), body
 
 
 # -------------------------------------------------------------------------------- D4: slow clients

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import json
+import struct
 
 import httpx
 import numpy as np
@@ -13,11 +15,13 @@ from tritonclient.utils import InferenceServerException
 
 from mnemo.bundle import read_manifest
 from mnemo.imaging import Preprocessing, preprocess
+from mnemo.service.oip import HEADER_LENGTH
 from tests.image_bytes import png_bytes
 from tests.service_helpers import defect_image, make_settings, metric_value, running_server, smooth_images
 from tests.test_service_api import offline_scores, post_files
 
 pytest_plugins = ["tests.service_fixtures"]
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -86,7 +90,9 @@ def test_errors_are_the_protocols(client, server):
     assert exc.value.status() == "400"
     broken = triton.InferInput("image", [1], "BYTES")
     broken.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
-    with pytest.raises(InferenceServerException, match=r"image\[0\]: not a recognised image format") as exc:
+    with pytest.raises(
+        InferenceServerException, match=r"image\[0\]: not an image in an accepted format"
+    ) as exc:
         client.infer("gray", [broken])
     assert exc.value.status() == "400"
     with pytest.raises(InferenceServerException, match="no model named 'nothing'") as exc:
@@ -95,6 +101,55 @@ def test_errors_are_the_protocols(client, server):
     answer = httpx.post(f"{server}/v2/models/gray/infer", content=b"{not json", timeout=10)
     assert answer.status_code == 400 and isinstance(answer.json()["error"], str)
     assert httpx.get(f"{server}/v1/models/gray", timeout=10).status_code == 200  # still serving
+
+
+def _image_input(**fields) -> dict:
+    return {"name": "image", "datatype": "BYTES", "shape": [1], "data": [], **fields}
+
+
+MALFORMED_BODIES = {
+    "shape-overflow": {"inputs": [_image_input(shape=[1e999])]},
+    "shape-float": {"inputs": [_image_input(shape=[1.9])]},
+    "shape-string": {"inputs": [_image_input(shape="1")]},
+    "tensor-parameters-list": {"inputs": [_image_input(parameters=[1])]},
+    "binary-size-text": {"inputs": [_image_input(parameters={"binary_data_size": "abc"})]},
+    "binary-size-overflow": {"inputs": [_image_input(parameters={"binary_data_size": 1e999})]},
+    "request-parameters-text": {"inputs": [_image_input()], "parameters": "abc"},
+    "outputs-number": {"inputs": [_image_input()], "outputs": 5},
+    "output-parameters-list": {"inputs": [_image_input()], "outputs": [{"name": "score", "parameters": [1]}]},
+    "threshold-400-digits": {"inputs": [_image_input()], "parameters": {"threshold": 10**400}},
+    "pixels-400-digits": {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                      "data": [10**400] * 784}]},
+    "name-a-list": {"inputs": [_image_input(name=["image"])]},
+}  # fmt: skip
+
+
+def test_malformed_infer_bodies_are_400s_and_the_server_keeps_serving(server):
+    """Every wrong type or oversized number is the client's mistake (found probing the server by hand:
+    each of these was a 500 with a traceback)."""
+    url = f"{server}/v2/models/gray/infer"
+    with httpx.Client(timeout=10) as http:
+        for case, body in MALFORMED_BODIES.items():
+            answer = http.post(url, content=json.dumps(body), headers=JSON)  # 1e999: Infinity in JSON
+            assert answer.status_code == 400, (case, answer.text)
+            assert isinstance(answer.json()["error"], str), case
+        deep = b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # past Python's recursion limit
+        assert http.post(url, content=deep, headers=JSON).status_code == 400
+        many = struct.pack("<I", 0) * 100_000  # 100 000 empty images in a binary tensor declaring so
+        tensor = _image_input(shape=[100_000], data=None, parameters={"binary_data_size": len(many)})
+        header = json.dumps({"inputs": [tensor]}).encode()
+        refused = http.post(url, content=header + many, headers={HEADER_LENGTH: str(len(header))})
+        assert refused.status_code == 400 and "the limit is 16" in refused.json()["error"]
+        past_end = json.dumps({"inputs": [_image_input(parameters={"binary_data_size": 8})]}).encode()
+        cut = http.post(url, content=past_end + struct.pack("<I", 10**9) + b"abcd",
+                        headers={HEADER_LENGTH: str(len(past_end))})  # fmt: skip
+        assert cut.status_code == 400 and "truncated BYTES tensor" in cut.json()["error"]
+        assert http.get(f"{server}/v1/models/gray").status_code == 200  # still serving
+    metrics = httpx.get(f"{server}/metrics").text
+    assert (
+        metric_value(metrics, "mnemo_requests_total", model="gray", status="400") >= len(MALFORMED_BODIES) + 3
+    )
+    assert metric_value(metrics, "mnemo_requests_total", status="500") == 0
 
 
 def test_plain_json_with_base64_images(server, bundle_dir):

@@ -34,6 +34,8 @@ def test_rectangles_cover_the_model_pixels_they_overlap():
     for bad in ("0,0,0,4", "16,0,2,2", "-5,0,5,2", "1,2,3"):
         with pytest.raises(RoiError):
             mask_from_rectangle(bad, (16, 8), stretch)
+    huge = "9" * 400  # more than a float holds: clipped to the image, as any rectangle that overhangs it
+    assert np.array_equal(mask_from_rectangle(f"0,0,{huge},{huge}", (16, 8), stretch), np.ones((4, 4), bool))
 
 
 def test_a_mask_png_follows_the_bundles_resize(tmp_path):
