@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mnemo.service.errors import ApiError, error_response
@@ -33,7 +34,9 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             if self.on_reject is not None:
                 self.on_reject()
-            await error_response(BodyTooLargeError(self.max_bytes))(scope, receive, send)
+            refused = BodyTooLargeError(self.max_bytes)
+            refused.headers = {"Connection": "close"}  # its body is never read: not worth receiving either
+            await error_response(refused, Request(scope))(scope, receive, send)  # /v2: the protocol's shape
             return
         await self.app(scope, self._counting(receive), send)
 

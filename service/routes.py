@@ -93,13 +93,17 @@ def index_page(api_key_header: str) -> str:
     return INDEX_HTML.read_text().replace("{{API_KEY_HEADER}}", html.escape(api_key_header))
 
 
-@ops.get("/healthz", response_model=Health, summary="liveness: the process answers")
+# GET and HEAD: load balancers' health checks use either (HEAD: the same status, no body)
+@ops.api_route(
+    "/healthz", methods=["GET", "HEAD"], response_model=Health, summary="liveness: the process answers"
+)
 async def healthz() -> Health:
     return Health()
 
 
-@ops.get(
+@ops.api_route(
     "/readyz",
+    methods=["GET", "HEAD"],
     response_model=Readiness,
     responses={503: {"model": Readiness}},
     summary="readiness: the bundles are loaded and warmed (all of them, or any, per MNEMO_READY_REQUIRES)",

@@ -147,6 +147,9 @@ def test_model_listing_reports_manifest_facts(server, bundle_dir):
 
 def test_health_readiness_and_openapi(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    for probe in ("healthz", "readyz"):  # load balancers' HEAD checks: the status, no body
+        head = httpx.head(f"{server}/{probe}")
+        assert head.status_code == 200 and head.content == b""
     ready = httpx.get(f"{server}/readyz").json()
     assert ready == {"ready": True, "requires": "all", "models": ["color", "gray"], "failed": {}}
     spec = httpx.get(f"{server}/openapi.json").json()

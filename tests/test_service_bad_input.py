@@ -105,7 +105,11 @@ def test_upload_size_limit_with_and_without_content_length(strict):
     big = np.random.default_rng(1).integers(0, 255, (64, 64), dtype=np.uint8)  # ~4 KB+ of noise PNG
     data = png_bytes(big)
     assert len(data) > 4096
-    assert error_of(post_raw(strict, data), 413)["code"] == "payload_too_large"
+    declared = post_raw(strict, data)
+    assert error_of(declared, 413)["code"] == "payload_too_large"
+    assert declared.headers["connection"] == "close"  # its body is never read: no keep-alive either
+    v2 = httpx.post(f"{strict}/v2/models/gray/infer", content=data, timeout=10)  # the protocol's shape there
+    assert v2.status_code == 413 and "limit" in v2.json()["error"]
 
     def chunked() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while streaming
         for start in range(0, len(data), 1000):
@@ -116,7 +120,7 @@ def test_upload_size_limit_with_and_without_content_length(strict):
     counted = metric_value(
         httpx.get(f"{strict}/metrics").text, "mnemo_errors_total", kind="payload_too_large"
     )
-    assert counted == 3
+    assert counted == 4
 
 
 def test_too_many_files(strict):
