@@ -5,8 +5,10 @@ event loop while it is) and has no timer before a request's headers are complete
 chunks, so a client that sends part of a request and goes silent holds its connection for ever.
 ``GuardedHttpToolsProtocol`` adds, per connection:
 
-* ``max_header_bytes``: the request line and headers together; a longer head is answered 431 and the
-  connection closed, and the excess never reaches the parser;
+* ``max_header_bytes``: the request line and headers of each request (pipelined ones each on their own);
+  a longer head is answered 431 and the connection closed, and the excess never reaches the parser;
+* an ``Upgrade`` offer (``h2c``, from every JDK HttpClient) is ignored, so the request's body still
+  arrives (``_receive_head``);
 * ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
   connection, to the end of the headers; a late head is answered 408 and the connection closed;
 * ``body_timeout_s``: the longest silence while a request body is expected; then the connection is closed

@@ -12,6 +12,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from itertools import pairwise
 from urllib.parse import urlsplit
 
 import httpx
@@ -283,6 +284,28 @@ def test_an_h2c_upgrade_offer_is_ignored_and_the_body_still_scored(server):
             status, body = read_response(sock)
         assert status == 200, (way, body[:200])
         assert json.loads(body)["results"][0]["score"] == pytest.approx(expected, abs=1e-6), way
+
+
+def test_pipelined_requests_split_anywhere_get_the_same_answers(server):
+    """The head guard holds back bytes across reads: whatever the reads' boundaries, a pipelined stream of
+    an upgrade offer, a chunked POST and a GET gets the same answers as sent whole."""
+    image = png_bytes(smooth_images(1, 1, 28, seed=6)[0])
+    offer = score_request_head(len(image)).replace(b"Host: test\r\n", b"Host: test\r\nUpgrade: h2c\r\n")
+    chunked = score_request_head(0).replace(b"Content-Length: 0", b"Transfer-Encoding: chunked")
+    stream = (
+        offer + image + chunked + b"%x\r\n" % len(image) + image + b"\r\n0\r\n\r\n"
+        + b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )  # fmt: skip
+    rng = np.random.default_rng(0)
+    for trial in range(8):
+        cuts = sorted(rng.choice(np.arange(1, len(stream)), size=12, replace=False)) if trial else []
+        with raw(server) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for start, end in pairwise([0, *cuts, len(stream)]):
+                sock.sendall(stream[start:end])
+                time.sleep(0.002)
+            answer, _ = read_until_closed(sock, timeout_s=10)
+        assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200"] * 3, (trial, answer[:300])
 
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
