@@ -51,10 +51,11 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")  
 # decode in Python at ~1 s a megapixel, holding the GIL.
 ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 # A PNG's chunks are walked in Python, by Pillow and by ``png_rows_missing``: 16 MB of empty chunks cost
-# 8 s. Real encoders write image data in chunks of 8 KiB or more, so more than one chunk per
-# ``PNG_BYTES_PER_CHUNK`` bytes on average (and more than ``PNG_MIN_CHUNKS``) is refused before Pillow
-# sees it.
+# 8 s. Most encoders write image data in chunks of 8 KiB or more, streaming ones one per row; a PNG of more
+# chunks than one per ``PNG_BYTES_PER_CHUNK`` bytes, one per row (up to ``PNG_ROW_CHUNKS``) and
+# ``PNG_MIN_CHUNKS`` is refused before Pillow sees it.
 PNG_BYTES_PER_CHUNK, PNG_MIN_CHUNKS = 1024, 4096
+PNG_ROW_CHUNKS = 65536  # up to this many rows, a data chunk per row (streaming encoders) also passes
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -276,8 +277,9 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG of more chunks than ``PNG_BYTES_PER_CHUNK`` allows, walking no further than the limit."""
-    limit = max(PNG_MIN_CHUNKS, len(data) // PNG_BYTES_PER_CHUNK)
+    """Refuse a PNG of more chunks than its size or rows explain, walking no further than the limit."""
+    height = _PNG_IHDR.unpack_from(data, 16)[1] if data[12:16] == b"IHDR" and len(data) >= 33 else 0
+    limit = max(PNG_MIN_CHUNKS, len(data) // PNG_BYTES_PER_CHUNK, min(height, PNG_ROW_CHUNKS) + 16)
     pos, end = 8, len(data)
     for _ in range(limit + 1):  # ``limit`` chunks, then IEND
         if pos + 8 > end:

@@ -34,8 +34,9 @@ class BodyLimitMiddleware:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             if self.on_reject is not None:
                 self.on_reject()
+            # Kept alive on purpose: the server reads the declared body and drops it, so the client, still
+            # sending, reads the 413; closing at once made the kernel reset the connection under it.
             refused = BodyTooLargeError(self.max_bytes)
-            refused.headers = {"Connection": "close"}  # its body is never read: not worth receiving either
             await error_response(refused, Request(scope))(scope, receive, send)  # /v2: the protocol's shape
             return
         await self.app(scope, self._counting(receive), send)

@@ -188,6 +188,9 @@ class OneWriteTransport:
         self._transport, self._loop, self._head = transport, loop, None
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():  # the client left while a pipelined answer was being made
+            self._head = None  # (uvloop raises on a write to a closed transport; nobody could read it)
+            return
         if self._head is not None:
             head, self._head = self._head, None
             self._transport.write(head + data)
@@ -198,7 +201,7 @@ class OneWriteTransport:
             self._transport.write(data)
 
     def flush(self) -> None:
-        if self._head is not None:
+        if self._head is not None and not self._transport.is_closing():
             head, self._head = self._head, None
             self._transport.write(head)
 

@@ -163,6 +163,20 @@ def test_a_png_flooded_with_chunks_is_refused_before_pillow_walks_them(after_dat
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.5
 
 
+def test_a_png_written_one_data_chunk_per_row_still_decodes():
+    """Streaming encoders flush a data chunk per row: 5000 rows of 4 bytes are 5003 chunks in 70 KB."""
+    pixels = (RNG.random((5000, 4)) * 255).astype(np.uint8)
+    stream = zlib.compressobj(0)
+    chunks = b"".join(
+        png_chunk(b"IDAT", stream.compress(b"\0" + row.tobytes()) + stream.flush(zlib.Z_SYNC_FLUSH))
+        for row in pixels
+    ) + png_chunk(b"IDAT", stream.flush())
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 5000, 8, 0, 0, 0, 0))
+    data = b"\x89PNG\r\n\x1a\n" + header + chunks + png_chunk(b"IEND", b"")
+    assert data.count(b"IDAT") > imaging.PNG_MIN_CHUNKS and len(data) // imaging.PNG_BYTES_PER_CHUNK < 5000
+    assert np.array_equal(imaging.decode_image(data)[..., 0], pixels.astype(np.float32))
+
+
 def test_a_png_written_in_many_small_data_chunks_still_decodes():
     """libpng writes 8 KiB data chunks; 1.1 KiB ones, more than ``PNG_MIN_CHUNKS`` of them, still pass."""
     pixels = (RNG.random((2200, 2200)) * 255).astype(np.uint8)

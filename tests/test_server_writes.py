@@ -22,6 +22,9 @@ class Recorder:
     def close(self) -> None:
         self.closed = True
 
+    def is_closing(self) -> bool:
+        return self.closed
+
     def get_extra_info(self, name: str) -> str:
         return f"info:{name}"
 
@@ -47,6 +50,21 @@ def test_head_and_body_go_out_together_and_in_order():
         b"HTTP/1.1 100 Continue\r\n\r\n",
     ]
     assert recorder.closed
+
+
+def test_writes_after_the_connection_closed_are_dropped():
+    """uvloop raises on them (a client gone with pipelined answers in flight); nobody could read them."""
+
+    async def run() -> Recorder:
+        recorder = Recorder()
+        transport = OneWriteTransport(recorder, asyncio.get_running_loop())
+        recorder.close()  # the client left
+        transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+        transport.write(b"{}")
+        await asyncio.sleep(0)
+        return recorder
+
+    assert asyncio.run(run()).writes == []
 
 
 def test_a_real_server_answers_in_one_segment(bundle_dir):
