@@ -22,6 +22,7 @@ from typing import Any
 
 from mnemo.benchmarks.accuracy_plan import (
     DATASETS,
+    PAPER_MAX_EPOCHS,
     PAPER_PATIENCE,
     REAL_DATASETS,
     REAL_MINUTES,
@@ -148,7 +149,7 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
     from mnemo.training import config as run_cfg
 
     if cell.dataset in REAL_DATASETS:
-        return real_run_config(cell, data_root, work, patience, device)
+        return real_run_config(cell, data_root, work, device)
     optim = TEXTURE_OPTIM if cell.dataset == TEXTURE_DATASET else {}
     return run_cfg.RunConfig(
         model=cell.model,
@@ -161,17 +162,18 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
     )
 
 
-def real_run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: str):
-    """The model's shipped recipe on the real-defect folder, under ``REAL_MINUTES`` of training."""
+def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
+    """The model's shipped recipe on the real-defect folder, under ``REAL_MINUTES`` of training: its own
+    caps and patience (``restore`` counts steps, not epochs), so a cell is what ``mnemo train --data DIR
+    --max-minutes 15`` does; only an epoch cap below the papers' (a quick check) is imposed on it."""
     from mnemo.training import config as run_cfg
 
     cfg = run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[cell.model]))
+    epochs = cfg.optim.max_epochs if cell.max_epochs >= PAPER_MAX_EPOCHS else cell.max_epochs
     return dataclasses.replace(
         cfg,
         data=dataclasses.replace(cfg.data, path=str(data_root / REAL_DATASETS[cell.dataset])),
-        optim=dataclasses.replace(
-            cfg.optim, max_epochs=cell.max_epochs, patience=patience, max_minutes=REAL_MINUTES
-        ),
+        optim=dataclasses.replace(cfg.optim, max_epochs=epochs, max_minutes=REAL_MINUTES),
         seed=cell.seed,
         device=device,
         out_dir=str(work / cell.key.replace("/", "_")),
@@ -197,7 +199,7 @@ def run_cell(
     return {
         **dataclasses.asdict(cell),
         "key": cell.key,
-        "patience": patience,
+        "patience": cfg.optim.patience,  # as trained: a real-defect cell keeps its recipe's
         "model_config": cfg.model_config,
         # every field, defaults included: a later change of a default must not pass for the same cell
         "resolved_model_config": report["model_config"],

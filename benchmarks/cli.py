@@ -89,10 +89,16 @@ def _accuracy(sub) -> None:
         "--max-epochs",
         type=int,
         default=100,
-        help="epoch cap (default 100 = the papers'; textures never train more than 20); a lower "
-        "cap is recorded and flagged in the table as not the full protocol",
+        help="epoch cap (default 100 = the papers'; textures never train more than 20; real-defect "
+        "cells keep their recipe's caps unless this is lower); a lower cap is recorded and flagged in the "
+        "table as not the full protocol",
     )
-    p.add_argument("--patience", type=int, default=10, help="early-stopping patience in epochs (default 10)")
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=10,
+        help="early-stopping patience in epochs (default 10; real-defect cells keep their recipe's)",
+    )
     p.add_argument(
         "--threads",
         type=int,

@@ -14,6 +14,7 @@ import pytest
 from mnemo import models
 from mnemo.benchmarks import accuracy, accuracy_plan, serve
 from mnemo.benchmarks.accuracy_report import render
+from mnemo.training import config as run_config
 
 
 def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -275,7 +276,13 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     results = tmp_path / "real.json"
     out = accuracy.run(cells, tmp_path, results, tmp_path / "work", markdown_path=results.with_suffix(".md"))
     (record,) = out["records"]
-    assert record["recipe"] == "restore" and record["stop_reason"] == "max epochs"
+    assert record["recipe"] == "restore" and record["stop_reason"] == "max epochs"  # a cap below 100 holds
+    full = accuracy.real_run_config(dataclasses.replace(cells[0], max_epochs=100), tmp_path, tmp_path, "cpu")
+    recipe = run_config.load(run_config.recipe_path("restore")).optim
+    assert (full.optim.max_epochs, full.optim.max_steps, full.optim.patience) == (
+        recipe.max_epochs, recipe.max_steps, recipe.patience,
+    )  # fmt: skip  # otherwise the cell is `mnemo train --data DIR --max-minutes 15`: the recipe's own caps
+    assert full.optim.max_minutes == accuracy.REAL_MINUTES
     assert record["resolved_model_config"]["in_channels"] == 1 and record["train_seconds"] > 0
     assert 0 <= record["auroc"] <= 1 and 0 <= record["auprc"] <= 1
     text = results.with_suffix(".md").read_text()
