@@ -34,6 +34,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -280,19 +281,23 @@ def _check_png_chunks(data: bytes) -> None:
     """Refuse a PNG of more chunks than its size or rows explain, walking no further than the limit."""
     height = _PNG_IHDR.unpack_from(data, 16)[1] if data[12:16] == b"IHDR" and len(data) >= 33 else 0
     limit = max(PNG_MIN_CHUNKS, len(data) // PNG_BYTES_PER_CHUNK, min(height, PNG_ROW_CHUNKS) + 16)
+    for count, _ in enumerate(_png_chunks(data), start=1):
+        if count > limit:
+            raise ImageDecodeError(
+                "too_large",
+                f"PNG of {len(data):,} bytes holds more than {limit:,} chunks; real encoders write far fewer",
+            )
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:
+    """(offset, length, kind) of each chunk of a PNG, up to IEND or the last whole chunk header."""
     pos, end = 8, len(data)
-    for _ in range(limit + 1):  # ``limit`` chunks, then IEND
-        if pos + 8 > end:
-            return
+    while pos + 8 <= end:
         length, kind = _PNG_CHUNK.unpack_from(data, pos)
+        yield pos, length, kind
         if kind == b"IEND":
             return
         pos += 12 + length
-    if pos + 8 <= end:
-        raise ImageDecodeError(
-            "too_large",
-            f"PNG of {len(data):,} bytes holds more than {limit:,} chunks; real encoders write far fewer",
-        )
 
 
 # Adam7 passes: (first column, first row, column step, row step).
@@ -308,16 +313,12 @@ def png_rows_missing(data: bytes) -> bool:
     the rest zero. Counting costs one inflate pass, in 1 MiB pieces that are dropped at once, and stops
     as soon as every row is there. A file this cannot parse is left to Pillow (False).
     """
-    pos, end, header, parts = 8, len(data), None, []
-    while pos + 8 <= end:
-        length, kind = _PNG_CHUNK.unpack_from(data, pos)
+    header, parts = None, []
+    for pos, length, kind in _png_chunks(data):
         if kind == b"IDAT":
             parts.append(memoryview(data)[pos + 8 : pos + 8 + length])
-        elif kind == b"IHDR" and length >= 13 and pos + 21 <= end:
+        elif kind == b"IHDR" and length >= 13 and pos + 21 <= len(data):
             header = _PNG_IHDR.unpack_from(data, pos + 8)
-        elif kind == b"IEND":
-            break
-        pos += 12 + length
     if header is None or header[3] not in _PNG_CHANNELS:
         return False
     width, height, depth, colour, _, _, interlace = header

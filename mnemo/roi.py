@@ -67,7 +67,9 @@ def mask_from_rectangle(
     if w <= 0 or h <= 0 or x >= width or y >= height or x + w <= 0 or y + h <= 0:
         raise RoiError(f"roi {x},{y},{w},{h} has no pixel inside the {width}×{height} image")
     # clipped to the image: the same pixels, and numbers a float holds (a 400-digit width is an int)
-    x, y, w, h = max(x, 0), max(y, 0), min(x + w, width) - max(x, 0), min(y + h, height) - max(y, 0)
+    right, bottom = min(x + w, width), min(y + h, height)
+    x, y = max(x, 0), max(y, 0)
+    w, h = right - x, bottom - y
     # the model pixels whose footprint in the image overlaps the rectangle
     x0, y0, x1, y1 = heat_box_to_image((0.0, 0.0, 1.0, 1.0), width, height, prep, tiling)
     cell_w, cell_h, left, top = x1 - x0, y1 - y0, x0, y0

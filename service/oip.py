@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import math
 import struct
@@ -162,10 +163,7 @@ async def run_inference(
     """The output tensors of a parsed infer request (REST, or gRPC with ``request`` None): its images
     decoded and limited as ``/v1`` uploads (or its pixels taken as they are), through the batcher,
     judged, counted and offered to capture."""
-    if len(parsed.tensor) > settings.max_files:
-        raise ApiError(
-            400, "too_many_files", f"{len(parsed.tensor)} images; the limit is {settings.max_files}"
-        )
+    check_image_count(len(parsed.tensor), settings.max_files)  # gRPC requests come here unchecked
     if parsed.input_name == "image":
         uploads = [Upload(f"image[{i}]", data) for i, data in enumerate(parsed.tensor)]
         decoded, results, _ = await decode_and_infer(request, model, uploads, settings, slots)
@@ -202,8 +200,7 @@ def parse_infer_request(
     try:
         return _parse_infer_request(body, header_length, model, max_files)
     except MALFORMED as exc:
-        message = str(exc) if len(str(exc)) <= 200 else f"{str(exc)[:200]}…"
-        raise ApiError(400, "bad_request", f"not an inference request: {message}") from None
+        raise ApiError(400, "bad_request", f"not an inference request: {shortened(str(exc), 200)}") from None
 
 
 def _parse_infer_request(
@@ -220,8 +217,8 @@ def _parse_infer_request(
     name, datatype, shape = tensor["name"], tensor["datatype"], tensor_shape(tensor["shape"])
     if not isinstance(name, str) or INPUTS.get(name) != datatype:
         raise ApiError(400, "bad_input", f"input {name!r} {datatype}: expected image BYTES or pixels FP32")
-    if shape and shape[0] > max_files:  # before the data is read: a tensor declaring millions of images
-        raise ApiError(400, "too_many_files", f"{shape[0]} images; the limit is {max_files}")
+    if shape:  # before the data is read: a tensor declaring millions of images
+        check_image_count(shape[0], max_files)
     binary = body[split:]
     size = (tensor.get("parameters") or {}).get("binary_data_size")
     if size is not None and int(size) != len(binary):
@@ -229,6 +226,16 @@ def _parse_infer_request(
     data = binary if size is not None else tensor.get("data")
     values = image_bytes(data, shape) if name == "image" else pixels(data, shape, model)
     return InferRequest(header.get("id"), name, values, requested_outputs(header), threshold_of(header))
+
+
+def check_image_count(count: int, max_files: int) -> None:
+    if count > max_files:
+        raise ApiError(400, "too_many_files", f"{count} images; the limit is {max_files}")
+
+
+def shortened(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters: error messages echo client input, which may be huge."""
+    return text if len(text) <= limit else f"{text[:limit]}…"
 
 
 def tensor_shape(value: Any) -> list[int]:
@@ -259,7 +266,7 @@ def image_bytes(data: bytes | list | None, shape: list[int]) -> list[bytes]:
             raise ApiError(400, "bad_input", "image data in JSON must be base64 strings") from None
     else:
         raise ApiError(400, "bad_input", "image has no data")
-    if len(elements) != shape[0] or (isinstance(data, bytes) and offset != len(data)):
+    if len(elements) != shape[0]:  # binary elements were each checked to end inside the tensor
         raise ApiError(400, "bad_shape", f"image declares {shape[0]} elements but holds more or fewer")
     return elements
 
@@ -304,12 +311,12 @@ def threshold_value(value: Any) -> float | None:
     """The ``threshold`` request parameter: None, or a finite number."""
     if value is None:
         return None
-    try:
-        number = float(value) if isinstance(value, int | float) and not isinstance(value, bool) else math.nan
-    except OverflowError:  # an integer of hundreds of digits
-        number = math.nan
+    number = math.nan
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        with contextlib.suppress(OverflowError):  # an integer of hundreds of digits stays NaN
+            number = float(value)
     if not math.isfinite(number):
-        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}…"
+        shown = shortened(repr(value), 40)
         raise ApiError(400, "bad_parameter", f"parameter threshold must be a finite number, got {shown}")
     return number
 
