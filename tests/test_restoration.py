@@ -91,6 +91,16 @@ def test_share_zero_leaves_the_batch_untouched():
     assert mask.sum() == 0
 
 
+def test_synthesis_paints_about_share_of_the_batch_and_leaves_the_rest_untouched():
+    x = _good_batch(64, 32)
+    out, mask = synthesize(x, torch.Generator().manual_seed(0), share=0.5)
+    painted = mask.flatten(1).any(dim=1)
+    assert 16 <= int(painted.sum()) <= 48  # Binomial(64, 0.5) far outside its bulk would be a bug
+    torch.testing.assert_close(out[~painted], x[~painted], rtol=0, atol=0)
+    changed = (out - x).abs().amax(dim=1, keepdim=True) >= 0.02
+    assert torch.equal(changed, mask.bool())
+
+
 def test_mask_shapes_cover_plausible_areas():
     gen = torch.Generator().manual_seed(0)
     blotch = perlin_masks(16, 64, gen).mean(dim=(1, 2, 3))
