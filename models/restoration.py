@@ -14,11 +14,17 @@ paper-faithful definitions.
     L_rec = ‖x̂ − x‖² + λ_ssim (1 − SSIM(x̂, x))       (DRAEM eq. 1: L2 + SSIM)
     L_seg = Focal(S(x̃ ⊕ x̂), m),  γ = 2              (DRAEM eq. 3)
     a_k = blur(cue_k(x))                              for each cue k of ``score_maps``
-    heatmap = Σ_k (a_k − μ_k) / (σ_k + ε);  score = max of its ``score_pool``-wide local mean (DRAEM §3.4)
+    z_k = (a_k − μ_k) / (σ_k + ε);  z_k ← (|z_k| − √(2/π)) / √(1 − 2/π)  for a two-sided cue
+    heatmap = Σ_k z_k;  score = max of its ``score_pool``-wide local mean (DRAEM §3.4)
 
 The cues (``score_maps``) are ``segment`` (σ(S(x ⊕ G(x))), the discriminative head), ``ssim``
-(1 − SSIM(x, x̂), Bergmann et al. 2019) and ``l2`` (squared error, as the papers' models); the default
-uses the first two. μ_k and σ_k are each cue's mean and standard deviation *at every pixel position*,
+(1 − SSIM(x, x̂), Bergmann et al. 2019), ``l2`` (squared error, as the papers' models) and ``intensity``
+(the image's local brightness, G_s ∗ (x − mean x), two-sided); the default uses all but ``l2``.
+``intensity`` looks at the input alone: a restorer copies a soft stain or a discoloured area through its
+skips, so its errors miss them, while the local brightness at that place stands out from the good images'
+(textures, pixel AUROC of stains 86-91 → 94-95; benchmarks/results/real-defects-study.md, sixth round).
+It is folded (|z|, rescaled to the half-normal's mean and spread) so a darker and a brighter area both
+count. μ_k and σ_k are each cue's mean and standard deviation *at every pixel position*,
 measured on the training images once training is done (``after_fit``; ``standardize``), so a map counts
 how unusual a pixel's error is *at that place*. Why: a restoration is never perfect, and where it is
 worst on good parts (a fixture's edges, a solar cell's busbars and corners, the image border) is the same
@@ -31,6 +37,7 @@ keeps per-position statistics the same way, of features rather than of restorati
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import pairwise
@@ -48,7 +55,9 @@ from mnemo.models.heatmap import GaussianBlur
 from mnemo.models.registry import register_model
 from mnemo.models.structural import SSIMMap
 
-SCORE_MAPS = ("segment", "ssim", "l2")
+SCORE_MAPS = ("segment", "ssim", "l2", "intensity")
+TWO_SIDED = ("intensity",)  # cues whose deviation counts both ways (folded z)
+HALF_NORMAL_MEAN, HALF_NORMAL_STD = math.sqrt(2 / math.pi), math.sqrt(1 - 2 / math.pi)  # of |z|, z ~ N(0, 1)
 STD_FLOOR = 1e-3  # ε: keeps a position whose cue never varied on good images (a constant border) finite
 # Per-position variances are shrunk toward the cue's average variance as if that average had been seen on
 # this many extra images (a moderated variance, Smyth 2004): it steadies σ on small training sets (20 images:
@@ -70,8 +79,9 @@ class RestorationConfig(ModelConfig):
     division_rates: tuple[int, int, int] = (8, 8, 1)
     memory_size: int = 100
     head_widths: tuple[int, ...] = (16, 32, 64)  # the discriminative UNet's stages
-    score_maps: tuple[str, ...] = ("segment", "ssim")  # cues summed into the heatmap (SCORE_MAPS)
+    score_maps: tuple[str, ...] = ("segment", "ssim", "intensity")  # cues summed into the heatmap
     standardize: bool = True  # z-score every cue per pixel position with training-image statistics
+    intensity_sigma: float = 6.0  # pixels: the neighbourhood whose brightness the ``intensity`` cue reads
     synth_share: float = 0.5  # share of training images that get a synthetic anomaly
     synth_materials: tuple[str, ...] = MATERIALS  # what synthetic blotches are made of (anomaly_synthesis)
     ssim_weight: float = 1.0  # λ_ssim in L_rec
@@ -83,6 +93,10 @@ class RestorationConfig(ModelConfig):
         if not self.score_maps or unknown or len(set(self.score_maps)) < len(self.score_maps):
             raise ValueError(
                 f"score_maps must be distinct names from {SCORE_MAPS}, got {list(self.score_maps)}"
+            )
+        if set(TWO_SIDED) & set(self.score_maps) and not self.standardize:
+            raise ValueError(
+                f"score_maps {list(TWO_SIDED)} need standardize: true (a raw brightness is no score)"
             )
         check_materials(self.synth_materials, "synth_materials")
         if self.score_pool < 1 or self.score_pool % 2 == 0:
@@ -111,6 +125,11 @@ class SegmentationUNet(nn.Module):
         for up, skip in zip(self.up, reversed(skips[:-1])):
             x = torch.cat([up(x), skip], dim=1)
         return self.out(x)
+
+
+def folded(z: torch.Tensor) -> torch.Tensor:
+    """|z| rescaled to zero mean and unit spread when z ~ N(0, 1): a two-sided cue on the others' scale."""
+    return (z.abs() - HALF_NORMAL_MEAN) / HALF_NORMAL_STD
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -142,6 +161,7 @@ class RestoringMemoryUNet(AnomalyModel):
             else None
         )
         self.blur = GaussianBlur(config.heatmap_sigma)
+        self.intensity_blur = GaussianBlur(config.intensity_sigma)
         self.ssim = SSIMMap(config.in_channels)
         self.register_buffer("mean", torch.tensor(config.mean).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.std).view(1, -1, 1, 1), persistent=False)
@@ -187,6 +207,9 @@ class RestoringMemoryUNet(AnomalyModel):
             return torch.sigmoid(self.head(torch.cat([x, x_hat], dim=1)))
         if name == "ssim":
             return 1 - self.ssim(self.pixels(x_hat), self.pixels(x))
+        if name == "intensity":  # centred, so a lamp a little brighter today is no defect
+            brightness = self.pixels(x).mean(dim=1, keepdim=True)
+            return self.intensity_blur(brightness - brightness.mean(dim=(2, 3), keepdim=True))
         return ((x - x_hat) ** 2).mean(dim=1, keepdim=True)
 
     def cue_maps(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,7 +221,11 @@ class RestoringMemoryUNet(AnomalyModel):
         maps = self.cue_maps(x)
         if self.config.standardize:
             maps = (maps - self.map_mean) / (self.map_std + STD_FLOOR)
-        heat = maps.sum(dim=1, keepdim=True)
+        cues = [
+            folded(z) if name in TWO_SIDED else z
+            for z, name in zip(maps.split(1, dim=1), self.config.score_maps)
+        ]
+        heat = torch.cat(cues, dim=1).sum(dim=1, keepdim=True)
         pool = self.config.score_pool
         local = F.avg_pool2d(heat, pool, stride=1, padding=pool // 2, count_include_pad=False)
         return local.amax(dim=(1, 2, 3)), heat

@@ -125,9 +125,13 @@ def test_config_rejects_unknown_or_repeated_score_maps_and_even_pools():
             models.create("restore", score_maps=bad)
     with pytest.raises(ValueError, match="score_pool"):
         models.create("restore", score_pool=4)
+    with pytest.raises(ValueError, match="standardize"):
+        models.create("restore", score_maps=("ssim", "intensity"), standardize=False)
 
 
-@pytest.mark.parametrize("score_maps", [("segment",), ("ssim",), ("l2",), ("segment", "ssim", "l2")])
+@pytest.mark.parametrize(
+    "score_maps", [("segment",), ("ssim",), ("l2",), ("intensity",), ("segment", "ssim", "l2", "intensity")]
+)
 def test_every_score_map_scores_and_exports_with_its_fitted_statistics(score_maps, tmp_path):
     from tests.export_check import assert_exports_match
 
@@ -151,7 +155,7 @@ def test_map_statistics_are_each_cues_mean_and_moderated_std_at_every_position()
     assert model.fit_map_statistics(images) == 9
     with torch.no_grad():
         maps = model.cue_maps(torch.cat(images))
-    assert model.map_mean.shape == (1, 2, 32, 32)
+    assert model.map_mean.shape == (1, len(model.config.score_maps), 32, 32)
     torch.testing.assert_close(model.map_mean, maps.mean(dim=0, keepdim=True), atol=1e-6, rtol=1e-5)
     var = maps.var(dim=0, keepdim=True)
     moderated = (8 * var + PRIOR_IMAGES * var.mean(dim=(2, 3), keepdim=True)) / (8 + PRIOR_IMAGES)
@@ -162,26 +166,50 @@ def test_map_statistics_are_each_cues_mean_and_moderated_std_at_every_position()
 
 
 def test_standardised_heatmap_is_the_sum_of_per_position_z_scores():
-    """A position that is always unusual on good parts (a fixture edge) is quiet once standardised."""
-    from mnemo.models.restoration import STD_FLOOR
+    """A position that is always unusual on good parts (a fixture edge) is quiet once standardised; the
+    two-sided ``intensity`` cue counts its z-score folded (|z| on the half-normal's scale)."""
+    from mnemo.models.restoration import STD_FLOOR, folded
 
     torch.manual_seed(0)
     model = models.create("restore", **TINY_CONFIGS["restore"]).eval()
+    assert model.config.score_maps == ("segment", "ssim", "intensity")
     x = _good_batch(2, 32, seed=5) * 2 - 1
     with torch.no_grad():
         raw = model.cue_maps(x)
         _, unfitted = model.score(x)
-        torch.testing.assert_close(unfitted, raw.sum(dim=1, keepdim=True))  # identity until fitted
+        torch.testing.assert_close(unfitted, raw[:, :2].sum(dim=1, keepdim=True) + folded(raw[:, 2:]))
         model.map_mean.copy_(raw.mean(dim=0, keepdim=True))
         model.map_std.fill_(0.5)
         _, heat = model.score(x)
-    expected = ((raw - raw.mean(dim=0, keepdim=True)) / (0.5 + STD_FLOOR)).sum(dim=1, keepdim=True)
-    torch.testing.assert_close(heat, expected)
-    raw_only = models.create("restore", **{**TINY_CONFIGS["restore"], "standardize": False}).eval()
-    raw_only.load_state_dict(model.state_dict())
+    z = (raw - raw.mean(dim=0, keepdim=True)) / (0.5 + STD_FLOOR)
+    torch.testing.assert_close(heat, z[:, :2].sum(dim=1, keepdim=True) + folded(z[:, 2:]))
+    two_cues = {**TINY_CONFIGS["restore"], "score_maps": ("segment", "ssim")}
+    raw_only = models.create("restore", **two_cues, standardize=False).eval()
     with torch.no_grad():
-        torch.testing.assert_close(raw_only.score(x)[1], raw.sum(dim=1, keepdim=True))
+        plain = raw_only.cue_maps(x)
+        torch.testing.assert_close(raw_only.score(x)[1], plain.sum(dim=1, keepdim=True))
     assert raw_only.export_facts() is None
+    with pytest.raises(ValueError, match="standardize"):
+        models.create("restore", standardize=False)  # a raw brightness is no anomaly score
+
+
+def test_intensity_cue_flags_a_soft_stain_brighter_or_darker_than_good_parts():
+    """What a restorer copies through its skips: a soft-edged brightness change. The intensity cue alone
+    (no training: it reads the input and the good images' statistics) finds both signs of it."""
+    torch.manual_seed(0)
+    model = models.create("restore", **{**TINY_CONFIGS["restore"], "score_maps": ("intensity",)}).eval()
+    model.fit_map_statistics([_good_batch(16, 32, seed=s) * 2 - 1 for s in range(4)])
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    stain = torch.exp(-((yy - 12) ** 2 + (xx - 20) ** 2) / (2 * 4.0**2))  # soft, no edge to see
+    part = _good_batch(2, 32, seed=9)
+    stained = (part + torch.tensor([0.25, -0.25]).view(2, 1, 1, 1) * stain).clamp(0, 1)
+    with torch.no_grad():
+        _, clean_heat = model.score(part * 2 - 1)
+        _, heat = model.score(stained * 2 - 1)
+    inside, outside = stain > 0.5, stain < 0.05
+    for i in range(2):
+        assert heat[i, 0][inside].mean() > heat[i, 0][outside].mean() + 2
+        assert heat[i, 0][inside].mean() > clean_heat[i, 0][inside].mean() + 2
 
 
 def test_training_teaches_the_head_where_synthetic_anomalies_are():
