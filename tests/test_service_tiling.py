@@ -105,7 +105,8 @@ def test_the_threshold_is_calibrated_on_whole_frames(tiled_dir):
     calibration = Calibration.from_dict(manifest.calibration)
     scores = [offline_tiled(tiled_dir / "tiled", frame(100 + i))[0] for i in range(40)]
     assert np.min(np.abs(np.asarray(scores) - calibration.threshold)) < 1e-5  # an observed worst-tile score
-    assert np.mean(np.asarray(scores) > calibration.threshold) <= calibration.target
+    # a score that is the threshold may come back a few float32 ulps above it from another batch layout
+    assert np.mean(np.asarray(scores) > calibration.threshold + 1e-5) <= calibration.target
 
 
 def test_reconstructions_are_stitched_like_heatmaps(tiled_server):
