@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -92,7 +93,8 @@ def test_resume_refuses_a_checkpoint_of_another_config_with_the_same_weights(tmp
     fit(models.create("memae", **tiny), train, val, cfg, torch.device("cpu"), tmp_path, {}, progress=False)
     other = models.create("memae", **tiny, shrink_threshold=0.0025)
     other.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=False)["model"])  # weights fit
-    with pytest.raises(ValueError, match=r"shrink_threshold: None -> 0.0025"):
+    hint = re.escape(f"shrink_threshold: None -> 0.0025); pass --config {tmp_path / 'config.yaml'}")
+    with pytest.raises(ValueError, match=hint):
         fit(other, train, val, cfg, torch.device("cpu"), tmp_path, {}, resume=True, progress=False)
 
 

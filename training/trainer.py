@@ -257,7 +257,10 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
     changed = {k: (saved.get(k), v) for k, v in built.items() if saved.get(k) != v}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
-        raise ValueError(f"cannot resume: {path} was trained with another model config ({detail})")
+        raise ValueError(
+            f"cannot resume: {path} was trained with another model config ({detail}); "
+            f"pass --config {path.parent / 'config.yaml'} to continue it as it was trained"
+        )
     model.load_state_dict(ckpt["model"])
     for opt, sd in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(sd)
