@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mnemo import models
-from mnemo.benchmarks import accuracy, accuracy_plan, serve
+from mnemo.benchmarks import accuracy, accuracy_plan, roco_scores, serve
 from mnemo.benchmarks.accuracy_report import render
 from mnemo.training import config as run_config
 
@@ -326,3 +326,15 @@ def test_highres_bench_trains_both_arms_judges_them_on_the_same_pixels_and_times
         assert r["latency"]["frames"] == 8 and 0 < r["latency"]["median_ms"] <= r["latency"]["p95_ms"]
     table = (tmp_path / "results" / "highres.md").read_text()
     assert "| tiled |" in table and "| resized |" in table and "Pixel metrics of both at 128 px" in table
+
+
+def test_roco_scores_rescore_kept_runs_and_show_what_ink_alone_says(fake_mnist, tmp_path, capsys):
+    cells = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    out = accuracy.run(cells, fake_mnist, tmp_path / "r.json", tmp_path / "work", keep_runs=True)
+    assert roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "work")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |"))
+    model, ink, _ = (float(v) for v in row.strip("| ").split(" | ")[1:])
+    assert model == pytest.approx(100 * out["records"][0]["auroc"], abs=0.05)  # the model's own score
+    assert ink == 100.0  # held-out 0s are the bright squares: ink alone finds them
+    with pytest.raises(SystemExit):
+        roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "empty")])

@@ -306,7 +306,7 @@ class ArrayDataset(Dataset):
             return torch.stack([self[i]["image"] for i in range(n)]) if n else torch.empty(0)
         std = torch.tensor(np.broadcast_to(np.asarray(prep.std, np.float32), (channels,)))
         mean = torch.tensor(np.broadcast_to(np.asarray(prep.mean, np.float32), (channels,)))
-        x = torch.from_numpy(arrays).permute(0, 3, 1, 2).float()
+        x = torch.from_numpy(arrays.astype(np.float32)).permute(0, 3, 1, 2)  # a copy: IDX reads are read-only
         x *= (1.0 / (255.0 * std)).view(1, -1, 1, 1)
         x -= (mean / std).view(1, -1, 1, 1)
         return x.contiguous()

@@ -1,0 +1,65 @@
+"""Why the reconstruction score fails on some held-out ROCO classes: it counts ink.
+
+For each kept ROCO run (``mnemo bench accuracy --keep-runs``), per held-out class, the test AUROC of:
+the model's own score (the mean squared error), the images' *ink* alone (mean pixel value above the
+image's darkest, no model at all), and the squared error divided by the image's pixel variance (the share
+of the image the reconstruction misses). Where the held-out class has less ink than the normal ones
+(MNIST 1s), the plain error ranks it below normal whatever the model; the normalised error undoes that on
+MNIST and does harm on Fashion-MNIST, where the hard classes are near-duplicates of normal ones.
+
+Usage: python -m mnemo.benchmarks.roco_scores --data ../shared/data/mnist --runs runs/bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from mnemo.imaging import Preprocessing
+from mnemo.training.datasets import idx_splits
+from mnemo.training.evaluate import score_dataset
+from mnemo.training.run import CONFIG_FILE, load_model, loader
+
+COLUMNS = ("model score (MSE)", "ink alone", "MSE / variance")
+
+
+def class_aurocs(run: Path, data: Path) -> tuple[int, tuple[float, float, float]]:
+    """(held-out class, the three AUROCs) of one kept run."""
+    target = int(json.loads((run / "report.json").read_text())["data"]["target_class"])
+    model = load_model(run)
+    test = idx_splits(data, "roco", target, Preprocessing.from_model_config(model.config)).test
+    with torch.inference_mode():
+        scored = score_dataset(model, loader(test, 512, 0), torch.device("cpu"), progress=False)
+    x = test.images_tensor().flatten(1)
+    ink = (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
+    variance = x.var(dim=1).numpy()
+    y = scored.labels
+    return target, tuple(100 * roc_auc_score(y, s) for s in (scored.scores, ink, scored.scores / variance))
+
+
+def main(argv: list[str] | None = None) -> int:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
+    parser.add_argument("--data", type=Path, required=True, help="the IDX folder the runs trained on")
+    parser.add_argument("--runs", type=Path, required=True, help="folder of kept run directories")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    runs = sorted(p.parent for p in args.runs.glob(f"*/{CONFIG_FILE}") if (p.parent / "model.pt").is_file())
+    if not runs:
+        parser.error(f"no finished runs under {args.runs} (train with --keep-runs)")
+    rows = sorted(class_aurocs(run, args.data) for run in runs)
+    print("| held-out class | " + " | ".join(COLUMNS) + " |\n| --- |" + " --- |" * len(COLUMNS))
+    for target, values in rows:
+        print(f"| {target} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
+    means = np.mean([values for _, values in rows], axis=0)
+    print("| **average** | " + " | ".join(f"**{v:.1f}**" for v in means) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
