@@ -157,7 +157,9 @@ class SampleDataset(Dataset):
     def _decode(self, path: Path) -> np.ndarray:
         try:
             return decode_image(path, max_pixels=self.max_pixels)
-        except (ImageDecodeError, OSError) as exc:
+        except ImageDecodeError as exc:  # its message starts with the path
+            raise DatasetError(f"cannot read {exc}") from None
+        except OSError as exc:
             raise DatasetError(f"cannot read {path}: {exc}") from None
 
 
