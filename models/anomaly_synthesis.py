@@ -153,8 +153,8 @@ def synthesize(
     least ``min_change`` (so an invisible draw leaves an all-zero mask, never a false label).
 
     Regions and materials are drawn only for the images that get them (a stroke for a third of the
-    painted ones, fractal noise for a ninth...): at 128 px this is a fifth of a restore training step's
-    time instead of a quarter of it (``docs/models.md``).
+    painted ones, fractal noise for a ninth...): at 128 px about 4 % of a restore training step instead
+    of a quarter of it (``docs/models.md``).
     """
     batch, _, size, _ = x.shape
     kind = torch.randint(0, len(KINDS), (batch,), generator=generator)
@@ -163,7 +163,7 @@ def synthesize(
     sign = torch.where(torch.rand(batch, 1, 1, 1, generator=generator) < 0.5, 1.0, -1.0)
     shift = sign * (0.15 + 0.35 * torch.rand(batch, 1, 1, 1, generator=generator))
     target = (x + shift).clamp(0, 1)  # stains and strokes shift brightness; blotches get a material
-    region = torch.zeros(batch, 1, size, size)
+    region = x.new_zeros(batch, 1, size, size)
 
     perlin = (painted & (kind < 2)).nonzero().flatten()  # blotches and stains: Perlin-noise regions
     strokes = (painted & (kind == 2)).nonzero().flatten()

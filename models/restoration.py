@@ -96,7 +96,8 @@ class RestorationConfig(ModelConfig):
             )
         if set(TWO_SIDED) & set(self.score_maps) and not self.standardize:
             raise ValueError(
-                f"score_maps {list(TWO_SIDED)} need standardize: true (a raw brightness is no score)"
+                f"score_maps {list(TWO_SIDED)} need standardize: true (a raw brightness is no score); "
+                "with standardize: false set score_maps to the others, e.g. [segment, ssim]"
             )
         check_materials(self.synth_materials, "synth_materials")
         if self.score_pool < 1 or self.score_pool % 2 == 0:
@@ -267,7 +268,7 @@ class RestoringMemoryUNet(AnomalyModel):
 
     def export_facts(self) -> dict[str, float] | None:
         """How many images the baked-in map statistics came from; refuses an unfitted standardised model
-        (its heatmap would silently be the raw sum of cues)."""
+        (its heatmap would silently sum unstandardised cues)."""
         if not self.config.standardize:
             return None
         if int(self.map_stats_images) == 0:

@@ -93,7 +93,8 @@ def test_resume_refuses_a_checkpoint_of_another_config_with_the_same_weights(tmp
     fit(models.create("memae", **tiny), train, val, cfg, torch.device("cpu"), tmp_path, {}, progress=False)
     other = models.create("memae", **tiny, shrink_threshold=0.0025)
     other.load_state_dict(torch.load(tmp_path / "last.pt", weights_only=False)["model"])  # weights fit
-    hint = re.escape(f"shrink_threshold: None -> 0.0025); pass --config {tmp_path / 'config.yaml'}")
+    hint = re.escape("shrink_threshold: None -> 0.0025); to continue it as it was trained, add --set ")
+    hint += re.escape("'model_config.shrink_threshold=null'")
     with pytest.raises(ValueError, match=hint):
         fit(other, train, val, cfg, torch.device("cpu"), tmp_path, {}, resume=True, progress=False)
 

@@ -13,6 +13,7 @@ Ctrl-C aborts at once.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import random
@@ -253,13 +254,15 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
             f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
         )
     # Non-weight settings (a memory's λ, its rounds) do not show in the state dict: compare configs too.
+    # A field the checkpoint predates is not compared: its default is what that run trained with.
     saved, built = ckpt.get("model_config", {}), dataclasses.asdict(model.config)
-    changed = {k: (saved.get(k), v) for k, v in built.items() if saved.get(k) != v}
+    changed = {k: (saved[k], v) for k, v in built.items() if k in saved and saved[k] != v}
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
+        keep = " ".join(f"--set 'model_config.{k}={json.dumps(v)}'" for k, (v, _) in sorted(changed.items()))
         raise ValueError(
             f"cannot resume: {path} was trained with another model config ({detail}); "
-            f"pass --config {path.parent / 'config.yaml'} to continue it as it was trained"
+            f"to continue it as it was trained, add {keep}"
         )
     model.load_state_dict(ckpt["model"])
     for opt, sd in zip(optimizers, ckpt["optimizers"]):
