@@ -7,7 +7,8 @@ of the image the reconstruction misses). Where the held-out class has less ink t
 (MNIST 1s), the plain error ranks it below normal whatever the model; the normalised error undoes that on
 MNIST and does harm on Fashion-MNIST, where the hard classes are near-duplicates of normal ones.
 
-Usage: python -m mnemo.benchmarks.roco_scores --data ../shared/data/mnist --runs runs/bench
+Usage: python -m mnemo.benchmarks.roco_scores --data ../shared/data/mnist --runs runs/roco
+(one kept run per held-out class, all of one model on one data set)
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ from sklearn.metrics import roc_auc_score
 from mnemo.imaging import Preprocessing
 from mnemo.training.datasets import idx_splits
 from mnemo.training.evaluate import score_dataset
-from mnemo.training.run import CONFIG_FILE, load_model, loader
+from mnemo.training.run import load_model, loader
 
-COLUMNS = ("model score (MSE)", "ink alone", "MSE / variance")
+COLUMNS = ("model score", "ink alone", "model score / variance")
+VARIANCE_FLOOR = 1e-8  # a blank image would divide by zero
 
 
 def class_aurocs(run: Path, data: Path) -> tuple[int, tuple[float, float, float]]:
     """(held-out class, the three AUROCs) of one kept run."""
-    target = int(json.loads((run / "report.json").read_text())["data"]["target_class"])
+    report = json.loads((run / "report.json").read_text())
+    if report["data"].get("protocol") != "roco":
+        raise SystemExit(f"{run} is not a ROCO run (protocol {report['data'].get('protocol')!r})")
+    target = int(report["data"]["target_class"])
     model = load_model(run)
     test = idx_splits(data, "roco", target, Preprocessing.from_model_config(model.config)).test
     with torch.inference_mode():
@@ -39,7 +44,8 @@ def class_aurocs(run: Path, data: Path) -> tuple[int, tuple[float, float, float]
     ink = (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
     variance = x.var(dim=1).numpy()
     y = scored.labels
-    return target, tuple(100 * roc_auc_score(y, s) for s in (scored.scores, ink, scored.scores / variance))
+    normalised = scored.scores / (variance + VARIANCE_FLOOR)
+    return target, tuple(100 * roc_auc_score(y, s) for s in (scored.scores, ink, normalised))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,10 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, required=True, help="folder of kept run directories")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    runs = sorted(p.parent for p in args.runs.glob(f"*/{CONFIG_FILE}") if (p.parent / "model.pt").is_file())
+    runs = sorted(p.parent for p in args.runs.glob("*/report.json") if (p.parent / "model.pt").is_file())
     if not runs:
         parser.error(f"no finished runs under {args.runs} (train with --keep-runs)")
     rows = sorted(class_aurocs(run, args.data) for run in runs)
+    targets = [target for target, _ in rows]
+    if len(set(targets)) < len(targets):
+        parser.error(f"{args.runs} holds several runs of one class: keep one model and seed per folder")
     print("| held-out class | " + " | ".join(COLUMNS) + " |\n| --- |" + " --- |" * len(COLUMNS))
     for target, values in rows:
         print(f"| {target} | " + " | ".join(f"{v:.1f}" for v in values) + " |")
