@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from mnemo.imaging import (
@@ -41,6 +40,7 @@ from mnemo.imaging import (
     ImageDecodeError,
     Preprocessing,
     decode_image,
+    open_image,
     prepare_pixels,
     resize_pixels,
 )
@@ -123,9 +123,11 @@ def image_channels(root: str | Path, sample: int = 16) -> int:
     step = max(1, len(paths) // sample)
     for path in paths[::step][:sample]:
         try:
-            with Image.open(path) as img:
-                if img.mode not in GRAY_MODES:
+            with open_image(path) as opened:
+                if opened.image.mode not in GRAY_MODES:
                     return 3
+        except ImageDecodeError as exc:  # its message starts with the path
+            raise DatasetError(f"cannot read {exc}") from None
         except OSError as exc:
             raise DatasetError(f"cannot read {path}: {exc}") from None
     return 1
