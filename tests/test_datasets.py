@@ -97,7 +97,7 @@ def test_folder_errors_are_clear(tmp_path):
         datasets.folder_splits(tmp_path / "empty", PREP)
     (tmp_path / "texts").mkdir()
     (tmp_path / "texts" / "a.txt").write_text("x")
-    with pytest.raises(DatasetError, match=r"has no image files; looked for .png, .jpg"):
+    with pytest.raises(DatasetError, match=r"texts has no image files; looked for .png, .jpg"):
         datasets.folder_splits(tmp_path / "texts", PREP)
     (tmp_path / "bad" / "train" / "good").mkdir(parents=True)
     (tmp_path / "bad" / "train" / "good" / "broken.png").write_bytes(b"not a png")

@@ -74,8 +74,8 @@ def list_images(directory: str | Path) -> list[Path]:
         raise DatasetError(f"directory not found: {directory}")
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
-        what = "empty" if not any(directory.iterdir()) else "has no image files"
-        raise DatasetError(f"{directory} is {what}; looked for {', '.join(IMAGE_EXTENSIONS)}")
+        what = "is empty" if not any(directory.iterdir()) else "has no image files"
+        raise DatasetError(f"{directory} {what}; looked for {', '.join(IMAGE_EXTENSIONS)}")
     return files
 
 
