@@ -5,7 +5,8 @@ A *cell* is one (dataset, protocol, model, class, seed) training run; ``plan`` l
 Which models run where (papers 000/001, paper 003 table 2):
 
 * ``roco`` on every IDX dataset: ae, memae, memorizer (N = 8 on MNIST, 10 elsewhere, paper 000 §4.5), rftm;
-* ``one_class`` on MNIST: daad (paper 003 table 2) and anomem, both at 32 px gray (see ``MODEL_OVERRIDES``);
+* ``one_class`` on MNIST: daad and daad_plus (paper 003 table 2: its full method is daad_plus, with the
+  adversarial alignment score) and anomem, all at 32 px gray (see ``MODEL_OVERRIDES``);
 * ``real`` on real-defect folders (``REAL_DATASETS``, e.g. elpv-mono): each model with its shipped recipe
   under one time budget (``REAL_MINUTES``), image AUROC / AUPRC (no pixel masks);
 * ``synthetic`` on ``textures`` (our own benchmark, no paper numbers): every model on the synthetic-defect
@@ -29,7 +30,7 @@ SEEDS = (1997, 2015, 2022)  # papers 000/001 §4
 DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "kmnist": "kmnist"}  # name -> subfolder
 TEXTURE_DATASET = "textures"  # generated on the spot by training.synthetic; class i = TEXTURES[i]
 ROCO_MODELS = ("ae", "memae", "memorizer", "rftm")
-ONE_CLASS_MODELS = ("daad", "anomem")
+ONE_CLASS_MODELS = ("daad", "daad_plus", "anomem")
 ONE_CLASS_DATASETS = ("mnist",)
 TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore")
 # Real defects (issue "real defects"): MVTec-layout folders under --data, each model trained with its
@@ -58,6 +59,7 @@ GRAY32 = {"in_channels": 1, "image_size": 32, "mean": (0.5,), "std": (0.5,)}
 MODEL_OVERRIDES: dict[tuple[str, str], dict[str, Any]] = {
     ("mnist", "memorizer"): {"memory_size": 8},  # paper 000 §4.5: N = 8 on MNIST only
     ("*", "daad"): {**GRAY32, "widths": (32, 64, 128)},
+    ("*", "daad_plus"): {**GRAY32, "widths": (32, 64, 128), "disc_widths": (32, 64, 128)},  # 32 → 4 px
     ("*", "anomem"): dict(GRAY32),
 }
 # Textures: 64 px gray for all; conv backbones for the papers 000/001 models (an FC layer on 4096 pixels

@@ -58,7 +58,8 @@ def test_plan_runs_every_model_on_the_three_textures_for_at_most_20_epochs():
         (m, t) for m in ("ae", "daad_plus") for t in range(3)
     }
     assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {20}
-    assert {c.model for c in cells if c.dataset == "mnist"} == {"ae"}  # DAAD+ has no MNIST protocol
+    mnist = {(c.model, c.protocol) for c in cells if c.dataset == "mnist"}
+    assert mnist == {("ae", "roco"), ("daad_plus", "one_class")}  # paper 003's full method, one-class
     assert accuracy_plan.model_overrides("textures", "ae")["backbone"] == "conv"
 
 
@@ -338,3 +339,13 @@ def test_roco_scores_rescore_kept_runs_and_show_what_ink_alone_says(fake_mnist, 
     assert ink == 100.0  # held-out 0s are the bright squares: ink alone finds them
     with pytest.raises(SystemExit):
         roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "empty")])
+
+
+def test_daad_plus_trains_a_one_class_cell_at_32_px_beside_its_papers_figure(fake_mnist, tmp_path):
+    results = tmp_path / "accuracy.json"
+    cells = accuracy_plan.plan(["mnist"], ["daad_plus"], [0], [2022], max_epochs=1)
+    markdown = results.with_suffix(".md")
+    (record,) = accuracy.run(cells, fake_mnist, results, tmp_path / "work", markdown_path=markdown)["records"]
+    assert record["protocol"] == "one_class" and 0.0 <= record["auroc"] <= 1.0
+    assert record["resolved_model_config"]["disc_widths"] == [32, 64, 128]  # 32 px down to 4 px
+    assert "| **AVG** |" in markdown.read_text() and "| 99.0 |" in markdown.read_text()
