@@ -23,8 +23,7 @@ from sklearn.metrics import roc_auc_score
 
 from mnemo.imaging import Preprocessing
 from mnemo.training.datasets import idx_splits
-from mnemo.training.evaluate import score_dataset
-from mnemo.training.run import load_model, loader
+from mnemo.training.run import load_model
 
 COLUMNS = ("model score", "ink alone", "model score / variance")
 VARIANCE_FLOOR = 1e-8  # a blank image would divide by zero
@@ -38,14 +37,13 @@ def class_aurocs(run: Path, data: Path) -> tuple[int, tuple[float, float, float]
     target = int(report["data"]["target_class"])
     model = load_model(run)
     test = idx_splits(data, "roco", target, Preprocessing.from_model_config(model.config)).test
+    images = test.images_tensor()  # the test set decoded once: scored, and measured without a model
     with torch.inference_mode():
-        scored = score_dataset(model, loader(test, 512, 0), torch.device("cpu"), progress=False)
-    x = test.images_tensor().flatten(1)
+        scores = torch.cat([model.score(batch)[0] for batch in images.split(512)]).numpy()
+    x = images.flatten(1)
     ink = (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
-    variance = x.var(dim=1).numpy()
-    y = scored.labels
-    normalised = scored.scores / (variance + VARIANCE_FLOOR)
-    return target, tuple(100 * roc_auc_score(y, s) for s in (scored.scores, ink, normalised))
+    normalised = scores / (x.var(dim=1).numpy() + VARIANCE_FLOOR)
+    return target, tuple(100 * roc_auc_score(test.labels, s) for s in (scores, ink, normalised))
 
 
 def main(argv: list[str] | None = None) -> int:

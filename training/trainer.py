@@ -254,7 +254,7 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
             f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
         )
     # Non-weight settings (a memory's λ, its rounds) do not show in the state dict: compare configs too.
-    # A field the checkpoint predates is not compared: its default is what that run trained with.
+    # Only fields the checkpoint records are compared: one added to the config since cannot be checked.
     saved, built = ckpt.get("model_config", {}), dataclasses.asdict(model.config)
     changed = {k: (saved[k], v) for k, v in built.items() if k in saved and saved[k] != v}
     if changed:
