@@ -206,6 +206,13 @@ def _serve(sub) -> None:
         "after its answer (Connection: close), as a camera that connects per frame sends them",
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="add a 'dynamic N workers' mode: dynamic batching under `mnemo serve --workers N` (N service "
+        "processes on the port; memory and CPU are the processes' sum); 1 skips it (default 1)",
+    )
+    p.add_argument(
         "--work", default="runs/bench-serve", help="where exported bundles go (default runs/bench-serve)"
     )
     p.add_argument("--results", default=str(RESULTS), help="output folder for serve.json / serve.md")
@@ -272,6 +279,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         burst=args.burst,
         spinning=args.spinning,
         no_keep_alive=args.no_keep_alive,
+        workers=args.workers,
     )
     print(f"results: {Path(args.results) / 'serve.json'} and serve.md ({len(report['bundles'])} bundles)")
     return 0

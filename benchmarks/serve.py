@@ -173,6 +173,7 @@ class Server:
         max_wait_ms: float,
         max_queue: int = 256,
         spinning: bool = False,
+        workers: int = 1,
     ) -> None:
         self.spinning = spinning
         self.port = free_port()
@@ -181,7 +182,7 @@ class Server:
             sys.executable, "-m", "mnemo", "serve", "--model-dir", str(bundle), "--port", str(self.port),
             "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
             "--backend", "onnxruntime", "--device", "cpu", "--log-level", "warning",
-            "--max-queue", str(max_queue),
+            "--max-queue", str(max_queue), "--workers", str(workers),
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
 
@@ -206,20 +207,27 @@ class Server:
             time.sleep(0.05)
         raise RuntimeError(f"mnemo serve not ready after {READY_TIMEOUT_S} s")
 
+    def pids(self) -> list[int]:
+        """The server process and its children (the workers of ``--workers N``), Linux /proc."""
+        tasks = Path(f"/proc/{self.process.pid}/task")
+        children = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+        return [self.process.pid, *children]
+
     def memory_mb(self) -> dict[str, float]:
-        """Resident and peak resident memory of the server process (Linux /proc)."""
-        status = Path(f"/proc/{self.process.pid}/status")
-        fields = {}
-        if status.is_file():
-            for line in status.read_text().splitlines():
+        """Resident and peak resident memory of the server process and its workers, added up (Linux
+        /proc; the peaks of several processes need not coincide, so theirs is an upper bound)."""
+        fields = {"VmRSS": 0.0, "VmHWM": 0.0}
+        for pid in self.pids():
+            status = Path(f"/proc/{pid}/status")
+            for line in status.read_text().splitlines() if status.is_file() else []:
                 key, _, value = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    fields[key] = round(int(value.split()[0]) / 1024, 1)
-        return {"rss_mb": fields.get("VmRSS"), "peak_rss_mb": fields.get("VmHWM")}
+                if key in fields:
+                    fields[key] += int(value.split()[0]) / 1024
+        return {"rss_mb": round(fields["VmRSS"], 1), "peak_rss_mb": round(fields["VmHWM"], 1)}
 
     def probe(self, model: str) -> tuple[float, float, float]:
         """(CPU seconds of the server process, all threads; its batch-size sum; its batch count)."""
-        cpu = process_cpu_s(self.process.pid)
+        cpu = sum(process_cpu_s(pid) for pid in self.pids())
         with urllib.request.urlopen(self.url + "/metrics", timeout=5) as answer:
             text = answer.read().decode()
         total = {"sum": 0.0, "count": 0.0}
@@ -249,6 +257,7 @@ def service_mode(
     spinning: bool = False,
     raw_beside: Callable[[], float] | None = None,
     keep_alive: bool = True,
+    workers: int = 1,
     **load,
 ) -> dict[str, Any]:
     """Every concurrency point against one server; ``raw_beside()`` (raw images/s now), timed before the
@@ -257,7 +266,7 @@ def service_mode(
     # Room for every image the closed loop can have in flight: the bench measures throughput, not the
     # (tested) 503 a full queue answers with.
     queue = max(256, images_per_request * max(concurrency))
-    server = Server(bundle, max_batch_size, max_wait_ms, queue, spinning)
+    server = Server(bundle, max_batch_size, max_wait_ms, queue, spinning, workers)
     try:
         cold = server.start()
         idle = server.memory_mb()
@@ -288,6 +297,7 @@ def service_mode(
             "max_wait_ms": max_wait_ms,
             "ort_spinning": True if spinning else "auto",
             "keep_alive": keep_alive,
+            "workers": workers,
             "cold_start_s": round(cold, 2),
             "memory_after_load_mb": idle,
             "memory_after_run_mb": server.memory_mb(),
@@ -312,14 +322,16 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
     raw_beside = partial(runtime.best_of, raw["leading_batches"], settings["raw_seconds"])
     modes = {}
     batch = settings["max_batch_size"]
-    plan = [("dynamic", batch, 1, False, True), ("batch1", 1, 1, False, True)]
+    plan = [("dynamic", batch, 1, False, True, 1), ("batch1", 1, 1, False, True, 1)]
     if settings["burst"] > 1:
-        plan.append((f"dynamic x{settings['burst']}", batch, settings["burst"], False, True))
+        plan.append((f"dynamic x{settings['burst']}", batch, settings["burst"], False, True, 1))
     if settings["spinning"]:
-        plan.append(("dynamic spin", batch, 1, True, True))
+        plan.append(("dynamic spin", batch, 1, True, True, 1))
     if settings["no_keep_alive"]:
-        plan.append(("dynamic close", batch, 1, False, False))
-    for mode, size, images, spin, keep_alive in plan:
+        plan.append(("dynamic close", batch, 1, False, False, 1))
+    if settings["workers"] > 1:
+        plan.append((f"dynamic {settings['workers']} workers", batch, 1, False, True, settings["workers"]))
+    for mode, size, images, spin, keep_alive, workers in plan:
         modes[mode] = service_mode(
             bundle,
             png,
@@ -330,6 +342,7 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
             spin,
             raw_beside,
             keep_alive,
+            workers,
             **load,
         )
         for p in modes[mode]["points"]:
@@ -362,10 +375,12 @@ def run(
     burst: int = 16,
     spinning: bool = False,
     no_keep_alive: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     settings = dict(
         duration=duration, requests=requests, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
         raw_seconds=raw_seconds, burst=burst, spinning=spinning, no_keep_alive=no_keep_alive,
+        workers=workers,
     )  # fmt: skip
     report = {
         "machine": machine(),

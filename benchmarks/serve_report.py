@@ -20,6 +20,12 @@ def render(report: dict[str, Any]) -> str:
         f"(mode `dynamic x{s.get('burst', 1)}`: that many PNGs per multipart request"
         + ("; mode `dynamic spin`: dynamic batching with `MNEMO_ORT_SPINNING=1`" if s.get("spinning") else "")
         + ("; mode `dynamic close`: a fresh connection per request" if s.get("no_keep_alive") else "")
+        + (
+            f"; mode `dynamic {s['workers']} workers`: `mnemo serve --workers {s['workers']}`, CPU and "
+            "memory of every process added up"
+            if s.get("workers", 1) > 1
+            else ""
+        )
         + "); "
         f"{s['duration']} s or {s['requests']} requests per point; dynamic batching = max batch "
         f"{s['max_batch_size']}, max wait {s['max_wait_ms']} ms. Ratio = service images/s ÷ raw ONNX Runtime "

@@ -72,6 +72,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.capture = _capture_store(settings, app.state.metrics)
     store: ModelStore = app.state.store
     loading = asyncio.create_task(_initial_load(store))
+    if settings.workers > 1:  # a worker takes connections only once it can score; the others serve meanwhile
+        await loading
     grpc_server = await start_grpc(app.state, settings) if settings.grpc_port else None
     try:
         yield
@@ -83,6 +85,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         await store.close()
         if app.state.capture is not None:
             await asyncio.to_thread(app.state.capture.close)
+        app.state.metrics.close()
 
 
 def _capture_store(settings: Settings, metrics: ServiceMetrics) -> CaptureStore | None:

@@ -128,7 +128,13 @@ class CaptureStore:
             self.bytes -= size
 
     def _existing(self) -> list[tuple[Path, int]]:
-        found = [(p, p.stat()) for p in self.root.glob("*/*/*") if p.is_file() and p.parent.name in VERDICTS]
+        found = []
+        for path in self.root.glob("*/*/*"):
+            if path.parent.name in VERDICTS:
+                with contextlib.suppress(FileNotFoundError):  # another worker may be evicting it
+                    stat = path.stat()
+                    if path.is_file():
+                        found.append((path, stat))
         return [(p, st.st_size) for p, st in sorted(found, key=lambda item: (item[1].st_mtime, item[0].name))]
 
 

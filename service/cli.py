@@ -14,6 +14,11 @@ FLAGS = {
     "--model-dir": ("model_dir", str, "directory of model bundles, or one bundle (default ./bundles)"),
     "--host": ("host", str, "interface to listen on; 0.0.0.0 for all (default 127.0.0.1)"),
     "--port": ("port", int, "TCP port (default 8000)"),
+    "--workers": (
+        "workers",
+        int,
+        "service processes sharing the port, each with its own models and inference lane (default 1)",
+    ),
     "--grpc-port": (
         "grpc_port",
         int,
@@ -164,9 +169,14 @@ def run(args: argparse.Namespace) -> int:
     from mnemo.service.settings import Settings
 
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
-    settings = Settings(**{field: value for field, value in given.items() if value is not None})
+    given = {field: value for field, value in given.items() if value is not None}
+    settings = Settings(**given)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if settings.workers > 1:
+        from mnemo.service.workers import serve_workers
+
+        return serve_workers(settings, given)
     uvicorn.Server(server_config(settings, create_app(settings))).run()
     return 0

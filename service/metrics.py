@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 
 from mnemo.service.schemas import ModelInfo
 
@@ -44,7 +45,10 @@ class ServiceMetrics:
         self.batch_size = Histogram(
             "mnemo_batch_size", "Images per inference batch", ["model"], buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("mnemo_queue_depth", "Images waiting for a batch", ["model"], registry=r)
+        self.queue_depth = Gauge(
+            "mnemo_queue_depth", "Images waiting for a batch (all workers)", ["model"], registry=r,
+            multiprocess_mode="livesum",
+        )  # fmt: skip
         self.images = Counter("mnemo_images_scored", "Images scored", ["model"], registry=r)
         self.verdicts = Counter(
             "mnemo_verdicts", "Verdicts by model and outcome", ["model", "verdict"], registry=r
@@ -57,11 +61,12 @@ class ServiceMetrics:
         )
         self.model_info = Gauge(
             "mnemo_model_info", "Loaded models (value 1) with their version and runtime",
-            INFO_LABELS, registry=r,
+            INFO_LABELS, registry=r, multiprocess_mode="livemax",
         )  # fmt: skip
         self.model_loaded = Gauge(
-            "mnemo_model_loaded_timestamp_seconds", "When the model was loaded", ["model"], registry=r
-        )
+            "mnemo_model_loaded_timestamp_seconds", "When the model was loaded", ["model"], registry=r,
+            multiprocess_mode="livemax",
+        )  # fmt: skip
         self.errors = Counter("mnemo_errors", "Errors by kind", ["kind"], registry=r)
         self.captured = Counter(
             "mnemo_captured", "Images saved for review (MNEMO_CAPTURE_DIR)", ["model", "verdict"], registry=r
@@ -69,7 +74,10 @@ class ServiceMetrics:
         self.capture_dropped = Counter(
             "mnemo_capture_dropped", "Images meant for review but not saved", ["reason"], registry=r
         )
-        self.ready = Gauge("mnemo_ready", "1 once models are loaded and warmed", registry=r)
+        self.ready = Gauge(
+            "mnemo_ready", "1 once models are loaded and warmed (every worker)", registry=r,
+            multiprocess_mode="livemin",
+        )  # fmt: skip
 
     def observe_request(self, model: str, status: int, seconds: float) -> None:
         self.requests.labels(model, str(status)).inc()
@@ -98,9 +106,32 @@ class ServiceMetrics:
         self.model_info.labels(*_info_labels(info)).set(1)
 
     def drop_model(self, info: ModelInfo) -> None:
-        """Forget an unloaded or replaced version, so ``mnemo_model_info`` lists only what is served."""
-        with contextlib.suppress(KeyError):
-            self.model_info.remove(*_info_labels(info))
+        """Forget an unloaded or replaced version, so ``mnemo_model_info`` lists only what is served (with
+        several workers, whose values outlive ``remove``, it stays listed at 0)."""
+        self.model_info.labels(*_info_labels(info)).set(0)
+        if not _several_workers():  # prometheus_client cannot remove a series in multiprocess mode
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*_info_labels(info))
+
+    def close(self) -> None:
+        """With several workers: take this worker's gauges out of the combined view as it stops (its
+        counters and histograms stay counted)."""
+        if _several_workers():
+            multiprocess.mark_process_dead(os.getpid())
+
+    def exposition_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` shows: this process's registry, or with several workers (prometheus_client's
+        multiprocess mode, service/workers.py) every worker's values combined."""
+        if not _several_workers():
+            return self.registry
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined)
+        return combined
+
+
+def _several_workers() -> bool:
+    """Whether this process is one of several workers (service/workers.py), its metrics shared on disk."""
+    return bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 
 
 def _info_labels(info: ModelInfo) -> tuple[str, ...]:

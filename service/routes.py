@@ -122,7 +122,7 @@ async def readyz(response: Response, store: StoreDep) -> Readiness:
 @ops.get("/metrics", summary="Prometheus metrics", response_class=Response)
 async def metrics(request: Request, service_metrics: MetricsDep) -> Response:
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(service_metrics.registry), media_type=content_type)
+    return Response(encoder(service_metrics.exposition_registry()), media_type=content_type)
 
 
 # ------------------------------------------------------------------------------------------------- /v1
@@ -170,4 +170,8 @@ async def get_model(model: ModelDep) -> ModelInfo:
 
 @v1.post("/admin/reload", response_model=ReloadResult, summary="re-scan the model directory")
 async def reload_models(store: StoreDep) -> ReloadResult:
-    return ReloadResult(**vars(await store.reload()))
+    from mnemo.service.workers import request_rolling_restart  # imports the server, which imports us
+
+    result = ReloadResult(**vars(await store.reload()))
+    request_rolling_restart()  # with several workers, the others are replaced and load the same directory
+    return result

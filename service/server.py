@@ -216,15 +216,38 @@ class OneWriteTransport:
 def guarded_protocol(settings: Settings, on_refuse: Callable[[str], None] | None = None) -> type:
     """A ``GuardedHttpToolsProtocol`` subclass carrying these settings' limits (uvicorn makes one
     protocol instance per connection from the class)."""
-    return type(
-        "MnemoHttpProtocol",
-        (GuardedHttpToolsProtocol,),
-        {
-            "max_header_bytes": settings.max_header_bytes,
-            "header_timeout_s": settings.header_timeout_s,
-            "body_timeout_s": settings.body_timeout_s,
-            "on_refuse": staticmethod(on_refuse) if on_refuse is not None else None,
-        },
+    protocol = type("MnemoHttpProtocol", (GuardedHttpToolsProtocol,), {})
+    _set_limits(protocol, settings, on_refuse)
+    return protocol
+
+
+def configure_protocol(protocol: type, settings: Settings, app: Any) -> None:
+    """Give ``protocol`` (a ``GuardedHttpToolsProtocol`` subclass) the limits of ``settings``, its
+    refusals counted in ``app``'s metrics."""
+    _set_limits(protocol, settings, _refusal_counter(app))
+
+
+def _set_limits(protocol: type, settings: Settings, on_refuse: Callable[[str], None] | None) -> None:
+    protocol.max_header_bytes = settings.max_header_bytes
+    protocol.header_timeout_s = settings.header_timeout_s
+    protocol.body_timeout_s = settings.body_timeout_s
+    protocol.on_refuse = staticmethod(on_refuse) if on_refuse is not None else None
+
+
+def _refusal_counter(app: Any) -> Callable[[str], None] | None:
+    metrics = getattr(getattr(app, "state", None), "metrics", None)
+    return (lambda code: metrics.errors.labels(code).inc()) if metrics is not None else None
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """The ``uvicorn.Config`` options ``settings`` decide, protocol aside: address, log level, keep-alive
+    and graceful-shutdown timeouts."""
+    return dict(
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,
     )
 
 
@@ -232,16 +255,7 @@ def server_config(settings: Settings, app: Any, *, shortcut: bool = True, **over
     """The ``uvicorn.Config`` for ``app`` under ``settings``: address, log level, the guarded protocol,
     keep-alive and graceful-shutdown timeouts; a Mnemo app is served through its ``ScoreShortcut`` unless
     ``shortcut=False`` (the tests compare the two). ``overrides`` go to ``uvicorn.Config`` as they are."""
-    metrics = getattr(getattr(app, "state", None), "metrics", None)
-    on_refuse = (lambda code: metrics.errors.labels(code).inc()) if metrics is not None else None
-    options: dict[str, Any] = dict(
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        http=guarded_protocol(settings, on_refuse),
-        timeout_keep_alive=settings.keep_alive_timeout_s,
-        timeout_graceful_shutdown=settings.shutdown_timeout_s,
-    )
-    if shortcut and metrics is not None:
+    options = {**server_options(settings), "http": guarded_protocol(settings, _refusal_counter(app))}
+    if shortcut and getattr(getattr(app, "state", None), "metrics", None) is not None:
         app = ScoreShortcut(app)
     return uvicorn.Config(app, **{**options, **overrides})

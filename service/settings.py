@@ -31,6 +31,13 @@ class Settings(BaseSettings):
     )
     host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 for all)")
     port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="service processes sharing the port (service/workers.py): each loads the models and "
+        "runs its own HTTP event loop and inference lane, so HTTP parsing and decoding use more than one "
+        "core; memory grows with each (brick: ~120 MB a worker)",
+    )
     grpc_port: int = Field(
         0,
         ge=0,

@@ -145,13 +145,25 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     report = serve.run(
         [str(bundle)], tmp_path / "work", tmp_path / "results", concurrency=[1, 2], duration=0.5,
         requests=12, max_batch_size=4, raw_seconds=0.05, burst=3, spinning=True, no_keep_alive=True,
+        workers=2,
     )  # fmt: skip
     (b,) = report["bundles"]
     assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
-    assert list(b["service"]) == ["dynamic", "batch1", "dynamic x3", "dynamic spin", "dynamic close"]
+    modes = ["dynamic", "batch1", "dynamic x3", "dynamic spin", "dynamic close", "dynamic 2 workers"]
+    assert list(b["service"]) == modes
     assert b["service"]["dynamic x3"]["images_per_request"] == 3
-    assert [m["ort_spinning"] for m in b["service"].values()] == ["auto", "auto", "auto", True, "auto"]
-    assert [m["keep_alive"] for m in b["service"].values()] == [True] * 4 + [False]
+    assert [m["ort_spinning"] for m in b["service"].values()] == [
+        "auto",
+        "auto",
+        "auto",
+        True,
+        "auto",
+        "auto",
+    ]
+    assert [m["keep_alive"] for m in b["service"].values()] == [True] * 4 + [False, True]
+    assert [m["workers"] for m in b["service"].values()] == [1] * 5 + [2]
+    one, two = (b["service"][m]["memory_after_load_mb"]["rss_mb"] for m in ("dynamic", "dynamic 2 workers"))
+    assert two > 1.5 * one  # two whole services (and a small supervisor), counted together
     for mode in b["service"]:
         r = b["service"][mode]
         assert r["cold_start_s"] > 0 and r["memory_after_load_mb"]["rss_mb"] > 10
