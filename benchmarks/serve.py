@@ -200,12 +200,22 @@ class Server:
                     f"mnemo serve exited with {self.process.returncode}: {' '.join(self.args)}"
                 )
             try:
-                with urllib.request.urlopen(self.url + "/readyz", timeout=1.0):
-                    return time.perf_counter() - started  # urlopen raises unless the status is 2xx
+                if self._ready():
+                    return time.perf_counter() - started
             except OSError:  # refused while starting, or 503 (HTTPError) until the model is loaded
                 pass
             time.sleep(0.05)
         raise RuntimeError(f"mnemo serve not ready after {READY_TIMEOUT_S} s")
+
+    def _ready(self) -> bool:
+        """/readyz is 200 (urlopen raises otherwise); with several workers, every one of them is ready
+        (``mnemo_ready``, their minimum), not only the one that answered."""
+        with urllib.request.urlopen(self.url + "/readyz", timeout=1.0):
+            pass
+        if "--workers" not in self.args or self.args[self.args.index("--workers") + 1] == "1":
+            return True
+        with urllib.request.urlopen(self.url + "/metrics", timeout=1.0) as answer:
+            return "\nmnemo_ready 1.0" in answer.read().decode()
 
     def pids(self) -> list[int]:
         """The server process and its children (the workers of ``--workers N``), Linux /proc."""
@@ -331,6 +341,10 @@ def bench_bundle(name: str, work: Path, concurrency: list[int], settings: dict[s
         plan.append(("dynamic close", batch, 1, False, False, 1))
     if settings["workers"] > 1:
         plan.append((f"dynamic {settings['workers']} workers", batch, 1, False, True, settings["workers"]))
+        if settings["no_keep_alive"]:
+            plan.append(
+                (f"dynamic {settings['workers']} workers close", batch, 1, False, False, settings["workers"])
+            )
     for mode, size, images, spin, keep_alive, workers in plan:
         modes[mode] = service_mode(
             bundle,

@@ -162,10 +162,6 @@ def run_recalibrate(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
-    from mnemo.service.app import create_app
-    from mnemo.service.server import server_config
     from mnemo.service.settings import Settings
 
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
@@ -174,9 +170,14 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    if settings.workers > 1:
+    if settings.workers > 1:  # the supervisor imports no app: each worker builds its own
         from mnemo.service.workers import serve_workers
 
         return serve_workers(settings, given)
+    import uvicorn
+
+    from mnemo.service.app import create_app
+    from mnemo.service.server import server_config
+
     uvicorn.Server(server_config(settings, create_app(settings))).run()
     return 0

@@ -172,6 +172,6 @@ async def get_model(model: ModelDep) -> ModelInfo:
 async def reload_models(store: StoreDep) -> ReloadResult:
     from mnemo.service.workers import request_rolling_restart  # imports the server, which imports us
 
-    result = ReloadResult(**vars(await store.reload()))
-    request_rolling_restart()  # with several workers, the others are replaced and load the same directory
-    return result
+    report = await store.reload()
+    request_rolling_restart(report)  # with several workers, all are replaced and load the same directory
+    return ReloadResult(**vars(report))

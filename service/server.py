@@ -33,7 +33,6 @@ from typing import Any, ClassVar
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from mnemo.service.score_shortcut import ScoreShortcut
 from mnemo.service.settings import Settings
 
 HEAD_END = b"\r\n\r\n"  # llhttp takes CRLF line ends only
@@ -255,6 +254,8 @@ def server_config(settings: Settings, app: Any, *, shortcut: bool = True, **over
     """The ``uvicorn.Config`` for ``app`` under ``settings``: address, log level, the guarded protocol,
     keep-alive and graceful-shutdown timeouts; a Mnemo app is served through its ``ScoreShortcut`` unless
     ``shortcut=False`` (the tests compare the two). ``overrides`` go to ``uvicorn.Config`` as they are."""
+    from mnemo.service.score_shortcut import ScoreShortcut  # the app's side; a supervisor needs none of it
+
     options = {**server_options(settings), "http": guarded_protocol(settings, _refusal_counter(app))}
     if shortcut and getattr(getattr(app, "state", None), "metrics", None) is not None:
         app = ScoreShortcut(app)

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
         "runs its own HTTP event loop and inference lane, so HTTP parsing and decoding use more than one "
         "core; memory grows with each (brick: ~120 MB a worker)",
     )
+    worker_start_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="with several workers: how long a new worker may take to load and warm its models "
+        "(and longest silence on the supervisor's health pings) before it is killed; a rolling restart "
+        "whose new worker is not serving by then keeps the old one",
+    )
     grpc_port: int = Field(
         0,
         ge=0,

@@ -18,24 +18,28 @@ What the workers share, and how:
   environment, so each worker builds the same ``Settings``;
 * **metrics**: prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory the
   parent removes on exit), so ``/metrics`` from any worker adds up every worker's counters and histograms.
-  Gauges say how they combine (``service/metrics.py``); a worker killed outright leaves its last gauge
-  values until the service restarts (counters are unaffected);
-* **reloads**: ``POST /v1/admin/reload`` reloads the worker that answers it, then asks the parent (SIGHUP)
-  to replace every worker, so all of them serve the directory as it is now within a few seconds.
+  Gauges say how they combine (``service/metrics.py``); ``Supervisor`` takes a gone worker's gauges out
+  (counters stay counted);
+* **reloads**: ``POST /v1/admin/reload`` reloads the worker that answers it, then, when a bundle was
+  loaded or removed, asks the parent (SIGHUP) to replace every worker, so all of them serve the directory
+  as it is now within a few seconds (``request_rolling_restart`` says when it does not).
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
+from pathlib import Path
 from typing import Any
+
+from uvicorn.supervisors import Multiprocess
 
 from mnemo.service.server import GuardedHttpToolsProtocol, configure_protocol, server_options
 
@@ -44,24 +48,57 @@ SUPERVISOR_ENV = "MNEMO_SUPERVISOR_PID"  # set in workers: whom to ask for a rol
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when it is imported
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start serving
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
+LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")  # prometheus_client's per-process live gauges
 
 
 class WorkerProtocol(GuardedHttpToolsProtocol):
     """The guarded protocol uvicorn imports by name in a worker; ``worker_app`` sets its limits."""
 
 
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor, plus: a worker that is gone (killed, or retired by a restart) leaves the
+    combined gauges at once, as prometheus_client asks of a parent (``mark_process_dead``), even one that
+    could not clean up itself; and SIGHUPs that arrive together cause one rolling restart, not one each."""
+
+    def __init__(self, config: Any, sockets: list, metrics_dir: Path) -> None:
+        super().__init__(config, sockets)
+        self.metrics_dir = metrics_dir
+
+    def handle_signals(self) -> None:
+        hups = [sig for sig in self.signal_queue if sig == signal.SIGHUP]
+        for extra in hups[1:]:
+            self.signal_queue.remove(extra)
+        super().handle_signals()
+
+    def keep_subprocess_alive(self) -> None:
+        super().keep_subprocess_alive()
+        self._forget_gone_workers()
+
+    def restart_all(self) -> None:
+        super().restart_all()
+        self._forget_gone_workers()
+
+    def _forget_gone_workers(self) -> None:
+        from prometheus_client import multiprocess
+
+        serving = {process.pid for process in self.processes}
+        for path in self.metrics_dir.glob("gauge_live*.db"):
+            match = LIVE_GAUGE_FILE.fullmatch(path.name)
+            if match and int(match[1]) not in serving:
+                multiprocess.mark_process_dead(int(match[1]), str(self.metrics_dir))
+
+
 def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
     """Bind the port, run ``settings.workers`` service processes on it until SIGTERM/SIGINT; 0 on a clean
     stop, 1 when a worker cannot start (the supervisor then stops rather than restart it for ever)."""
     import uvicorn
-    from uvicorn.supervisors import Multiprocess
 
-    metrics_dir = tempfile.mkdtemp(prefix="mnemo-metrics-")
+    metrics_dir = Path(tempfile.mkdtemp(prefix="mnemo-metrics-"))
     os.environ.update(
         {
             WORKER_FLAGS_ENV: json.dumps(flags, default=str),
             SUPERVISOR_ENV: str(os.getpid()),
-            METRICS_DIR_ENV: metrics_dir,
+            METRICS_DIR_ENV: str(metrics_dir),
         }
     )
     config = uvicorn.Config(
@@ -69,10 +106,11 @@ def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
         factory=True,
         http=f"{__name__}:WorkerProtocol",
         workers=settings.workers,
+        timeout_worker_healthcheck=settings.worker_start_timeout_s,
         **server_options(settings),
     )
     try:
-        supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+        supervisor = Supervisor(config, [config.bind_socket()], metrics_dir)
         supervisor.run()
         failed = any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
     finally:
@@ -99,19 +137,27 @@ def worker_app() -> Any:
 
 def _stop_with_supervisor() -> None:
     """Have the kernel send this worker SIGTERM when the supervisor dies (Linux ``PR_SET_PDEATHSIG``), so a
-    supervisor killed outright leaves no orphan serving the port with what it loaded long ago."""
-    libc = ctypes.util.find_library("c")
-    if libc is None or not sys.platform.startswith("linux"):
+    supervisor killed outright leaves no orphan serving the port with what it loaded long ago. uvicorn
+    starts every worker from the supervisor's main thread, whose end is the supervisor's end."""
+    if not sys.platform.startswith("linux"):
         return
-    ctypes.CDLL(libc).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        logging.getLogger("mnemo.service").warning(
+            "workers: prctl(PR_SET_PDEATHSIG) failed (errno %d); this worker outlives a killed supervisor",
+            ctypes.get_errno(),
+        )
     if str(os.getppid()) != os.environ.get(SUPERVISOR_ENV):  # it died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def request_rolling_restart() -> bool:
-    """Ask the supervisor to replace every worker (after a reload); False when not under one."""
+def request_rolling_restart(reload: Any) -> bool:
+    """After ``reload`` (this worker's ``ReloadReport``), ask the supervisor to replace every worker so
+    that all serve what this one now does; True when asked. Not when nothing changed, and not when a
+    bundle kept its previous version because its new one failed: a fresh worker has no previous version
+    to keep and would drop the model (the others keep serving it; fix the bundle and reload again)."""
     pid = os.environ.get(SUPERVISOR_ENV)
-    if not pid:
+    if not pid or reload.kept or not (reload.loaded or reload.removed):
         return False
     os.kill(int(pid), signal.SIGHUP)
     return True

@@ -150,18 +150,12 @@ def test_serve_bench_against_raw_onnxruntime(tmp_path):
     (b,) = report["bundles"]
     assert b["raw"]["best_images_per_s"] > 0 and b["raw"]["single_image_ms"]["p50"] > 0
     modes = ["dynamic", "batch1", "dynamic x3", "dynamic spin", "dynamic close", "dynamic 2 workers"]
-    assert list(b["service"]) == modes
+    assert list(b["service"]) == [*modes, "dynamic 2 workers close"]
     assert b["service"]["dynamic x3"]["images_per_request"] == 3
-    assert [m["ort_spinning"] for m in b["service"].values()] == [
-        "auto",
-        "auto",
-        "auto",
-        True,
-        "auto",
-        "auto",
-    ]
-    assert [m["keep_alive"] for m in b["service"].values()] == [True] * 4 + [False, True]
-    assert [m["workers"] for m in b["service"].values()] == [1] * 5 + [2]
+    spin = [m["ort_spinning"] for m in b["service"].values()]
+    assert spin == ["auto", "auto", "auto", True, "auto", "auto", "auto"]
+    assert [m["keep_alive"] for m in b["service"].values()] == [True] * 4 + [False, True, False]
+    assert [m["workers"] for m in b["service"].values()] == [1] * 5 + [2, 2]
     one, two = (b["service"][m]["memory_after_load_mb"]["rss_mb"] for m in ("dynamic", "dynamic 2 workers"))
     assert two > 1.5 * one  # two whole services (and a small supervisor), counted together
     for mode in b["service"]:

@@ -3,10 +3,13 @@ their metrics combined, a reload reaching both, a killed worker replaced, a clea
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
 import signal
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -23,10 +26,31 @@ PNG = png_bytes(smooth_images(1, 1, 28)[0])
 
 def workers_of(parent: int) -> set[int]:
     """The supervisor's service processes (its children, less multiprocessing's resource tracker)."""
-    children = set()
+    children, workers = set(), set()
     for task in Path(f"/proc/{parent}/task").iterdir():
-        children |= {int(pid) for pid in (task / "children").read_text().split()}
-    return {pid for pid in children if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text()}
+        with contextlib.suppress(FileNotFoundError):
+            children |= {int(pid) for pid in (task / "children").read_text().split()}
+    for pid in children:
+        with contextlib.suppress(FileNotFoundError):  # reaped meanwhile
+            if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_text():
+                workers.add(pid)
+    return workers
+
+
+def all_ready(url: str) -> bool:
+    """``mnemo_ready`` is the minimum over the workers: 1 once every one of them has loaded its models."""
+    return metric_value(httpx.get(f"{url}/metrics").text, "mnemo_ready") == 1
+
+
+def requests_counted_by(metrics_dir: Path, pid: int) -> float:
+    """Score requests one worker counted, from its own file of prometheus_client's multiprocess mode."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    total = 0.0
+    for key, value, _, _ in MmapedDict.read_all_values_from_file(str(metrics_dir / f"counter_{pid}.db")):
+        if json.loads(key)[1] == "mnemo_requests_total":
+            total += value
+    return total
 
 
 def wait_for(check, seconds: float = 30.0) -> None:
@@ -37,15 +61,18 @@ def wait_for(check, seconds: float = 30.0) -> None:
 
 
 def score_on_fresh_connections(url: str, n: int) -> list[int]:
-    """``n`` score requests, each on its own connection, so the kernel spreads them over the workers."""
-    statuses = []
-    for _ in range(n):
+    """``n`` score requests, four at a time, each on its own connection, so the kernel spreads them over
+    the workers."""
+
+    def one(_: int) -> int:
         with httpx.Client() as client:
             answer = client.post(
                 f"{url}/v1/models/gray:score", content=PNG, headers={"content-type": "image/png"}
             )
-            statuses.append(answer.status_code)
-    return statuses
+            return answer.status_code
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(one, range(n)))
 
 
 @pytest.fixture
@@ -53,11 +80,13 @@ def two_workers(bundle_dir, tmp_path):
     models = tmp_path / "models"
     shutil.copytree(bundle_dir, models)
     process, url = start_serving("--model-dir", str(models), "--workers", "2")
-    wait_for(lambda: len(workers_of(process.pid)) == 2)
-    yield process, url, models
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=30)
+    try:
+        wait_for(lambda: len(workers_of(process.pid)) == 2 and all_ready(url))
+        yield process, url, models
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.communicate(timeout=30)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux /proc")
@@ -72,13 +101,14 @@ def test_workers_stop_when_their_supervisor_is_killed(two_workers):
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux /proc")
 def test_two_workers_share_the_port_and_their_metrics(two_workers):
     process, url, _ = two_workers
-    assert score_on_fresh_connections(url, 30) == [200] * 30
+    assert score_on_fresh_connections(url, 40) == [200] * 40
+    metrics_dir = Path(environment(min(workers_of(process.pid)))["PROMETHEUS_MULTIPROC_DIR"])
+    served = [requests_counted_by(metrics_dir, pid) for pid in workers_of(process.pid)]
+    assert sum(served) == 40 and min(served) > 0, served  # both workers took requests
     for _ in range(6):  # whichever worker answers the scrape, it counts every worker's requests
         text = httpx.get(f"{url}/metrics").text
-        assert metric_value(text, "mnemo_requests_total", model="gray", status="200") == 30
+        assert metric_value(text, "mnemo_requests_total", model="gray", status="200") == 40
         assert metric_value(text, "mnemo_ready") == 1
-    metrics_dir = Path(environment(min(workers_of(process.pid)))["PROMETHEUS_MULTIPROC_DIR"])
-    assert metrics_dir.is_dir()
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
@@ -94,6 +124,9 @@ def environment(pid: int) -> dict[str, str]:
 def test_a_reload_reaches_every_worker(two_workers):
     process, url, models = two_workers
     before = workers_of(process.pid)
+    assert httpx.post(f"{url}/v1/admin/reload").json()["unchanged"] == ["color", "gray"]
+    time.sleep(2)
+    assert workers_of(process.pid) == before  # nothing changed: no restart
     export_tiny_bundle(models, "late", spec="gray")
     answer = httpx.post(f"{url}/v1/admin/reload")
     assert answer.status_code == 200 and answer.json()["loaded"] == ["late"]
@@ -112,5 +145,8 @@ def test_a_killed_worker_is_replaced_and_the_service_keeps_answering(two_workers
     os.kill(victim, signal.SIGKILL)
     assert score_on_fresh_connections(url, 10) == [200] * 10  # the other worker serves meanwhile
     wait_for(lambda: victim not in workers_of(process.pid) and len(workers_of(process.pid)) == 2)
-    wait_for(lambda: httpx.get(f"{url}/readyz").status_code == 200)
+    # the replacement loads, and the killed worker's gauges (it could not clean up) leave the combined view
+    wait_for(lambda: all_ready(url))
+    metrics_dir = Path(environment(min(workers_of(process.pid)))["PROMETHEUS_MULTIPROC_DIR"])
+    assert not list(metrics_dir.glob(f"gauge_live*_{victim}.db"))
     assert score_on_fresh_connections(url, 10) == [200] * 10
