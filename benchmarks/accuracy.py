@@ -180,6 +180,21 @@ def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
     )
 
 
+def planned_model_config(cell: Cell) -> dict[str, Any] | None:
+    """The model configuration the plan trains an IDX cell with (JSON-normalised); None for the
+    texture and real-defect cells, whose configuration comes with their data set or recipe."""
+    if cell.protocol not in ("roco", "one_class"):
+        return None
+    return json.loads(json.dumps(model_overrides(cell.dataset, cell.model)))
+
+
+def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
+    """Whether a cached record was trained with another model configuration than the plan now gives its
+    cell (the key names the cell, not its configuration), so that it is run again rather than mixed in."""
+    planned = planned_model_config(cell)
+    return planned is not None and json.loads(json.dumps(record.get("model_config", {}))) != planned
+
+
 def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
@@ -234,6 +249,12 @@ def run(
     """Run every cell not yet in ``results_path``, saving after each; returns the results."""
     repo = Path(__file__).resolve().parents[1]
     results = load_results(results_path)
+    planned = {c.key: c for c in cells}
+    outdated = [r for r in results["records"] if r["key"] in planned and is_outdated(r, planned[r["key"]])]
+    for record in outdated:
+        print(f"accuracy: {record['key']} was trained with {record['model_config']}; the plan now says "
+              f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
+    results["records"] = [r for r in results["records"] if not any(r is o for o in outdated)]
     done = {r["key"] for r in results["records"]}
     todo = [c for c in cells if c.key not in done]
     print(f"accuracy: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run", flush=True)

@@ -115,6 +115,19 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
     again = accuracy.run(cells, fake_mnist, results, tmp_path / "work")
     assert len(again["records"]) == 2
 
+    # the plan changes a cell's configuration: its cached record is trained again and replaced
+    retrained = []
+
+    def fake_cell(cell, *args, **kwargs):
+        retrained.append(cell.key)
+        return {**records[1], "model_config": {"memory_size": 9}, "auroc": 0.25}
+
+    monkeypatch.setattr(accuracy, "run_cell", fake_cell)
+    monkeypatch.setitem(accuracy_plan.MODEL_OVERRIDES, ("mnist", "memorizer"), {"memory_size": 9})
+    changed = accuracy.run(cells, fake_mnist, results, tmp_path / "work")
+    assert retrained == [records[1]["key"]]
+    assert [r["auroc"] for r in changed["records"]] == [records[0]["auroc"], 0.25]
+
     markdown = results.with_suffix(".md").read_text()
     assert "CAPPED at 1 epochs" in markdown
     assert "79.16±0.30" in markdown and "63.20±0.52" in markdown  # paper 000: AE class 0 and average
