@@ -367,4 +367,5 @@ def test_daad_plus_trains_a_one_class_cell_at_32_px_beside_its_papers_figure(fak
     (record,) = accuracy.run(cells, fake_mnist, results, tmp_path / "work", markdown_path=markdown)["records"]
     assert record["protocol"] == "one_class" and 0.0 <= record["auroc"] <= 1.0
     assert record["resolved_model_config"]["disc_widths"] == [32, 64, 128]  # 32 px down to 4 px
+    assert record["resolved_model_config"]["division_rates"] == [1, 1, 1]  # one block per map on digits
     assert "| **AVG** |" in markdown.read_text() and "| 99.0 |" in markdown.read_text()
