@@ -72,10 +72,11 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.capture = _capture_store(settings, app.state.metrics)
     store: ModelStore = app.state.store
     loading = asyncio.create_task(_initial_load(store))
-    if settings.workers > 1:  # a worker takes connections only once it can score; the others serve meanwhile
-        await loading
-    grpc_server = await start_grpc(app.state, settings) if settings.grpc_port else None
+    grpc_server = None
     try:
+        if settings.workers > 1:  # a worker takes connections only once it can score; others serve meanwhile
+            await loading
+        grpc_server = await start_grpc(app.state, settings) if settings.grpc_port else None
         yield
     finally:
         if grpc_server is not None:  # running calls get the shutdown timeout to finish
