@@ -254,7 +254,7 @@ def run(
     for record in outdated:
         print(f"accuracy: {record['key']} was trained with {record['model_config']}; the plan now says "
               f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
-    results["records"] = [r for r in results["records"] if not any(r is o for o in outdated)]
+    results["records"] = [r for r in results["records"] if r not in outdated]
     done = {r["key"] for r in results["records"]}
     todo = [c for c in cells if c.key not in done]
     print(f"accuracy: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run", flush=True)

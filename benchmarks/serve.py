@@ -175,7 +175,7 @@ class Server:
         spinning: bool = False,
         workers: int = 1,
     ) -> None:
-        self.spinning = spinning
+        self.spinning, self.workers = spinning, workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.args = [
@@ -212,7 +212,7 @@ class Server:
         (``mnemo_ready``, their minimum), not only the one that answered."""
         with urllib.request.urlopen(self.url + "/readyz", timeout=1.0):
             pass
-        if "--workers" not in self.args or self.args[self.args.index("--workers") + 1] == "1":
+        if self.workers == 1:
             return True
         with urllib.request.urlopen(self.url + "/metrics", timeout=1.0) as answer:
             return "\nmnemo_ready 1.0" in answer.read().decode()

@@ -22,6 +22,7 @@ import json
 import logging
 import queue
 import random
+import stat
 import threading
 import uuid
 from collections import deque
@@ -132,9 +133,9 @@ class CaptureStore:
         for path in self.root.glob("*/*/*"):
             if path.parent.name in VERDICTS:
                 with contextlib.suppress(FileNotFoundError):  # another worker may be evicting it
-                    stat = path.stat()
-                    if path.is_file():
-                        found.append((path, stat))
+                    info = path.stat()
+                    if stat.S_ISREG(info.st_mode):
+                        found.append((path, info))
         return [(p, st.st_size) for p, st in sorted(found, key=lambda item: (item[1].st_mtime, item[0].name))]
 
 

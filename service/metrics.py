@@ -106,12 +106,13 @@ class ServiceMetrics:
         self.model_info.labels(*_info_labels(info)).set(1)
 
     def drop_model(self, info: ModelInfo) -> None:
-        """Forget an unloaded or replaced version, so ``mnemo_model_info`` lists only what is served (with
-        several workers, whose values outlive ``remove``, it stays listed at 0)."""
-        self.model_info.labels(*_info_labels(info)).set(0)
-        if not _several_workers():  # prometheus_client cannot remove a series in multiprocess mode
-            with contextlib.suppress(KeyError):
-                self.model_info.remove(*_info_labels(info))
+        """Forget an unloaded or replaced version, so ``mnemo_model_info`` lists only what is served. With
+        several workers prometheus_client cannot remove a series: it reads 0 until this worker is replaced."""
+        if _several_workers():
+            self.model_info.labels(*_info_labels(info)).set(0)
+            return
+        with contextlib.suppress(KeyError):
+            self.model_info.remove(*_info_labels(info))
 
     def close(self) -> None:
         """With several workers: take this worker's gauges out of the combined view as it stops (its

@@ -37,6 +37,7 @@ from mnemo.service.schemas import (
     ScoreResponse,
 )
 from mnemo.service.scoring import ScoreOptions, score_request
+from mnemo.service.workers import request_rolling_restart
 
 INDEX_HTML = Path(__file__).parent / "static" / "index.html"
 UNKNOWN_MODEL = "_unknown"  # metrics label for unknown names, so clients cannot grow label sets at will
@@ -170,8 +171,6 @@ async def get_model(model: ModelDep) -> ModelInfo:
 
 @v1.post("/admin/reload", response_model=ReloadResult, summary="re-scan the model directory")
 async def reload_models(store: StoreDep) -> ReloadResult:
-    from mnemo.service.workers import request_rolling_restart  # imports the server, which imports us
-
     report = await store.reload()
     request_rolling_restart(report)  # with several workers, all are replaced and load the same directory
     return ReloadResult(**vars(report))

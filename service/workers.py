@@ -39,6 +39,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
 from mnemo.service.server import GuardedHttpToolsProtocol, configure_protocol, server_options
@@ -79,8 +80,6 @@ class Supervisor(Multiprocess):
         self._forget_gone_workers()
 
     def _forget_gone_workers(self) -> None:
-        from prometheus_client import multiprocess
-
         serving = {process.pid for process in self.processes}
         for path in self.metrics_dir.glob("gauge_live*.db"):
             match = LIVE_GAUGE_FILE.fullmatch(path.name)
