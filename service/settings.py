@@ -41,9 +41,8 @@ class Settings(BaseSettings):
     worker_start_timeout_s: float = Field(
         120.0,
         gt=0,
-        description="with several workers: how long a new worker may take to load and warm its models "
-        "(and longest silence on the supervisor's health pings) before it is killed; a rolling restart "
-        "whose new worker is not serving by then keeps the old one",
+        description="with several workers: how long a new worker of a rolling restart may take to load "
+        "and warm its models; one not serving by then is killed and the old one kept",
     )
     grpc_port: int = Field(
         0,

@@ -61,9 +61,9 @@ class Supervisor(Multiprocess):
     combined gauges at once, as prometheus_client asks of a parent (``mark_process_dead``), even one that
     could not clean up itself; and SIGHUPs that arrive together cause one rolling restart, not one each."""
 
-    def __init__(self, config: Any, sockets: list, metrics_dir: Path) -> None:
+    def __init__(self, config: Any, sockets: list, metrics_dir: Path, start_timeout_s: float) -> None:
         super().__init__(config, sockets)
-        self.metrics_dir = metrics_dir
+        self.metrics_dir, self.start_timeout_s = metrics_dir, start_timeout_s
 
     def handle_signals(self) -> None:
         hups = [sig for sig in self.signal_queue if sig == signal.SIGHUP]
@@ -76,7 +76,15 @@ class Supervisor(Multiprocess):
         self._forget_gone_workers()
 
     def restart_all(self) -> None:
-        super().restart_all()
+        """uvicorn waits ``timeout_worker_healthcheck`` for each new worker to serve, and for every health
+        ping too; only the first may be long (loading models), or a worker dying between pings would hold
+        the supervisor, signals included, for as long."""
+        ping_timeout = self.config.timeout_worker_healthcheck
+        self.config.timeout_worker_healthcheck = self.start_timeout_s
+        try:
+            super().restart_all()
+        finally:
+            self.config.timeout_worker_healthcheck = ping_timeout
         self._forget_gone_workers()
 
     def _forget_gone_workers(self) -> None:
@@ -105,11 +113,10 @@ def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
         factory=True,
         http=f"{__name__}:WorkerProtocol",
         workers=settings.workers,
-        timeout_worker_healthcheck=settings.worker_start_timeout_s,
         **server_options(settings),
     )
     try:
-        supervisor = Supervisor(config, [config.bind_socket()], metrics_dir)
+        supervisor = Supervisor(config, [config.bind_socket()], metrics_dir, settings.worker_start_timeout_s)
         supervisor.run()
         failed = any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
     finally:
