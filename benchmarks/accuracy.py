@@ -3,8 +3,9 @@
 A *cell* is one (dataset, protocol, model, class, seed) training run through ``training.run.train_run``
 (the same code as ``mnemo train``): the papers' Adam 1e-3, batch 256, early stopping with patience 10 on a
 10 % validation split drawn with seed 2022, up to 100 epochs. Each finished cell is appended to the results
-JSON at once, so an interrupted run resumes where it stopped and a rerun skips what is there. A cell's key
-includes its epoch cap, so a capped (quick) result never stands in for the papers' protocol.
+JSON at once, so an interrupted run resumes where it stopped (a cell stopped mid-training from its last
+epoch's checkpoint) and a rerun skips what is there. A cell's key includes its epoch cap, so a capped
+(quick) result never stands in for the papers' protocol.
 
 What runs where is the plan (``benchmarks/accuracy_plan.py``); the tables are ``accuracy_report.py``.
 """
@@ -195,16 +196,38 @@ def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
     return planned is not None and json.loads(json.dumps(record.get("model_config", {}))) != planned
 
 
+def train_or_resume(cfg) -> tuple[Path, bool]:
+    """Train a cell, continuing from its run directory's last checkpoint when an earlier sitting was
+    stopped mid-cell (an uncapped cell runs for hours); a checkpoint of another configuration is
+    discarded and the cell starts over, as is a cell under a time budget (a real-defect cell), since
+    `--resume` grants a fresh budget and the cell would train longer than its peers. Returns the run
+    directory and whether it resumed.
+
+    A resumed cell is not bit-identical to an uninterrupted one: the shuffling generator restarts from
+    the seed at the resumed epoch."""
+    from mnemo.training.run import train_run
+    from mnemo.training.trainer import CHECKPOINT_LAST, ResumeMismatch
+
+    last = cfg.output_path / CHECKPOINT_LAST
+    if not last.exists() or cfg.optim.max_minutes > 0:
+        return train_run(cfg, progress=False), False
+    try:
+        return train_run(cfg, resume=True, progress=False), True
+    except ResumeMismatch as err:
+        print(f"{err}: training the cell from the start")
+        shutil.rmtree(cfg.output_path)
+        return train_run(cfg, progress=False), False
+
+
 def run_cell(
     cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
 ) -> dict[str, Any]:
     """Train + evaluate one cell; returns its record (metrics as fractions in [0, 1])."""
     from mnemo.training import config as run_cfg
-    from mnemo.training.run import train_run
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()
-    out = train_run(cfg, progress=False)
+    out, resumed = train_or_resume(cfg)
     seconds = time.perf_counter() - started
     cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
@@ -227,7 +250,8 @@ def run_cell(
         "train_seconds": report.get("train_seconds"),
         "stop_reason": report.get("stop_reason"),
         **({"recipe": REAL_RECIPES[cell.model]} if cell.dataset in REAL_DATASETS else {}),
-        "seconds": round(seconds, 1),
+        "seconds": round(seconds, 1),  # this sitting only; train_seconds spans every resume
+        "resumed": resumed,
         "device": report["device"],
     }
 

@@ -41,14 +41,15 @@ def _accuracy(sub) -> None:
         "accuracy",
         help="train and evaluate every (dataset, protocol, model, class, seed) cell; resumable",
         description="Train and evaluate each cell with `mnemo train`'s pipeline (Adam 1e-3, batch 256, "
-        "early stopping with patience 10 on a 10 %% validation split, up to 100 epochs), append its AUROC, "
+        "early stopping with patience 10 on a 10 % validation split, up to 100 epochs), append its AUROC, "
         "AUPRC and best F1 to the results JSON at once, and rewrite the markdown table (ours beside the "
         "papers'). "
-        "Cells already in the JSON are skipped, so an interrupted run resumes. Seeds run one after the "
-        "other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX dataset); daad, "
-        "anomem (one-class, MNIST only); all seven on `textures`, our synthetic-defect benchmark (brick, "
-        "grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel AUROC and PRO; 64 px, "
-        "Adam 1e-3, batch 16, at most 20 epochs).",
+        "Cells already in the JSON are skipped, so an interrupted run resumes; a cell stopped mid-training "
+        "continues from its last epoch's checkpoint in --work (not one under a time budget). Seeds run "
+        "one after the other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX "
+        "dataset); daad, anomem (one-class, MNIST only); all seven on `textures`, our synthetic-defect "
+        "benchmark (brick, grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel AUROC "
+        "and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
     )
     p.add_argument(
         "--data",

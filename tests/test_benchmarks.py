@@ -136,6 +136,26 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
     assert ours in markdown
 
 
+def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp_path, monkeypatch):
+    from mnemo.training.run import train_run
+
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
+    cfg = accuracy.run_config(cell, fake_mnist, tmp_path / "work", 10, "cpu")
+    # an earlier sitting stopped after epoch 1 of the cell's 3, in the cell's own run directory
+    train_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_epochs=1)), progress=False)
+    record = accuracy.run_cell(cell, fake_mnist, tmp_path / "work", 10, "cpu", keep=True)
+    history = json.loads((cfg.output_path / "history.json").read_text())
+    assert record["resumed"] and record["epochs"] == 3
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept from the first sitting
+
+    # the plan changed the cell's model since: its checkpoint is discarded and the cell starts over
+    monkeypatch.setitem(accuracy_plan.MODEL_OVERRIDES, ("mnist", "ae"), {"hidden_dims": (64, 32, 16)})
+    train_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_epochs=1)), progress=False)
+    record = accuracy.run_cell(cell, fake_mnist, tmp_path / "work", 10, "cpu", keep=False)
+    assert not record["resumed"] and record["epochs"] == 3
+    assert record["resolved_model_config"]["hidden_dims"] == [64, 32, 16]
+
+
 def test_report_average_is_over_seeds_of_class_means():
     records = [
         {"dataset": "mnist", "protocol": "roco", "model": "ae", "target_class": c, "seed": s,

@@ -247,10 +247,15 @@ def set_cosine_lr(optimizers: list[torch.optim.Optimizer], progress: float) -> N
             group["lr"] = group["initial_lr"] * factor
 
 
+class ResumeMismatch(ValueError):
+    """The checkpoint to resume from was trained as another model or configuration: continuing it would
+    mix two runs, so the caller starts over or says how to continue it as it was."""
+
+
 def load_training_state(path: Path, model, optimizers, device) -> TrainState:
     ckpt = torch.load(path, map_location=device, weights_only=False)
     if ckpt["model_name"] != model.model_name:
-        raise ValueError(
+        raise ResumeMismatch(
             f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
         )
     # Non-weight settings (a memory's λ, its rounds) do not show in the state dict: compare configs too.
@@ -260,7 +265,7 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
     if changed:
         detail = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in sorted(changed.items()))
         keep = " ".join(f"--set 'model_config.{k}={json.dumps(v)}'" for k, (v, _) in sorted(changed.items()))
-        raise ValueError(
+        raise ResumeMismatch(
             f"cannot resume: {path} was trained with another model config ({detail}); "
             f"to continue it as it was trained, add {keep}"
         )
