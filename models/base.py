@@ -32,6 +32,13 @@ import torch.nn as nn
 from mnemo.models.heatmap import GaussianBlur
 
 
+def adam(params: Iterable[nn.Parameter], lr: float, weight_decay: float = 0.0) -> torch.optim.Adam:
+    """Adam with its fused kernel (CPU and CUDA): one pass over every parameter instead of torch's
+    per-tensor Python loop, the default on CPU. The same update; a DAAD one-class step (29 M memory
+    weights) 300 → 250 ms on one thread (docs/training.md)."""
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Fields every model shares; architecture configs extend it.
@@ -75,7 +82,7 @@ class AnomalyModel(nn.Module):
 
     def configure_optimizers(self, optim: OptimSettings) -> list[torch.optim.Optimizer]:
         """One Adam over every parameter (papers 000/001 §4)."""
-        return [torch.optim.Adam(self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
+        return [adam(self.parameters(), lr=optim.lr, weight_decay=optim.weight_decay)]
 
     def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:
         """One step on ``loss(x)["loss"]`` with the single optimiser; returns every loss part, for logging."""

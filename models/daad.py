@@ -48,7 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mnemo.models.backbones import conv_block, deconv_block
-from mnemo.models.base import ModelConfig, OptimSettings, ReconstructionModel
+from mnemo.models.base import ModelConfig, OptimSettings, ReconstructionModel, adam
 from mnemo.models.memory import BlockwiseMemory
 from mnemo.models.registry import register_model
 
@@ -184,8 +184,8 @@ class DAADPlus(DAAD):
         """[G's Adam, D's Adam] at the model's own rates, with Adam's default betas (paper 003: 2e-4 once
         the adversarial losses are on); the run's ``optim`` settings do not apply."""
         return [
-            torch.optim.Adam(self.generator_parameters(), lr=self.config.lr_generator),
-            torch.optim.Adam(self.discriminator_parameters(), lr=self.config.lr_discriminator),
+            adam(self.generator_parameters(), lr=self.config.lr_generator),
+            adam(self.discriminator_parameters(), lr=self.config.lr_discriminator),
         ]
 
     def training_step(self, x: torch.Tensor, optimizers: list[torch.optim.Optimizer]) -> dict[str, float]:

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mnemo.models.memory import ForgettingMemory, MemAEMemory, MultiRoundMemory, TwinMemory
-from mnemo.models.memory.memae import attention_entropy, hard_shrink_relu
+from mnemo.models.memory.memae import attention_entropy, cosine_similarity, hard_shrink_relu
 
 
 def test_hard_shrinkage_zeroes_weights_below_lambda_and_keeps_the_rest():
@@ -50,6 +51,22 @@ def test_memae_cosine_similarity_is_scale_invariant():
     mem = MemAEMemory(10, 6)
     z = torch.randn(4, 6)
     torch.testing.assert_close(mem.address(z), mem.address(10 * z))
+
+
+def test_cosine_similarity_matches_normalising_both_sides_values_and_gradients():
+    torch.manual_seed(0)
+    z = torch.randn(4, 16, requires_grad=True)
+    memory = torch.randn(6, 16) * torch.tensor([[3.0], [0.1], [1.0], [0.0], [2.0], [1e-3]])
+    memory.requires_grad_(True)  # row 3 is all zeros: F.normalize's eps keeps it at similarity 0
+    ours = cosine_similarity(z, memory)
+    reference = F.normalize(z, dim=-1) @ F.normalize(memory, dim=-1).t()
+    torch.testing.assert_close(ours, reference)
+    assert torch.equal(ours[:, 3], torch.zeros(4))
+    weights = torch.randn(4, 6)
+    grads = torch.autograd.grad((ours * weights).sum(), (z, memory))
+    expected = torch.autograd.grad((reference * weights).sum(), (z, memory))
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
 
 
 def test_memorizer_output_is_a_convex_combination_of_last_round_memory():

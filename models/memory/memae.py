@@ -23,6 +23,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def cosine_similarity(z: torch.Tensor, memory: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """cos(z_j, m_i) for every query and memory row, [n, N] (Gong eq. 5's d; paper 001's S).
+
+    The rows' norms divide the [n, N] product instead of normalising the [N, D] memory: the same numbers
+    (``F.normalize``'s eps included) without writing, and back-propagating through, a normalised copy of
+    the whole memory every step. With a large memory and a small batch (one-class DAAD: N = 500 rows of
+    32 768, batch 8) that copy was half of a training step (docs/training.md)."""
+    return (F.normalize(z, dim=-1) @ memory.t()) / memory.norm(dim=-1).clamp_min(eps)
+
+
 def hard_shrink_relu(w: torch.Tensor, threshold: float, eps: float = 1e-12) -> torch.Tensor:
     """Gong eq. 7: zero weights below ``threshold``, keep the rest (almost) unchanged, differentiably."""
     return F.relu(w - threshold) * w / (torch.abs(w - threshold) + eps)
@@ -48,10 +58,8 @@ class MemAEMemory(nn.Module):
 
     def address(self, z: torch.Tensor) -> torch.Tensor:
         """Sparse, L1-normalised addressing weights ŵ, [n, N]."""
-        if self.similarity == "cosine":
-            logits = F.normalize(z, dim=-1) @ F.normalize(self.weight, dim=-1).t()
-        else:
-            logits = z @ self.weight.t()
+        cosine = self.similarity == "cosine"
+        logits = cosine_similarity(z, self.weight) if cosine else z @ self.weight.t()
         w = torch.softmax(logits, dim=-1)
         if self.shrink_threshold > 0:
             w = hard_shrink_relu(w, self.shrink_threshold)

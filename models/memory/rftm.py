@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+
+from mnemo.models.memory.memae import cosine_similarity
 
 
 class ForgettingMemory(nn.Module):
@@ -50,7 +51,7 @@ class ForgettingMemory(nn.Module):
 
     def address(self, h: torch.Tensor) -> torch.Tensor:
         """Addressing weights [n, N]: softmax over kept rows, exact zeros elsewhere."""
-        s = F.normalize(h, dim=-1) @ F.normalize(self.weight, dim=-1).t()  # S(h, M)
+        s = cosine_similarity(h, self.weight)  # S(h, M)
         very_low = torch.finfo(s.dtype).min
         remembered = s.masked_fill(~self.forget_gate(s.device), very_low)  # ρ_ν ⊙ S, then π
         top = torch.topk(remembered, self.top_k, dim=-1).values  # T_k (a threshold, so it exports to ONNX)
