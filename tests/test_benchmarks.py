@@ -147,6 +147,7 @@ def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp
     history = json.loads((cfg.output_path / "history.json").read_text())
     assert record["resumed"] and record["epochs"] == 3
     assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept from the first sitting
+    assert all(h["seconds"] > 0 for h in history)
 
     # the plan changed the cell's model since: its checkpoint is discarded and the cell starts over
     monkeypatch.setitem(accuracy_plan.MODEL_OVERRIDES, ("mnist", "ae"), {"hidden_dims": (64, 32, 16)})

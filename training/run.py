@@ -7,7 +7,7 @@ It holds everything needed to evaluate or export later without the training data
     model.pt           the final weights (best epoch, plus what ``after_fit`` set: DAAD+'s score scaling)
     samples.pt         a few held-out good images, for the export's self-check
     roi.png            the region-of-interest mask (``data.roi``), when the run has one
-    history.json       per-epoch losses
+    history.json       per-epoch losses and wall seconds (training and validation)
     calibration.json   threshold, how it was chosen, normal-score quantiles (mnemo.calibration)
     report.json        data summary, metrics, threshold behaviour on the test split
     plots/             ROC, PR, score histogram, example grid

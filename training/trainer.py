@@ -188,9 +188,11 @@ def fit(
     started = time.monotonic() - state.train_seconds
     with StopRequest(cfg.max_minutes, cfg.max_steps, state) as stop:
         while state.epoch < cfg.max_epochs and state.bad_epochs < cfg.patience and not stop.agreed():
+            epoch_started = time.monotonic()
             record = train_epoch(model, train_loader, optimizers, cfg, state, device, stop, progress)
             distributed.broadcast_state(model, buffers_only=True)  # one set of BatchNorm statistics
             record["val_loss"] = val = distributed.mean(validation_loss(model, val_loader, device))
+            record["seconds"] = round(time.monotonic() - epoch_started, 2)  # training and validation
             state.history.append(record)
             if val < state.best_val:
                 state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
@@ -201,8 +203,8 @@ def fit(
             state.train_seconds = time.monotonic() - started
             if main:
                 save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
-                loss = record.get("loss", math.nan)
-                tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}")
+                loss, took = record.get("loss", math.nan), record["seconds"]
+                tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}  ({took:.0f} s)")
         state.train_seconds = time.monotonic() - started  # a stop seen between epochs ends here too
         state.stop_reason = stop.reason or (
             "early stopping" if state.bad_epochs >= cfg.patience else "max epochs"
