@@ -196,27 +196,49 @@ def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
     return planned is not None and json.loads(json.dumps(record.get("model_config", {}))) != planned
 
 
-def train_or_resume(cfg) -> tuple[Path, bool]:
-    """Train a cell, continuing from its run directory's last checkpoint when an earlier sitting was
-    stopped mid-cell (an uncapped cell runs for hours); a checkpoint of another configuration is
-    discarded and the cell starts over, as is a cell under a time budget (a real-defect cell), since
-    `--resume` grants a fresh budget and the cell would train longer than its peers. Returns the run
-    directory and whether it resumed.
+RESUMABLE_CHANGES = ("max_epochs", "max_minutes", "max_steps")  # optim caps a resumed cell may raise
 
-    A resumed cell is not bit-identical to an uninterrupted one: the shuffling generator restarts from
-    the seed at the resumed epoch."""
+
+def resume_conflicts(saved: dict[str, Any], cfg) -> list[str]:
+    """The settings a checkpoint's run was trained with that ``cfg`` sets otherwise (the seed, the data,
+    the optimiser but for its caps; one ``cfg`` leaves unset was filled from the model, so it agrees):
+    continuing it would mix two protocols in one cell (the model config is checked by the trainer)."""
+    new = cfg.to_dict()
+    conflicts = ["seed"] if saved.get("seed") != new["seed"] else []
+    conflicts += [f"data.{k}" for k, v in new["data"].items() if saved.get("data", {}).get(k) != v]
+    conflicts += [
+        f"optim.{k}"
+        for k, v in new["optim"].items()
+        if v is not None and k not in RESUMABLE_CHANGES and saved.get("optim", {}).get(k) != v
+    ]
+    return conflicts
+
+
+def train_or_resume(cfg) -> tuple[Path, float | None]:
+    """Train a cell, continuing from its run directory's last checkpoint when an earlier sitting was
+    stopped mid-cell (an uncapped cell runs for hours). It starts over instead when the checkpoint is
+    unreadable or was trained with other settings, and when the cell is under a time budget (a real-defect
+    cell): ``--resume`` grants a fresh budget, and the cell would train longer than its peers. Returns the
+    run directory and the training seconds of the earlier sittings (None: trained from the start).
+
+    A resumed cell is not bit-identical to an uninterrupted one: the shuffling generator and torch's
+    global generator (RFTM's forgetting, AnoMem's views) restart from the seed at the resumed epoch."""
     from mnemo.training.run import train_run
-    from mnemo.training.trainer import CHECKPOINT_LAST, ResumeMismatch
+    from mnemo.training.trainer import CHECKPOINT_LAST, ResumeMismatch, read_checkpoint
 
     last = cfg.output_path / CHECKPOINT_LAST
-    if not last.exists() or cfg.optim.max_minutes > 0:
-        return train_run(cfg, progress=False), False
-    try:
-        return train_run(cfg, resume=True, progress=False), True
-    except ResumeMismatch as err:
-        print(f"{err}: training the cell from the start")
-        shutil.rmtree(cfg.output_path)
-        return train_run(cfg, progress=False), False
+    if last.exists() and cfg.optim.max_minutes == 0:
+        try:
+            saved = read_checkpoint(last)
+            trained_with, earlier = saved["run_config"], saved["state"]["train_seconds"]
+            del saved  # the weights: hundreds of MB for one-class DAAD, read again by the trainer
+            if conflicts := resume_conflicts(trained_with, cfg):
+                raise ResumeMismatch(f"cannot resume: {last} was trained with another {', '.join(conflicts)}")
+            return train_run(cfg, resume=True, progress=False), earlier
+        except ResumeMismatch as err:
+            print(f"{err}: training the cell from the start")
+    shutil.rmtree(cfg.output_path, ignore_errors=True)  # no checkpoint of another sitting may be loaded
+    return train_run(cfg, progress=False), None
 
 
 def run_cell(
@@ -227,8 +249,8 @@ def run_cell(
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()
-    out, resumed = train_or_resume(cfg)
-    seconds = time.perf_counter() - started
+    out, earlier = train_or_resume(cfg)
+    seconds = time.perf_counter() - started + (earlier or 0.0)
     cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
     image, pixel = report["test"]["image"], report["test"].get("pixel", {})
@@ -250,8 +272,8 @@ def run_cell(
         "train_seconds": report.get("train_seconds"),
         "stop_reason": report.get("stop_reason"),
         **({"recipe": REAL_RECIPES[cell.model]} if cell.dataset in REAL_DATASETS else {}),
-        "seconds": round(seconds, 1),  # this sitting only; train_seconds spans every resume
-        "resumed": resumed,
+        "seconds": round(seconds, 1),  # the cell's wall time, earlier sittings' training included
+        "resumed": earlier is not None,
         "device": report["device"],
     }
 

@@ -141,20 +141,50 @@ def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp
 
     (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
     cfg = accuracy.run_config(cell, fake_mnist, tmp_path / "work", 10, "cpu")
-    # an earlier sitting stopped after epoch 1 of the cell's 3, in the cell's own run directory
-    train_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_epochs=1)), progress=False)
-    record = accuracy.run_cell(cell, fake_mnist, tmp_path / "work", 10, "cpu", keep=True)
-    history = json.loads((cfg.output_path / "history.json").read_text())
+    last = cfg.output_path / "last.pt"
+
+    def stopped_after_one_epoch(**optim) -> None:  # an earlier sitting, in the cell's own run directory
+        optim = dataclasses.replace(cfg.optim, max_epochs=1, **optim)
+        train_run(dataclasses.replace(cfg, optim=optim), progress=False)
+
+    def run() -> tuple[dict, list[dict]]:
+        record = accuracy.run_cell(cell, fake_mnist, tmp_path / "work", 10, "cpu", keep=True)
+        return record, json.loads((cfg.output_path / "history.json").read_text())
+
+    stopped_after_one_epoch()
+    first_epoch = json.loads((cfg.output_path / "history.json").read_text())[0]
+    record, history = run()
     assert record["resumed"] and record["epochs"] == 3
-    assert [h["epoch"] for h in history] == [1, 2, 3]  # epoch 1 kept from the first sitting
+    assert history[0] == first_epoch and [h["epoch"] for h in history] == [1, 2, 3]
     assert all(h["seconds"] > 0 for h in history)
+    assert record["seconds"] >= record["train_seconds"]  # the earlier sitting's training counts
+
+    # trained with another patience, or a damaged checkpoint: the cell starts over
+    stopped_after_one_epoch(patience=3)
+    record, history = run()
+    assert not record["resumed"] and len(history) == 3
+    stopped_after_one_epoch()
+    last.write_bytes(last.read_bytes()[:1000])  # killed while it was written by an older version
+    record, history = run()
+    assert not record["resumed"] and len(history) == 3
 
     # the plan changed the cell's model since: its checkpoint is discarded and the cell starts over
     monkeypatch.setitem(accuracy_plan.MODEL_OVERRIDES, ("mnist", "ae"), {"hidden_dims": (64, 32, 16)})
-    train_run(dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_epochs=1)), progress=False)
+    stopped_after_one_epoch()
     record = accuracy.run_cell(cell, fake_mnist, tmp_path / "work", 10, "cpu", keep=False)
     assert not record["resumed"] and record["epochs"] == 3
     assert record["resolved_model_config"]["hidden_dims"] == [64, 32, 16]
+
+
+def test_a_cell_under_a_time_budget_never_resumes_and_never_loads_an_earlier_checkpoint(fake_mnist, tmp_path):
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    cfg = accuracy.run_config(cell, fake_mnist, tmp_path / "work", 10, "cpu")
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_minutes=5))
+    cfg.output_path.mkdir(parents=True)
+    for name in ("last.pt", "best.pt"):  # a previous sitting's (here: not even loadable)
+        (cfg.output_path / name).write_bytes(b"an earlier sitting")
+    out, earlier = accuracy.train_or_resume(cfg)
+    assert earlier is None and json.loads((out / "report.json").read_text())["epochs"] == 1
 
 
 def test_report_average_is_over_seeds_of_class_means():

@@ -88,6 +88,33 @@ def test_eval_scores_do_not_depend_on_batch_mates(model_name):
     torch.testing.assert_close(full[:1], alone, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("model_name", sorted(FITTED_AFTER_TRAINING))
+def test_after_fit_statistics_do_not_depend_on_the_batch_size(model_name):
+    """Training scores its images in larger batches than it trains (training.run.scoring_batch_size)."""
+    x = batch_for(tiny_model(model_name), 6)
+    whole, one_by_one = tiny_model(model_name).eval(), tiny_model(model_name).eval()
+    whole.after_fit(iter([x]))
+    one_by_one.after_fit(iter(x.split(1)))
+    facts, expected = whole.export_facts(), one_by_one.export_facts()
+    assert facts.keys() == expected.keys()
+    for key in facts:
+        assert facts[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(whole.score(x)[0], one_by_one.score(x)[0], atol=1e-5, rtol=1e-4)
+
+
+def test_scoring_batch_size_fills_about_a_million_values_within_256_and_the_training_batch():
+    from mnemo.training.run import scoring_batch_size
+
+    def size(train_batch: int, **config) -> int:
+        return scoring_batch_size(models.create("daad", **config), train_batch)
+
+    assert size(8, in_channels=1, image_size=32) == 256  # one-class MNIST at paper 003's batch 8
+    assert size(8, in_channels=1, image_size=128) == 64
+    assert size(8, in_channels=3, image_size=256) == 8  # never below the training batch
+    assert size(512, in_channels=1, image_size=32) == 512
+
+
 def test_scoring_exports_to_torchscript_and_onnx_with_dynamic_batch(model_name, tmp_path):
     model = tiny_model(model_name)
     assert_exports_match(model, batch_for(model, 2), batch_for(model, 3, seed=5), tmp_path)

@@ -103,9 +103,10 @@ def loader(dataset, batch_size: int, workers: int, shuffle: bool = False, seed: 
 
 def scoring_batch_size(model: AnomalyModel, train_batch: int) -> int:
     """Batch size of the passes that keep no gradient (scoring the validation and test splits,
-    ``after_fit``): as many images as about a million input values, at most 256, never fewer than the
-    training batch. Paper 003's batch of 8 otherwise scored one-class MNIST's 10 000 test images in
-    1 250 small passes (2.3x slower than batches of 256). Scores do not depend on batch mates
+    ``after_fit``): as many images as about a million input values, at most 256, and never fewer than
+    the training batch (which may be larger); tiled data scores frame by frame instead. Paper 003's
+    batch of 8 otherwise scored one-class MNIST's 10 000 test images in 1 250 small passes (2.3x slower
+    than batches of 256). Neither scores nor ``after_fit``'s statistics depend on the batch
     (tests/test_models_contract.py), so only the time changes. The validation *loss* keeps the training
     batch: a contrastive loss (AnoMem's) depends on its batch."""
     values = model.config.in_channels * model.config.image_size**2

@@ -150,6 +150,9 @@ def validation_loss(model: AnomalyModel, loader: Iterable, device: torch.device)
 
 
 def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config: dict) -> None:
+    """Written beside ``path`` and renamed over it: a run killed mid-save (a one-class DAAD checkpoint is
+    a few hundred MB) keeps its previous checkpoint whole, so it can still be resumed."""
+    partial = path.with_name(path.name + ".partial")
     torch.save(
         {
             "model_name": model.model_name,
@@ -159,8 +162,9 @@ def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config
             "state": state.__dict__,
             "run_config": run_config,
         },
-        path,
+        partial,
     )
+    os.replace(partial, path)
 
 
 def fit(
@@ -254,8 +258,16 @@ class ResumeMismatch(ValueError):
     mix two runs, so the caller starts over or says how to continue it as it was."""
 
 
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A training checkpoint; ``ResumeMismatch`` when it cannot be read (truncated, not a checkpoint)."""
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as exc:  # torch.load raises whatever unpickling a damaged file hits
+        raise ResumeMismatch(f"cannot resume: {path} is unreadable ({type(exc).__name__}: {exc})") from exc
+
+
 def load_training_state(path: Path, model, optimizers, device) -> TrainState:
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    ckpt = read_checkpoint(path, device)
     if ckpt["model_name"] != model.model_name:
         raise ResumeMismatch(
             f"cannot resume: {path} holds a {ckpt['model_name']!r}, this run builds {model.model_name!r}"
@@ -271,7 +283,12 @@ def load_training_state(path: Path, model, optimizers, device) -> TrainState:
             f"cannot resume: {path} was trained with another model config ({detail}); "
             f"to continue it as it was trained, add {keep}"
         )
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # same config, other parameters: the architecture changed since
+        raise ResumeMismatch(f"cannot resume: {path} does not fit this model's parameters: {exc}") from exc
     for opt, sd in zip(optimizers, ckpt["optimizers"]):
         opt.load_state_dict(sd)
+        for group in opt.param_groups:  # the kernel is this build's choice, not the checkpoint's
+            group.update({flag: opt.defaults[flag] for flag in ("fused", "foreach") if flag in opt.defaults})
     return TrainState(**ckpt["state"])

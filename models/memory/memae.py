@@ -27,9 +27,9 @@ def cosine_similarity(z: torch.Tensor, memory: torch.Tensor, eps: float = 1e-12)
     """cos(z_j, m_i) for every query and memory row, [n, N] (Gong eq. 5's d; paper 001's S).
 
     The rows' norms divide the [n, N] product instead of normalising the [N, D] memory: the same numbers
-    (``F.normalize``'s eps included) without writing, and back-propagating through, a normalised copy of
-    the whole memory every step. With a large memory and a small batch (one-class DAAD: N = 500 rows of
-    32 768, batch 8) that copy was half of a training step (docs/training.md)."""
+    to rounding (``F.normalize``'s eps included) without writing, and back-propagating through, a
+    normalised copy of the whole memory every step. With a large memory and a small batch (one-class
+    DAAD: N = 500 rows of 32 768, batch 8) that copy took a third of a training step (docs/training.md)."""
     return (F.normalize(z, dim=-1) @ memory.t()) / memory.norm(dim=-1).clamp_min(eps)
 
 
