@@ -229,9 +229,8 @@ def train_or_resume(cfg) -> tuple[Path, float | None]:
     last = cfg.output_path / CHECKPOINT_LAST
     if last.exists() and cfg.optim.max_minutes == 0:
         try:
-            saved = read_checkpoint(last)
+            saved = read_checkpoint(last, mmap=True)  # the settings only; the trainer reads the weights
             trained_with, earlier = saved["run_config"], saved["state"]["train_seconds"]
-            del saved  # the weights: hundreds of MB for one-class DAAD, read again by the trainer
             if conflicts := resume_conflicts(trained_with, cfg):
                 raise ResumeMismatch(f"cannot resume: {last} was trained with another {', '.join(conflicts)}")
             return train_run(cfg, resume=True, progress=False), earlier

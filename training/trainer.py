@@ -258,10 +258,11 @@ class ResumeMismatch(ValueError):
     mix two runs, so the caller starts over or says how to continue it as it was."""
 
 
-def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
-    """A training checkpoint; ``ResumeMismatch`` when it cannot be read (truncated, not a checkpoint)."""
+def read_checkpoint(path: Path, device: torch.device | str = "cpu", mmap: bool = False) -> dict:
+    """A training checkpoint; ``ResumeMismatch`` when it cannot be read (truncated, not a checkpoint).
+    ``mmap``: tensors are read only when touched, for a caller that wants the settings, not the weights."""
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        return torch.load(path, map_location=device, weights_only=False, mmap=mmap)
     except Exception as exc:  # torch.load raises whatever unpickling a damaged file hits
         raise ResumeMismatch(f"cannot resume: {path} is unreadable ({type(exc).__name__}: {exc})") from exc
 
