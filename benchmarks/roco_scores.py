@@ -32,6 +32,12 @@ VARIANCE_FLOOR = 1e-8  # a blank image would divide by zero
 POSITION_IMAGES = 6000  # training images that give each pixel position its error mean and spread
 
 
+def ink(images: torch.Tensor) -> np.ndarray:
+    """Each image's mean pixel value above its darkest pixel: how much it draws, with no model at all."""
+    x = images.flatten(1)
+    return (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
+
+
 def position_standardised(model, train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
     """mean over pixels of (e - mu_p) / sigma_p: each position's squared error against its mean and spread
     on training images (sigma floored at a thousandth of the mean spread: never-inked corners)."""
@@ -55,11 +61,9 @@ def class_aurocs(run: Path, data: Path) -> tuple[int, tuple[float, ...]]:
     images = test.images_tensor()  # the test set decoded once: scored, and measured without a model
     with torch.inference_mode():
         scores = torch.cat([model.score(batch)[0] for batch in images.split(512)]).numpy()
-    x = images.flatten(1)
-    ink = (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
-    normalised = scores / (x.var(dim=1).numpy() + VARIANCE_FLOOR)
+    normalised = scores / (images.flatten(1).var(dim=1).numpy() + VARIANCE_FLOOR)
     positional = position_standardised(model, splits.train.images_tensor(), images)
-    columns = (scores, ink, normalised, positional)
+    columns = (scores, ink(images), normalised, positional)
     return target, tuple(100 * roc_auc_score(test.labels, s) for s in columns)
 
 

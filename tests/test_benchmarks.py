@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mnemo import models
-from mnemo.benchmarks import accuracy, accuracy_plan, roco_scores, serve
+from mnemo.benchmarks import accuracy, accuracy_plan, one_class_scores, roco_scores, serve
 from mnemo.benchmarks.accuracy_report import render
 from mnemo.training import config as run_config
 
@@ -410,6 +410,26 @@ def test_roco_scores_rescore_kept_runs_and_show_what_ink_alone_says(fake_mnist, 
     assert positional > 90.0  # a bright square errs far beyond any position's spread on faint noise
     with pytest.raises(SystemExit):
         roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "empty")])
+
+
+def test_one_class_scores_split_a_runs_auroc_by_anomalous_class(fake_mnist, tmp_path, capsys):
+    cells = accuracy_plan.plan(["mnist"], ["daad"], [0], [2022], max_epochs=1)
+    out = accuracy.run(cells, fake_mnist, tmp_path / "r.json", tmp_path / "work", keep_runs=True)
+    data = str(fake_mnist / "mnist")
+    assert one_class_scores.main(["--data", data, "--runs", str(tmp_path / "work")]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line[:1] == "|"]
+    table = {row[0]: [float(v) for v in row[1:]] for row in rows[2:]}
+    assert set(table) == {*map(str, range(1, 10)), "all"} and table["all"][0] == 36  # 4 of each non-0 class
+    model, ink, nearest = table["all"][2:]
+    assert model == pytest.approx(100 * out["records"][0]["auroc"], abs=0.05)  # the benchmark's own AUROC
+    lost = sum(table[str(c)][1] for c in range(1, 10))
+    assert lost == pytest.approx(100 - model, abs=0.5)  # the gap to 100, split by class (rows rounded)
+    assert ink == 0.0  # the normal 0s are the bright squares: every anomaly draws less
+    assert nearest == 100.0  # faint noise lies far from every bright square
+    roco = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    accuracy.run(roco, fake_mnist, tmp_path / "roco.json", tmp_path / "roco", keep_runs=True)
+    with pytest.raises(SystemExit, match="not a one-class run"):  # refused, not misread
+        one_class_scores.main(["--data", data, "--runs", str(tmp_path / "roco")])
 
 
 def test_daad_plus_trains_a_one_class_cell_at_32_px_beside_its_papers_figure(fake_mnist, tmp_path):
