@@ -1,5 +1,6 @@
 """Rescoring kept IDX runs (``mnemo bench accuracy --keep-runs``): what ``roco_scores`` and
-``one_class_scores`` share: finding the runs, reloading one with its splits, scoring, and ink."""
+``one_class_scores`` share: finding the runs, reloading one with its splits, scoring, and the two
+model-free detectors set beside a model (ink, nearest normal image)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from mnemo.training.datasets import Splits, idx_splits
 from mnemo.training.run import load_model
 
 SCORE_BATCH = 512
+NEIGHBOUR_CHUNK = 500  # test images per distance block: 500 × the normal images, as floats
 
 
 @dataclass
@@ -48,6 +50,13 @@ def ink(images: torch.Tensor) -> np.ndarray:
     """Each image's mean pixel value above its darkest pixel: how much it draws, with no model at all."""
     x = images.flatten(1)
     return (x - x.min(dim=1, keepdim=True).values).mean(dim=1).numpy()
+
+
+def nearest_normal(train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
+    """Each test image's Euclidean pixel distance to its nearest normal training image (a 1-NN)."""
+    normal = train.flatten(1)
+    blocks = test.flatten(1).split(NEIGHBOUR_CHUNK)
+    return torch.cat([torch.cdist(block, normal).min(dim=1).values for block in blocks]).numpy()
 
 
 def parse(doc: str, argv: list[str] | None, what: str) -> tuple[Path, list[Path]]:

@@ -3,10 +3,10 @@
 An AUROC is the share of (anomalous, normal) pairs ranked the right way, so a one-class run's AUROC is
 exactly the average, weighted by class size, of its AUROCs on the normal test images against each
 anomalous class alone; ``points lost`` is each class's share of the gap to 100. Beside the model's own
-score, two model-free detectors on the same images: their *ink* (``kept_runs.ink``) and the pixel
-distance to the nearest normal training image (1-NN). Where the 1-NN is also near 50 for a class, its
-images lie among the normal ones in pixel space (MNIST 1s against a model of 8s: a 1 is an 8's spine),
-and a reconstruction score has little to go on.
+score, two model-free detectors on the same images (``kept_runs``): their *ink* and the pixel distance
+to the nearest normal training image (1-NN). Where the 1-NN is also near 50 for a class, its images lie
+among the normal ones in pixel space (MNIST 1s against a model of 8s: a 1 is an 8's spine), and a
+reconstruction score has little to go on.
 
 Usage: python -m mnemo.benchmarks.one_class_scores --data ../shared/data/mnist --runs runs/one-class
 (kept one-class runs: ``mnemo bench accuracy --models daad --max-epochs 5 --keep-runs --work runs/one-class``)
@@ -16,22 +16,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import torch
 from sklearn.metrics import roc_auc_score
 
 from mnemo.benchmarks import kept_runs
 from mnemo.training.datasets import load_idx
 
 DETECTORS = ("model score", "ink alone", "nearest normal (1-NN)")
-NEIGHBOUR_CHUNK = 500  # test images per distance block: 500 × ~6000 normal images of floats
-
-
-def nearest_normal(train: torch.Tensor, test: torch.Tensor) -> np.ndarray:
-    """Each test image's Euclidean pixel distance to its nearest normal training image."""
-    normal = train.flatten(1)
-    blocks = test.flatten(1).split(NEIGHBOUR_CHUNK)
-    return torch.cat([torch.cdist(block, normal).min(dim=1).values for block in blocks]).numpy()
 
 
 def class_table(run: kept_runs.KeptRun, data: Path) -> list[tuple[str, int, float, tuple[float, ...]]]:
@@ -40,7 +30,7 @@ def class_table(run: kept_runs.KeptRun, data: Path) -> list[tuple[str, int, floa
     columns = (
         run.test_scores(),
         kept_runs.ink(images),
-        nearest_normal(run.splits.train.images_tensor(), images),
+        kept_runs.nearest_normal(run.splits.train.images_tensor(), images),
     )
     classes = load_idx(data, "test")[1]  # the one-class test split keeps the test set's order
     anomalous = classes != run.target
