@@ -35,9 +35,11 @@ class KeptRun:
             return torch.cat([self.model.score(b)[0] for b in self.test_images.split(SCORE_BATCH)]).numpy()
 
 
-def load(run: Path, data: Path, protocol: str) -> KeptRun:
-    """Reload ``run`` on the IDX folder it trained on; SystemExit if it was trained under another protocol."""
+def load(run: Path, data: Path, protocol: str | None = None) -> KeptRun:
+    """Reload ``run`` on the IDX folder it trained on; SystemExit if it was trained under another protocol
+    than ``protocol`` (None: any)."""
     report = json.loads((run / "report.json").read_text())
+    protocol = protocol or report["data"].get("protocol")
     if report["data"].get("protocol") != protocol:
         raise SystemExit(f"{run} is not a {protocol} run (protocol {report['data'].get('protocol')!r})")
     target = int(report["data"]["target_class"])

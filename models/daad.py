@@ -72,6 +72,7 @@ class DAADConfig(ModelConfig):
     widths: tuple[int, ...] = (32, 64, 128, 256, 256)  # encoder stage channels; one memory per stage
     division_rates: tuple[int, int, int] = (8, 8, 1)  # (r_h, r_w, r_c), the same at every scale
     memory_size: int = 500  # N items in each scale's own bank
+    similarity: str = "cosine"  # eq. 1's cosine; "dot": the MemAE authors' code (see BlockwiseMemory)
     tanh_output: bool = True  # for inputs in [-1, 1]; turn off for another normalisation
 
 
@@ -102,7 +103,8 @@ class MemoryUNet(nn.Module):
         self.encoder = nn.ModuleList(conv_block(a, b) for a, b in pairwise([config.in_channels, *widths]))
         sides = [config.image_size // 2**level for level in range(1, len(widths) + 1)]
         self.memories = nn.ModuleList(
-            BlockwiseMemory(config.memory_size, c, s, s, config.division_rates) for c, s in zip(widths, sides)
+            BlockwiseMemory(config.memory_size, c, s, s, config.division_rates, config.similarity)
+            for c, s in zip(widths, sides)
         )
         self.ups = nn.ModuleList()
         channels = widths[-1]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mnemo import models
-from mnemo.benchmarks import accuracy, accuracy_plan, one_class_scores, roco_scores, serve
+from mnemo.benchmarks import accuracy, accuracy_plan, memory_addressing, one_class_scores, roco_scores, serve
 from mnemo.benchmarks.accuracy_report import render
 from mnemo.training import config as run_config
 
@@ -426,6 +426,14 @@ def test_one_class_scores_split_a_runs_auroc_by_anomalous_class(fake_mnist, tmp_
     assert lost == pytest.approx(100 - model, abs=0.5)  # the gap to 100, split by class (rows rounded)
     assert ink == 0.0  # the normal 0s are the bright squares: every anomaly draws less
     assert nearest == 100.0  # faint noise lies far from every bright square
+    assert memory_addressing.main(["--data", data, "--runs", str(tmp_path / "work")]) == 0
+    rows = [line.strip("| ").split(" | ") for line in capsys.readouterr().out.splitlines() if line[:1] == "|"]
+    banks = {row[0]: row[1:] for row in rows[2:]}
+    assert set(banks) == {f"generator.memories.{i}.memory" for i in range(3)}  # one per DAAD scale
+    for n, kept, effective in banks.values():
+        kept_normal, kept_anomalous = (float(v) for v in kept.split(" / "))
+        assert n == "500" and 1 <= kept_normal <= 500 and 1 <= kept_anomalous <= 500
+        assert float(effective.split(" / ")[0]) <= kept_normal + 0.05
     roco = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
     accuracy.run(roco, fake_mnist, tmp_path / "roco.json", tmp_path / "roco", keep_runs=True)
     with pytest.raises(SystemExit, match="not a one_class run"):  # refused, not misread

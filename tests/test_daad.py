@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from mnemo import models
+from mnemo.benchmarks import memory_addressing
 from mnemo.models.memory import BlockwiseMemory
 from mnemo.training.export import export_bundle
 from tests.export_check import assert_exports_match
@@ -77,6 +78,27 @@ def test_addressing_drops_weights_below_one_over_n_and_reads_out_eq_2():
     assert (w[raw > 1 / n] > 0).all() and (raw < 1 / n).any()
     torch.testing.assert_close(w.sum(dim=-1), torch.ones(4))
     torch.testing.assert_close(memory.divide(read), w @ memory.memory.weight)
+
+
+def test_dot_addressing_can_read_one_item_where_cosine_blends_many():
+    """Eq. 1's cosine logits lie in [-1, 1], so the softmax stays near uniform and the 1/N drop keeps a
+    blend; the MemAE authors' dot product (``similarity: dot``) grows with the items' norms and can
+    address a single item. ``memory_addressing`` counts both per memory and image."""
+    x = images(6)[:, :1]
+    counts = {}
+    for similarity in ("cosine", "dot"):
+        torch.manual_seed(0)
+        config = dict(TINY, in_channels=1, division_rates=(1, 1, 1), similarity=similarity)  # a query per map
+        model = models.create("daad", **config).eval()
+        with torch.no_grad():
+            for memory in model.generator.memories:
+                memory.memory.weight.mul_(1000.0)  # norms matter to the dot product only
+        counts[similarity] = memory_addressing.addressing(model, x)
+    for n, kept, effective in counts["cosine"].values():
+        assert n == 10 and (kept > 1).all() and (kept <= n).all()
+        assert (effective <= kept + 1e-4).all()  # 1 / Σ w² never exceeds the items with w > 0
+    for name, (_, kept, effective) in counts["dot"].items():
+        assert (kept == 1).all() and torch.allclose(torch.from_numpy(effective), torch.ones(6)), name
 
 
 # --- DAAD / DAAD+ shared behaviour ---------------------------------------------------------------------

@@ -19,7 +19,10 @@ Decisions where the paper is silent:
 * Memory items are initialised uniform ±1/√D (MemAE's initialisation; the paper gives none).
 
 Note that cosine logits lie in [−1, 1], so the softmax of eq. 1 is flat (every w_i within a factor e² of
-1/N): the 1/N cut typically keeps a large share of the items. That is the paper's rule, kept as written.
+1/N): the 1/N cut typically keeps a large share of the items (one-class MNIST, N = 500: 210–290 kept at
+every scale, ``benchmarks/memory_addressing.py``), not the "small number" the paper's text expects. That
+is the paper's rule, kept as written; ``similarity="dot"`` swaps in the MemAE authors' dot product, which
+can address single items but did not stop one-class AUROC falling with training (docs/models.md).
 """
 
 from __future__ import annotations
@@ -51,14 +54,20 @@ class BlockwiseMemory(nn.Module):
     """One scale's memory: ``[B, C, H, W] -> (f̂ [B, C, H, W], weights [B, Q, N])``."""
 
     def __init__(
-        self, num_slots: int, channels: int, height: int, width: int, rates: tuple[int, int, int] = (8, 8, 1)
+        self,
+        num_slots: int,
+        channels: int,
+        height: int,
+        width: int,
+        rates: tuple[int, int, int] = (8, 8, 1),
+        similarity: str = "cosine",
     ) -> None:
         super().__init__()
         self.shape = (channels, height, width)
         self.rates = effective_rates(self.shape, rates)  # (r_c, r_h, r_w)
         self.block = tuple(side // r for side, r in zip(self.shape, self.rates))  # (C/r_c, H/r_h, W/r_w)
         self.num_blocks = math.prod(self.rates)  # Q
-        self.memory = MemAEMemory(num_slots, math.prod(self.block), 1.0 / num_slots, "cosine")
+        self.memory = MemAEMemory(num_slots, math.prod(self.block), 1.0 / num_slots, similarity)
 
     def divide(self, f: torch.Tensor) -> torch.Tensor:
         """Blocks of ``f`` as query rows ``[B·Q, D]``, ordered (image, c-block, h-block, w-block)."""
