@@ -39,12 +39,12 @@ def load(run: Path, data: Path, protocol: str | None = None) -> KeptRun:
     """Reload ``run`` on the IDX folder it trained on; SystemExit if it was trained under another protocol
     than ``protocol`` (None: any)."""
     report = json.loads((run / "report.json").read_text())
-    protocol = protocol or report["data"].get("protocol")
-    if report["data"].get("protocol") != protocol:
-        raise SystemExit(f"{run} is not a {protocol} run (protocol {report['data'].get('protocol')!r})")
+    trained = report["data"].get("protocol")
+    if protocol is not None and trained != protocol:
+        raise SystemExit(f"{run} is not a {protocol} run (protocol {trained!r})")
     target = int(report["data"]["target_class"])
     model = load_model(run)
-    splits = idx_splits(data, protocol, target, Preprocessing.from_model_config(model.config))
+    splits = idx_splits(data, trained, target, Preprocessing.from_model_config(model.config))
     return KeptRun(target, model, splits, splits.test.images_tensor())
 
 

@@ -33,14 +33,15 @@ def addressing(model: torch.nn.Module, images: torch.Tensor) -> dict[str, tuple[
         bank.register_forward_hook(lambda _m, _i, out, name=name: seen[name].append(out[1].detach()))
         for name, bank in banks.items()
     ]
+    batches = images.split(kept_runs.SCORE_BATCH)
     try:
         with torch.inference_mode():
-            for batch in images.split(kept_runs.SCORE_BATCH):
+            for batch in batches:
                 model.score(batch)
     finally:
         for hook in hooks:
             hook.remove()
-    sizes = [len(batch) for batch in images.split(kept_runs.SCORE_BATCH)]
+    sizes = [len(batch) for batch in batches]
     per_image = {}
     for name, bank in banks.items():  # queries are image-major: [images, queries per image, N]
         w = torch.cat([b.reshape(n, -1, b.shape[-1]) for b, n in zip(seen[name], sizes, strict=True)])
