@@ -17,9 +17,9 @@ What the workers share, and how:
 * **settings**: the parent's flags travel as JSON in ``WORKER_FLAGS_ENV``; everything else is the same
   environment, so each worker builds the same ``Settings``;
 * **metrics**: prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR``, a fresh directory the
-  parent removes on exit), so ``/metrics`` from any worker adds up every worker's counters and histograms.
-  Gauges say how they combine (``service/metrics.py``); ``Supervisor`` takes a gone worker's gauges out
-  (counters stay counted);
+  parent removes on exit, or the next supervisor when the parent was killed outright), so ``/metrics``
+  from any worker adds up every worker's counters and histograms. Gauges say how they combine
+  (``service/metrics.py``); ``Supervisor`` takes a gone worker's gauges out (counters stay counted);
 * **reloads**: ``POST /v1/admin/reload`` reloads the worker that answers it, then, when a bundle was
   loaded or removed, asks the parent (SIGHUP) to replace every worker, so all of them serve the directory
   as it is now within a few seconds (``request_rolling_restart`` says when it does not).
@@ -50,6 +50,7 @@ METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client reads it when 
 STARTUP_FAILURE = 3  # uvicorn's exit code for a worker that could not start serving
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 LIVE_GAUGE_FILE = re.compile(r"gauge_live\w+?_(\d+)\.db")  # prometheus_client's per-process live gauges
+METRICS_DIR_PREFIX = "mnemo-metrics-"  # then the supervisor's pid and a dash: whose directory it is
 
 
 class WorkerProtocol(GuardedHttpToolsProtocol):
@@ -100,7 +101,8 @@ def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
     stop, 1 when a worker cannot start (the supervisor then stops rather than restart it for ever)."""
     import uvicorn
 
-    metrics_dir = Path(tempfile.mkdtemp(prefix="mnemo-metrics-"))
+    remove_orphaned_metrics_dirs()
+    metrics_dir = Path(tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-"))
     os.environ.update(
         {
             WORKER_FLAGS_ENV: json.dumps(flags, default=str),
@@ -122,6 +124,28 @@ def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if failed else 0
+
+
+def remove_orphaned_metrics_dirs() -> list[Path]:
+    """Remove the metrics directories of supervisors that are gone (killed outright, so their ``finally``
+    never ran); without this every SIGKILL leaves a directory of metric files in the temp dir for good."""
+    removed = []
+    for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = path.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
+        if pid.isdigit() and not _is_running(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def worker_app() -> Any:

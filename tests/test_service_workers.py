@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mnemo.service.workers import METRICS_DIR_PREFIX, remove_orphaned_metrics_dirs
 from tests.image_bytes import png_bytes
 from tests.service_helpers import export_tiny_bundle, metric_value, smooth_images
 from tests.test_service_cli import start_serving
@@ -96,6 +98,21 @@ def test_workers_stop_when_their_supervisor_is_killed(two_workers):
     process.kill()
     process.communicate(timeout=30)  # returns once the workers, which hold its output pipe, are gone too
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers))
+    # its metrics directory outlives it; the next supervisor's sweep removes it, and only it
+    left = list(Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}{process.pid}-*"))
+    assert len(left) == 1
+    assert left[0] in remove_orphaned_metrics_dirs()
+    assert not left[0].exists()
+
+
+def test_the_sweep_keeps_a_running_supervisors_metrics_directory(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-a1"
+    foreign = tmp_path / f"{METRICS_DIR_PREFIX}x-b2"  # not one of ours: no pid
+    for path in (live, foreign):
+        path.mkdir()
+    assert remove_orphaned_metrics_dirs() == []
+    assert live.exists() and foreign.exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux /proc")
