@@ -15,6 +15,10 @@ declares 8000×5000 with two rows of data, and a complete 8000×5000 PNG of zero
 is a 256 px RGB one (DAAD 256's input). Reported: median seconds of ``repeats`` decodes and the peak
 resident memory above the interpreter's baseline.
 
+Part 3: CPU ms per decode of photo-like PNGs (64 px gray, 256 px RGB, 1920×1080 RGB) with every PNG's
+rows counted before decoding, as until session 32, against the rule now (counted first only for a
+bomb-shaped file, otherwise only when the decoded last row is blank), alternated in one process.
+
 Part 2 (skip with ``--no-service``): ``mnemo serve`` on the shipped brick bundle, then four concurrent
 requests of two complete 40 MP PNGs each (the most the default ``MNEMO_MAX_REQUEST_PIXELS`` admits), and
 the issue's burst (four requests of sixteen 126-byte files), each while a client sends one small image
@@ -35,6 +39,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -263,11 +268,71 @@ def _small_png() -> bytes:
     return buffer.getvalue()
 
 
+# ------------------------------------------------------------------------ part 3: counting a PNG's rows
+
+GRAY_64 = {"channels": 1, "size": 64, "mean": [0.5], "std": [0.5], "resize": "resize"}
+PHOTOS = {  # what: (width, height, channels, the model's preprocessing)
+    "64×64 gray PNG, 64 px gray model (brick)": (64, 64, 1, GRAY_64),
+    "256×256 RGB PNG, 256 px RGB model (DAAD 256)": (256, 256, 3, MODEL),
+    "1920×1080 RGB PNG, 256 px RGB model": (1920, 1080, 3, MODEL),
+}
+RULES = ("counted first", "counted when the last row is blank")
+
+
+def photo_png(width: int, height: int, channels: int) -> bytes:
+    """A camera-like PNG: a smooth pattern under sensor noise (it compresses 1.3–2 ×, as photos do)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = 128 + 60 * np.sin(x / 40) * np.cos(y / 55)
+    noise = np.random.default_rng(0).normal(0, 6, (height, width, channels))
+    pixels = np.clip(base[..., None] + noise, 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels[..., 0] if channels == 1 else pixels).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def row_check_costs(rounds: int = 5, seconds: float = 0.3) -> list[dict[str, Any]]:
+    """CPU ms per decode to model input of photo-like PNGs under the two rules for catching missing rows
+    (``imaging._load``): every PNG's rows counted before Pillow decodes it (a second inflate; forced with
+    ``PNG_COUNT_FIRST_RATIO = 0``), against the rule now. Rules alternate ``rounds`` times in this process,
+    each turn about ``seconds`` of decodes; the median turn is kept."""
+    from mnemo import imaging
+
+    ratio, rows = imaging.PNG_COUNT_FIRST_RATIO, []
+    try:
+        for what, (width, height, channels, model) in PHOTOS.items():
+            data, prep = photo_png(width, height, channels), imaging.Preprocessing.from_dict(model)
+            turns: dict[str, list[float]] = {rule: [] for rule in RULES}
+            for _ in range(rounds):
+                for rule, rule_ratio in zip(RULES, (0, ratio), strict=True):
+                    imaging.PNG_COUNT_FIRST_RATIO = rule_ratio
+                    decode = partial(imaging.preprocess, data, prep)
+                    turns[rule].append(_cpu_ms_per_call(decode, seconds))
+            costs = {rule: round(statistics.median(values), 2) for rule, values in turns.items()}
+            rows.append({"what": what, "bytes": len(data), **costs})
+            print(f"{what}: {costs}", flush=True)
+    finally:
+        imaging.PNG_COUNT_FIRST_RATIO = ratio
+    return rows
+
+
+def _cpu_ms_per_call(call: Any, seconds: float) -> float:
+    call()
+    start, calls = time.process_time(), 0
+    while time.process_time() - start < seconds:
+        call()
+        calls += 1
+    return (time.process_time() - start) / calls * 1e3
+
+
 # ---------------------------------------------------------------------------------------------- report
 
 
 def run(results: Path, work: Path, *, repeats: int = 3, service: bool = True) -> dict[str, Any]:
     """Both parts; writes ``decode.json`` and ``decode.md`` into ``results``."""
+    from mnemo import imaging
     from mnemo.benchmarks.accuracy import git_commit, machine
 
     files = make_inputs(work)
@@ -281,7 +346,9 @@ def run(results: Path, work: Path, *, repeats: int = 3, service: bool = True) ->
     report = {
         "model": MODEL,
         "repeats": repeats,
+        "count_first_ratio": imaging.PNG_COUNT_FIRST_RATIO,
         "decode": rows,
+        "row_check": row_check_costs(),
         "service": service_bursts(files) if service else [],
         "machine": machine(),
         "commit": git_commit(REPO),
@@ -315,6 +382,25 @@ def render(report: dict[str, Any]) -> str:
             f"| {row['what']} | {row['bytes']:,} | {b['seconds']:.3f}{before_outcome} | {b['peak_mb']:.0f} | "
             f"{a['seconds']:.3f} | {a['peak_mb']:.0f} | {a['outcome']} |"
         )
+    if report.get("row_check"):
+        lines += [
+            "",
+            "## Counting a PNG's rows",
+            "",
+            "Pillow accepts a PNG whose data ends cleanly before the last row and fills the rest with zeros, "
+            "so mnemo counts the rows its data inflates to (a second inflate). Counted first, for every PNG, "
+            "it was up to a third of a photo's decode; now a PNG is counted before decoding only when its "
+            f"rows are over {report['count_first_ratio']} × its size (a bomb's shape), otherwise after "
+            "Pillow's decode and only when the last row came out all zero. CPU ms per decode to model input "
+            "(`imaging.preprocess`), photo-like files (a pattern under sensor noise), the two rules "
+            "alternated five times in one process, median turn:",
+            "",
+            f"| file | bytes | {RULES[0]}: ms | {RULES[1]}: ms | ratio |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for row in report["row_check"]:
+            first, now = row[RULES[0]], row[RULES[1]]
+            lines.append(f"| {row['what']} | {row['bytes']:,} | {first} | {now} | {now / first:.2f} |")
     if report["service"]:
         lines += [
             "",

@@ -23,8 +23,9 @@ Safety: decoding reads the header first and refuses images whose declared pixel 
 30000×30000) costs nothing. Images whose pixel data is missing are refused as ``truncated`` rather than
 filled in: Pillow's ``LOAD_TRUNCATED_IMAGES`` is never used (``decode`` refuses to run with it set), its
 load errors surface, and a PNG whose compressed stream ends cleanly before the last row (which Pillow
-accepts and fills with zeros) is caught by counting the stream's rows before decoding. Every decoding
-failure is an ``ImageDecodeError`` carrying a machine ``reason``.
+accepts and fills with zeros) is caught by counting the stream's rows: before decoding when the file is
+far smaller than its rows (a bomb's shape), otherwise after it and only when its last row came out blank.
+Every decoding failure is an ``ImageDecodeError`` carrying a machine ``reason``.
 """
 
 from __future__ import annotations
@@ -57,6 +58,9 @@ ACCEPTED_FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
 # ``PNG_MIN_CHUNKS`` is refused before Pillow sees it.
 PNG_BYTES_PER_CHUNK, PNG_MIN_CHUNKS = 1024, 4096
 PNG_ROW_CHUNKS = 65536  # up to this many rows, a data chunk per row (streaming encoders) also passes
+# A PNG whose rows inflate to more than this many times its file has its rows counted before it is decoded
+# (see ``_load``); photos and camera frames compress 1.5–4 ×, a bomb or a flat picture by 100 × or more.
+PNG_COUNT_FIRST_RATIO = 16
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -258,12 +262,39 @@ def _load(opened: OpenImage) -> None:
     image = opened.image
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide Pillow switch; it would hide every truncation
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; mnemo refuses to fill in images")
-    if image.format == "PNG" and png_rows_missing(opened.data):
-        raise ImageDecodeError("truncated", "PNG pixel data ends before the last row")
+    png = image.format == "PNG"
+    counted_first = png and _png_inflates_far(opened.data)
+    if counted_first:
+        _refuse_missing_rows(opened.data)
     try:
         image.load()
     except (OSError, SyntaxError, ValueError, struct.error, EOFError, IndexError) as exc:
         raise ImageDecodeError("truncated", f"truncated or corrupt {image.format} data ({exc})") from None
+    if png and not counted_first and _last_row_may_be_missing(image, opened.data):
+        _refuse_missing_rows(opened.data)
+
+
+def _refuse_missing_rows(png: bytes) -> None:
+    if png_rows_missing(png):
+        raise ImageDecodeError("truncated", "PNG pixel data ends before the last row")
+
+
+def _png_inflates_far(data: bytes) -> bool:
+    """Whether a PNG's rows are more than ``PNG_COUNT_FIRST_RATIO`` times its size: a bomb's shape (or a
+    flat picture), whose rows are counted before Pillow allocates and fills them. Others are decoded
+    first and counted only when their last row is blank, which saves a second inflate of every photo."""
+    expected = png_row_bytes(data)
+    return expected is None or expected > PNG_COUNT_FIRST_RATIO * len(data)
+
+
+def _last_row_may_be_missing(image: Image.Image, data: bytes) -> bool:
+    """After Pillow's load: rows it never received stay zero, and rows arrive in order, so a sequential
+    PNG whose last row holds a non-zero byte has them all. An interlaced one (rows arrive in seven passes)
+    or an all-zero last row cannot tell, and is counted."""
+    if data[28:29] != b"\0":  # IHDR's interlace method
+        return True
+    last = image.crop((0, image.height - 1, image.width, image.height)).tobytes()
+    return not last.strip(b"\0")
 
 
 def _check_size(image: Image.Image, max_pixels: int) -> None:
@@ -313,22 +344,11 @@ def png_rows_missing(data: bytes) -> bool:
     the rest zero. Counting costs one inflate pass, in 1 MiB pieces that are dropped at once, and stops
     as soon as every row is there. A file this cannot parse is left to Pillow (False).
     """
-    header, parts = None, []
-    for pos, length, kind in _png_chunks(data):
-        if kind == b"IDAT":
-            parts.append(memoryview(data)[pos + 8 : pos + 8 + length])
-        elif kind == b"IHDR" and length >= 13 and pos + 21 <= len(data):
-            header = _PNG_IHDR.unpack_from(data, pos + 8)
-    if header is None or header[3] not in _PNG_CHANNELS:
+    view = memoryview(data)
+    parts = [view[pos + 8 : pos + 8 + length] for pos, length, kind in _png_chunks(data) if kind == b"IDAT"]
+    expected = png_row_bytes(data)
+    if expected is None:
         return False
-    width, height, depth, colour, _, _, interlace = header
-    bits = depth * _PNG_CHANNELS[colour]
-    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
-    expected = 0
-    for x0, y0, dx, dy in passes:
-        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
-        if columns > 0 and rows > 0:
-            expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte + packed pixels
     stream, inflated = zlib.decompressobj(), 0
     try:
         for part in parts:
@@ -340,6 +360,22 @@ def png_rows_missing(data: bytes) -> bool:
     except zlib.error:
         return False  # corrupt rather than short: Pillow's own decoder reports it
     return inflated < expected
+
+
+def png_row_bytes(data: bytes) -> int | None:
+    """How many bytes a PNG's image data inflates to, from its header (None when it has no usable one)."""
+    if data[12:16] != b"IHDR" or len(data) < 33:
+        return None
+    width, height, depth, colour, _, _, interlace = _PNG_IHDR.unpack_from(data, 16)
+    if colour not in _PNG_CHANNELS:
+        return None
+    bits = depth * _PNG_CHANNELS[colour]
+    expected = 0
+    for x0, y0, dx, dy in _ADAM7 if interlace else ((0, 0, 1, 1),):
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte + packed pixels
+    return expected
 
 
 def image_to_pixels(image: Image.Image) -> np.ndarray:

@@ -44,6 +44,16 @@ def png_of_zero_rows(
     return b"\x89PNG\r\n\x1a\n" + body
 
 
+def png_of_first_rows(pixels: np.ndarray, rows: int) -> bytes:
+    """An 8-bit RGB PNG declaring all of ``pixels`` [H, W, 3] whose data holds only its first ``rows`` rows,
+    in a zlib stream that ends cleanly: the shape Pillow decodes without complaint, filling in zeros."""
+    height, width = pixels.shape[:2]
+    raw = b"".join(b"\0" + row.tobytes() for row in pixels[:rows].astype(np.uint8))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    body = png_chunk(b"IHDR", header) + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + body
+
+
 def png_chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
@@ -63,12 +73,16 @@ def ico_wrapping(png: bytes) -> bytes:
 
 def missing_pixel_data(pixels: np.ndarray) -> dict[str, bytes]:
     """Files whose pixel data is missing, one per format, by name: PNGs with rows short (the issue-13
-    shape: a 40 MP header over 20 rows, and one row short), and the others cut part-way through the data."""
+    shape: a 40 MP header over 20 rows; a flat picture and a photo one row short), and the others cut
+    part-way through the data."""
     image = Image.fromarray(pixels)
     cut = {"JPEG": 0.3, "GIF": 0.5, "TIFF": 0.5, "BMP": 0.5, "WEBP": 0.3}
     files = {
         "png-20-of-5000-rows": png_of_zero_rows(8000, 5000, rows=20, colour=0),
         "png-one-row-short": png_of_zero_rows(300, 200, rows=199),
+        "png-photo-one-row-short": png_of_first_rows(
+            np.random.default_rng(0).integers(0, 256, (40, 30, 3)), 39
+        ),
     }
     for fmt, share in cut.items():
         data = encode(image, fmt)

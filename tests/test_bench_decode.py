@@ -7,6 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
+from mnemo import imaging
 from mnemo.benchmarks import decode
 
 
@@ -44,6 +45,8 @@ def test_report_lists_every_file_and_burst():
                 "rss_after_mb": 1,
             }
         ],
+        "count_first_ratio": 16,
+        "row_check": [{"what": "w", "bytes": 2048, decode.RULES[0]: 4.0, decode.RULES[1]: 3.0}],
         "machine": {"cpu": "x", "cores": 2},
         "commit": "abc",
         "date": "2026-01-01",
@@ -51,3 +54,13 @@ def test_report_lists_every_file_and_burst():
     text = decode.render(report)
     assert all(what in text for what in decode.FILES.values())
     assert "| b | 200×2, 400×1 | 1.0 | 3 (0.1) | 1 / 2 / 1 |" in text
+    assert "| w | 2,048 | 4.0 | 3.0 | 0.75 |" in text and "over 16 ×" in text
+
+
+def test_the_row_check_costs_time_both_rules_and_restore_the_setting(monkeypatch):
+    monkeypatch.setattr(decode, "PHOTOS", {"small": (32, 24, 3, decode.MODEL)})
+    ratio = imaging.PNG_COUNT_FIRST_RATIO
+    (row,) = decode.row_check_costs(rounds=1, seconds=0.01)
+    assert row["what"] == "small" and row["bytes"] > 0
+    assert all(row[rule] > 0 for rule in decode.RULES)
+    assert ratio == imaging.PNG_COUNT_FIRST_RATIO

@@ -10,7 +10,7 @@ import zlib
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile
 
 from mnemo import imaging
 from mnemo.imaging import ImageDecodeError, Preprocessing
@@ -20,6 +20,7 @@ from tests.image_bytes import (
     missing_pixel_data,
     png_chunk,
     png_declaring,
+    png_of_first_rows,
     png_of_zero_rows,
     png_with_empty_chunks,
 )
@@ -320,6 +321,32 @@ def test_large_images_are_reduced_before_they_become_floats():
 )
 def test_png_rows_are_counted_before_decoding(data, missing):
     assert imaging.png_rows_missing(data) is missing
+
+
+def test_a_photo_png_is_counted_only_when_its_last_row_comes_out_blank(monkeypatch):
+    """Counting rows is a second inflate of the file; a photo's is skipped when Pillow filled its last row."""
+    photo = (RNG.random((48, 64, 3)) * 255).astype(np.uint8)
+    counted, count = [], imaging.png_rows_missing
+    monkeypatch.setattr(imaging, "png_rows_missing", lambda data: counted.append(len(data)) or count(data))
+    assert np.array_equal(imaging.decode_image(encode(Image.fromarray(photo))), photo)
+    assert counted == []
+    dark = photo.copy()
+    dark[-1] = 0  # a black last row: it may be Pillow's fill, so the rows are counted, and all there
+    assert np.array_equal(imaging.decode_image(encode(Image.fromarray(dark))), dark)
+    assert len(counted) == 1
+    short = png_of_first_rows(photo, rows=47)  # one row short, its stream ending cleanly
+    with pytest.raises(ImageDecodeError, match="last row"):
+        imaging.decode_image(short)
+    assert len(counted) == 2
+
+
+def test_a_bomb_shaped_png_is_counted_before_pillow_decodes_it(monkeypatch):
+    def no_decoding(self):
+        raise AssertionError("decoded a file that was refused by its header and size alone")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with pytest.raises(ImageDecodeError, match="last row"):
+        imaging.decode_image(png_of_zero_rows(8000, 5000, rows=2))
 
 
 def adam7_png(pixels: np.ndarray, keep: float = 1.0) -> bytes:
