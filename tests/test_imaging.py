@@ -340,6 +340,21 @@ def test_a_photo_png_is_counted_only_when_its_last_row_comes_out_blank(monkeypat
     assert len(counted) == 2
 
 
+def test_missing_rows_read_zero_even_in_memory_pillow_reuses():
+    """The rule above rests on Pillow zeroing a new image, also one in a block it cached (dirty, white)."""
+    blocks = Image.core.get_blocks_max()
+    Image.core.set_blocks_max(64)
+    try:
+        white = encode(Image.fromarray(np.full((120, 90, 3), 255, np.uint8)))
+        short = png_of_first_rows(RNG.integers(1, 256, (120, 90, 3)), rows=119)
+        for _ in range(3):
+            imaging.decode_image(white)
+            with pytest.raises(ImageDecodeError, match="last row"):
+                imaging.decode_image(short)
+    finally:
+        Image.core.set_blocks_max(blocks)
+
+
 def test_a_bomb_shaped_png_is_counted_before_pillow_decodes_it(monkeypatch):
     def no_decoding(self):
         raise AssertionError("decoded a file that was refused by its header and size alone")
