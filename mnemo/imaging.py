@@ -263,7 +263,7 @@ def _load(opened: OpenImage) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide Pillow switch; it would hide every truncation
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; mnemo refuses to fill in images")
     png = image.format == "PNG"
-    counted_first = png and _png_inflates_far(opened.data)
+    counted_first = png and _count_png_rows_first(image, opened.data)
     if counted_first:
         _refuse_missing_rows(opened.data)
     try:
@@ -279,12 +279,15 @@ def _refuse_missing_rows(png: bytes) -> None:
         raise ImageDecodeError("truncated", "PNG pixel data ends before the last row")
 
 
-def _png_inflates_far(data: bytes) -> bool:
-    """Whether a PNG's rows are more than ``PNG_COUNT_FIRST_RATIO`` times its size: a bomb's shape (or a
-    flat picture), whose rows are counted before Pillow allocates and fills them. Others are decoded
-    first and counted only when their last row is blank, which saves a second inflate of every photo."""
+def _count_png_rows_first(image: Image.Image, data: bytes) -> bool:
+    """Whether a PNG's rows are counted before Pillow allocates and fills them: when they are more than
+    ``PNG_COUNT_FIRST_RATIO`` times the file (a bomb's shape, or a flat picture), and when Pillow would not
+    decode the image data as the whole picture in one piece (an APNG frame control ahead of it can cut it
+    to a rectangle, and then the last row says nothing). Others, photos among them, are decoded first and
+    counted only when their last row comes out blank, which saves a second inflate."""
     expected = png_row_bytes(data)
-    return expected is None or expected > PNG_COUNT_FIRST_RATIO * len(data)
+    whole = len(image.tile) == 1 and tuple(image.tile[0][1]) == (0, 0, *image.size)
+    return not whole or expected is None or expected > PNG_COUNT_FIRST_RATIO * len(data)
 
 
 def _last_row_may_be_missing(image: Image.Image, data: bytes) -> bool:
@@ -309,15 +312,19 @@ def _check_size(image: Image.Image, max_pixels: int) -> None:
 
 
 def _check_png_chunks(data: bytes) -> None:
-    """Refuse a PNG of more chunks than its size or rows explain, walking no further than the limit."""
+    """Refuse a PNG of more chunks than its size or rows explain, walking no further than the limit, and
+    one whose header chunk is not first or not alone (Pillow reads past both; the row count reads the
+    first chunk's header, the one the PNG standard allows)."""
     height = _PNG_IHDR.unpack_from(data, 16)[1] if data[12:16] == b"IHDR" and len(data) >= 33 else 0
     limit = max(PNG_MIN_CHUNKS, len(data) // PNG_BYTES_PER_CHUNK, min(height, PNG_ROW_CHUNKS) + 16)
-    for count, _ in enumerate(_png_chunks(data), start=1):
+    for count, (_, _, kind) in enumerate(_png_chunks(data), start=1):
         if count > limit:
             raise ImageDecodeError(
                 "too_large",
                 f"PNG of {len(data):,} bytes holds more than {limit:,} chunks; real encoders write far fewer",
             )
+        if (kind == b"IHDR") != (count == 1):
+            raise ImageDecodeError("truncated", "corrupt PNG: its header chunk (IHDR) must come first, once")
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:

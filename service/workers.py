@@ -128,24 +128,32 @@ def serve_workers(settings: Any, flags: dict[str, Any]) -> int:
 
 def remove_orphaned_metrics_dirs() -> list[Path]:
     """Remove the metrics directories of supervisors that are gone (killed outright, so their ``finally``
-    never ran); without this every SIGKILL leaves a directory of metric files in the temp dir for good."""
+    never ran); without this every SIGKILL leaves a directory of metric files in the temp dir for good.
+    Called before this supervisor makes its own, so one named with this process's pid is a predecessor's
+    (in a container the supervisor is pid 1 every time)."""
     removed = []
     for path in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
         pid = path.name.removeprefix(METRICS_DIR_PREFIX).partition("-")[0]
-        if pid.isdigit() and not _is_running(int(pid)):
+        if path.is_dir() and not path.is_symlink() and _is_gone(pid):
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
 
 
-def _is_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _is_gone(pid: str) -> bool:
+    """Whether ``pid`` (a directory name's part) names no running process but this one; a name that is no
+    pid is not ours and is kept."""
+    if not (pid.isascii() and pid.isdigit()):
         return False
-    except PermissionError:  # another user's process: alive
+    if int(pid) == os.getpid():
         return True
-    return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError, ValueError):  # another user's process; no pid at all
+        return False
+    return False
 
 
 def worker_app() -> Any:

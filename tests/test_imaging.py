@@ -340,6 +340,37 @@ def test_a_photo_png_is_counted_only_when_its_last_row_comes_out_blank(monkeypat
     assert len(counted) == 2
 
 
+def _apng_default_frame(width: int, height: int, frame_rows: int, padding: int) -> bytes:
+    """An image whose frame control, ahead of its data, cuts the default image to its last
+    ``frame_rows`` rows (Pillow then decodes only those), padded so it is not bomb-shaped."""
+    frame = struct.pack(">IIIIIHHBB", 0, width, frame_rows, 0, height - frame_rows, 1, 10, 0, 0)
+    rows = RNG.integers(1, 256, (frame_rows, width, 3)).astype(np.uint8)
+    data = zlib.compress(b"".join(b"\0" + row.tobytes() for row in rows))
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    body = png_chunk(b"fcTL", frame) + png_chunk(b"IDAT", data) + png_chunk(b"tEXt", bytes(padding + 2))
+    return b"\x89PNG\r\n\x1a\n" + header + body + png_chunk(b"IEND", b"")
+
+
+PHOTO_ROW_SHORT = png_of_first_rows(RNG.integers(1, 256, (40, 30, 3)), rows=39)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        PHOTO_ROW_SHORT[:8] + png_chunk(b"tEXt", b"a\0b") + PHOTO_ROW_SHORT[8:],  # a chunk before its header
+        PHOTO_ROW_SHORT[:33] + PHOTO_ROW_SHORT[8:],  # the header twice
+        _apng_default_frame(30, 8, frame_rows=1, padding=0),
+        _apng_default_frame(200, 200, frame_rows=1, padding=200_000),
+    ],
+    ids=["chunk-before-header", "two-headers", "frame-of-the-last-row", "frame-padded"],
+)
+def test_pngs_that_hide_missing_rows_from_the_last_row_rule_are_refused(data):
+    for decode in (imaging.decode_image, lambda d: imaging.preprocess(d, Preprocessing(3, 64))):
+        with pytest.raises(ImageDecodeError) as err:
+            decode(data)
+        assert err.value.reason == "truncated", err.value
+
+
 def test_missing_rows_read_zero_even_in_memory_pillow_reuses():
     """The rule above rests on Pillow zeroing a new image, also one in a block it cached (dirty, white)."""
     blocks = Image.core.get_blocks_max()

@@ -105,14 +105,17 @@ def test_workers_stop_when_their_supervisor_is_killed(two_workers):
     assert not left[0].exists()
 
 
-def test_the_sweep_keeps_a_running_supervisors_metrics_directory(tmp_path, monkeypatch):
+def test_the_sweep_keeps_a_running_supervisors_metrics_directory_and_names_that_are_no_pid(
+    tmp_path, monkeypatch
+):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
-    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-a1"
-    foreign = tmp_path / f"{METRICS_DIR_PREFIX}x-b2"  # not one of ours: no pid
-    for path in (live, foreign):
+    live = tmp_path / f"{METRICS_DIR_PREFIX}{os.getppid()}-a1"
+    not_pids = [tmp_path / f"{METRICS_DIR_PREFIX}{name}-b2" for name in ("x", "9" * 20, "²")]
+    mine = tmp_path / f"{METRICS_DIR_PREFIX}{os.getpid()}-c3"  # a predecessor's: in a container, pid 1 again
+    for path in (live, *not_pids, mine):
         path.mkdir()
-    assert remove_orphaned_metrics_dirs() == []
-    assert live.exists() and foreign.exists()
+    assert remove_orphaned_metrics_dirs() == [mine]
+    assert live.exists() and all(path.exists() for path in not_pids) and not mine.exists()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads the process tree from Linux /proc")
