@@ -263,7 +263,10 @@ def _load(opened: OpenImage) -> None:
     if ImageFile.LOAD_TRUNCATED_IMAGES:  # a process-wide Pillow switch; it would hide every truncation
         raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is set; mnemo refuses to fill in images")
     png = image.format == "PNG"
-    counted_first = png and _count_png_rows_first(image, opened.data)
+    if png and not (len(image.tile) == 1 and tuple(image.tile[0][1]) == (0, 0, *image.size)):
+        # an APNG frame control ahead of the image data cuts it to a rectangle; the rest would read zero
+        raise ImageDecodeError("truncated", "PNG frame control does not cover the whole image")
+    counted_first = png and _png_inflates_far(opened.data)
     if counted_first:
         _refuse_missing_rows(opened.data)
     try:
@@ -279,15 +282,13 @@ def _refuse_missing_rows(png: bytes) -> None:
         raise ImageDecodeError("truncated", "PNG pixel data ends before the last row")
 
 
-def _count_png_rows_first(image: Image.Image, data: bytes) -> bool:
-    """Whether a PNG's rows are counted before Pillow allocates and fills them: when they are more than
-    ``PNG_COUNT_FIRST_RATIO`` times the file (a bomb's shape, or a flat picture), and when Pillow would not
-    decode the image data as the whole picture in one piece (an APNG frame control ahead of it can cut it
-    to a rectangle, and then the last row says nothing). Others, photos among them, are decoded first and
-    counted only when their last row comes out blank, which saves a second inflate."""
+def _png_inflates_far(data: bytes) -> bool:
+    """Whether a PNG's rows are more than ``PNG_COUNT_FIRST_RATIO`` times its size: a bomb's shape (or a
+    flat picture), whose rows are counted before Pillow allocates and fills them. Others, photos among
+    them, are decoded first and counted only when their last row comes out blank, which saves a second
+    inflate."""
     expected = png_row_bytes(data)
-    whole = len(image.tile) == 1 and tuple(image.tile[0][1]) == (0, 0, *image.size)
-    return not whole or expected is None or expected > PNG_COUNT_FIRST_RATIO * len(data)
+    return expected is None or expected > PNG_COUNT_FIRST_RATIO * len(data)
 
 
 def _last_row_may_be_missing(image: Image.Image, data: bytes) -> bool:
@@ -345,14 +346,14 @@ _PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
 
 
 def png_rows_missing(data: bytes) -> bool:
-    """Whether a PNG's image data (IDAT) inflates to fewer bytes than its header's rows need.
+    """Whether the image data Pillow decodes (``_png_image_data``) inflates to fewer bytes than the
+    header's rows need.
 
     Pillow takes a zlib stream that ends cleanly before the last row as the end of the image and leaves
     the rest zero. Counting costs one inflate pass, in 1 MiB pieces that are dropped at once, and stops
     as soon as every row is there. A file this cannot parse is left to Pillow (False).
     """
-    view = memoryview(data)
-    parts = [view[pos + 8 : pos + 8 + length] for pos, length, kind in _png_chunks(data) if kind == b"IDAT"]
+    parts = _png_image_data(data)
     expected = png_row_bytes(data)
     if expected is None:
         return False
@@ -367,6 +368,19 @@ def png_rows_missing(data: bytes) -> bool:
     except zlib.error:
         return False  # corrupt rather than short: Pillow's own decoder reports it
     return inflated < expected
+
+
+def _png_image_data(data: bytes) -> list[memoryview]:
+    """The compressed stream Pillow decodes as the first frame: from the first IDAT (or fdAT, less its
+    sequence number) through the image data chunks (IDAT, DDAT, fdAT) that follow it without a break."""
+    view, parts = memoryview(data), []
+    for pos, length, kind in _png_chunks(data):
+        if kind in (b"IDAT", b"fdAT") or (parts and kind == b"DDAT"):
+            skip = 4 if kind == b"fdAT" else 0
+            parts.append(view[pos + 8 + skip : pos + 8 + max(length, skip)])
+        elif parts:
+            break
+    return parts
 
 
 def png_row_bytes(data: bytes) -> int | None:

@@ -351,6 +351,28 @@ def _apng_default_frame(width: int, height: int, frame_rows: int, padding: int) 
     return b"\x89PNG\r\n\x1a\n" + header + body + png_chunk(b"IEND", b"")
 
 
+def _png_ending_in_a_ddat_chunk() -> bytes:
+    """40 rows whose stream, as Pillow reads it (IDAT, DDAT, IDAT: one run of image data chunks), ends
+    cleanly one row short in the DDAT chunk, while the IDAT chunks alone hold a complete stream."""
+    rows = [b"\0" + row.tobytes() for row in RNG.integers(1, 256, (40, 30, 3)).astype(np.uint8)]
+    first = b"".join(rows[:-1])
+
+    def stored(data: bytes, final: bool) -> bytes:  # one uncompressed deflate block
+        return bytes([final]) + struct.pack("<HH", len(data), len(data) ^ 0xFFFF) + data
+
+    def adler(data: bytes) -> bytes:
+        return struct.pack(">I", zlib.adler32(data))
+
+    chunks = [
+        (b"IDAT", b"\x78\x01" + stored(first[:-1], False)),
+        (b"DDAT", stored(first[-1:], True) + adler(first)),
+        (b"IDAT", stored(first[-1:] + rows[-1], True) + adler(first + rows[-1])),
+    ]
+    header = png_chunk(b"IHDR", struct.pack(">IIBBBBB", 30, 40, 8, 2, 0, 0, 0))
+    body = b"".join(png_chunk(kind, data) for kind, data in chunks)
+    return b"\x89PNG\r\n\x1a\n" + header + body + png_chunk(b"IEND", b"")
+
+
 PHOTO_ROW_SHORT = png_of_first_rows(RNG.integers(1, 256, (40, 30, 3)), rows=39)
 
 
@@ -361,8 +383,9 @@ PHOTO_ROW_SHORT = png_of_first_rows(RNG.integers(1, 256, (40, 30, 3)), rows=39)
         PHOTO_ROW_SHORT[:33] + PHOTO_ROW_SHORT[8:],  # the header twice
         _apng_default_frame(30, 8, frame_rows=1, padding=0),
         _apng_default_frame(200, 200, frame_rows=1, padding=200_000),
+        _png_ending_in_a_ddat_chunk(),
     ],
-    ids=["chunk-before-header", "two-headers", "frame-of-the-last-row", "frame-padded"],
+    ids=["chunk-before-header", "two-headers", "frame-of-the-last-row", "frame-padded", "ends-in-ddat"],
 )
 def test_pngs_that_hide_missing_rows_from_the_last_row_rule_are_refused(data):
     for decode in (imaging.decode_image, lambda d: imaging.preprocess(d, Preprocessing(3, 64))):
