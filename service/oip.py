@@ -225,7 +225,16 @@ def _parse_infer_request(
         raise ApiError(400, "bad_input", f"binary_data_size {size} but {len(binary)} bytes follow the header")
     data = binary if size is not None else tensor.get("data")
     values = image_bytes(data, shape) if name == "image" else pixels(data, shape, model)
-    return InferRequest(header.get("id"), name, values, requested_outputs(header), threshold_of(header))
+    return InferRequest(request_id(header), name, values, requested_outputs(header), threshold_of(header))
+
+
+def request_id(header: dict[str, Any]) -> str | None:
+    """The request's ``id``, which the answer echoes: a string, as the protocol has it (anything else, a
+    deeply nested list say, would only fail later, when the scored answer is encoded)."""
+    value = header.get("id")
+    if value is not None and not isinstance(value, str):
+        raise ApiError(400, "bad_input", f"id must be a string, got {type(value).__name__}")
+    return value
 
 
 def check_image_count(count: int, max_files: int) -> None:

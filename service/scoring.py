@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import math
 import time
 from functools import partial
 
@@ -164,7 +165,18 @@ async def infer_inputs(
     decoded = Decoded(inputs, None, [(size, size)] * len(inputs))
     deadline = asyncio.get_running_loop().time() + settings.request_timeout_s
     async with _Cancelled(request, deadline, settings.request_timeout_s):
-        return decoded, await _infer(model, decoded, settings)
+        results = await _infer(model, decoded, settings)
+    # Finite but huge inputs (3e38 is a float32) overflow inside the model: a NaN score would answer "ok"
+    # and stay in the score histogram's sum for good. Decoded images cannot get there.
+    for i, result in enumerate(results):
+        if not (math.isfinite(result.score) and np.isfinite(result.heatmap).all()):
+            raise ApiError(
+                400,
+                "bad_input",
+                f"input {i} gives a non-finite score: its values are too large for the model; send "
+                "normalised model input, as the bundle's preprocessing makes it from 0…255 pixels",
+            )
+    return decoded, results
 
 
 def reconstructions(model: LoadedModel, decoded: Decoded) -> list[Picture]:

@@ -11,6 +11,9 @@ chunks, so a client that sends part of a request and goes silent holds its conne
   arrives (``_receive_head``);
 * ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
   connection, to the end of the headers; a late head is answered 408 and the connection closed;
+* ``max_header_bytes`` again for what a chunked body carries besides its data: trailer fields (uvicorn adds
+  them to the request's headers, without a limit) and chunk framing beyond ``CHUNK_FRAMING_BYTES`` a
+  chunk; past it, 431 and the connection closed;
 * ``body_timeout_s``: the longest silence while a request body is expected; then the connection is closed
   and the app sees a disconnect. Time in which the server itself holds the body back (flow control, or a
   ``100-continue`` the app has not asked for yet) does not count.
@@ -39,6 +42,7 @@ HEAD_END = b"\r\n\r\n"  # llhttp takes CRLF line ends only
 UPGRADE_HEADER = re.compile(rb"\r\nupgrade:", re.IGNORECASE)
 IGNORED_UPGRADE = b"\r\nx-ignored-upgrade:"
 _HELD_PREFIXES = (b"\r\nupgrade:", HEAD_END)
+CHUNK_FRAMING_BYTES = 64  # a chunk's size line, its CRLFs and a short extension
 
 
 def _unfinished_tail(head: bytes) -> int:
@@ -64,6 +68,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # of this head, handed to the parser
         self._held = b""  # of this head, not yet handed over (``_receive_head``)
         self._in_body = False
+        self._messages = 0  # requests parsed whole on this connection
+        self._framing = 0  # of this request's body bytes, those that were not body data (``data_received``)
+        self._chunks = 0  # of this request's body
         self._last_data = 0.0
         self._timer: asyncio.TimerHandle | None = None
 
@@ -82,7 +89,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             data = self._receive_head(data)  # what follows a complete head: body, or pipelined requests
         if data and not self.transport.is_closing():
             self._last_data = self.loop.time()
-            super().data_received(data)
+            self._receive_body(data)
         # Timers only for what is still incomplete once this chunk is parsed: a request that arrives whole
         # (the usual case) costs no timer at all.
         if self._timer is None and not self.transport.is_closing():
@@ -116,7 +123,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().data_received(UPGRADE_HEADER.sub(IGNORED_UPGRADE, head))
         return rest
 
+    def _receive_body(self, data: bytes) -> None:
+        """Parse body bytes, and count those that were not body data (``on_body`` takes those off) while
+        the same request's body goes on: a chunked body's framing and trailer fields, which httptools
+        gathers and uvicorn keeps without a limit (a trailer of 100 MB took the server to 1.7 GB)."""
+        in_body, message = self._in_body, self._messages
+        super().data_received(data)
+        if message != self._messages:  # this request ended here; a pipelined one's data may have been
+            self._framing = max(self._framing, 0)  # taken off its count: what it sent so far is one read
+            return
+        if not in_body:
+            return
+        self._framing += len(data)
+        limit = self.max_header_bytes + CHUNK_FRAMING_BYTES * self._chunks
+        if self._framing > limit and not self.transport.is_closing():
+            self._refuse(431, "headers_too_large", f"chunk framing and trailers exceed {limit} bytes")
+
     # ------------------------------------------------------------------------------- parser callbacks
+
+    def on_body(self, body: bytes) -> None:
+        self._framing -= len(body)
+        super().on_body(body)
+
+    def on_chunk_header(self) -> None:
+        self._chunks += 1
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
@@ -127,6 +157,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes, self._in_body = True, 0, False
+        self._messages, self._framing, self._chunks = self._messages + 1, 0, 0
         self._disarm()  # the next request's first bytes arm it again; uvicorn times the idle gap
 
     # ------------------------------------------------------------------------------------------ timers

@@ -244,6 +244,42 @@ def test_an_oversized_header_that_arrives_whole_is_answered_431(server):
     assert b'"code": "headers_too_large"' in answer
 
 
+def chunked_score_request(png: bytes, chunk: int) -> bytes:
+    """A score request whose body is ``png`` in chunks of ``chunk`` bytes, up to its last (empty) chunk:
+    trailer fields and the blank line that ends them are the caller's."""
+    head = b"POST /v1/models/gray:score HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+    pieces = [png[i : i + chunk] for i in range(0, len(png), chunk)]
+    body = b"".join(b"%x\r\n%s\r\n" % (len(piece), piece) for piece in pieces)
+    return head + b"Transfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n"
+
+
+def test_a_trailer_flood_is_refused_431_and_small_trailers_and_many_chunks_pass(server):
+    """uvicorn adds a chunked body's trailer fields to the request's headers without a limit: 100 MB of
+    them took the server to 1.7 GB (found by a hostile-client sweep)."""
+    png = png_bytes(smooth_images(1, 1, 28)[0])
+    with raw(server) as sock:
+        sock.sendall(chunked_score_request(png, chunk=7) + b"X-Sum: 1\r\n\r\n")  # 10+ chunks, one trailer
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+    def flood(sock: socket.socket) -> None:
+        try:
+            sock.sendall(chunked_score_request(png, chunk=len(png)))
+            for _ in range(100):  # up to 6.4 MB of trailer fields; the server stops after 32 KB
+                sock.sendall(b"X-A: 1\r\n" * 8192)
+        except OSError:
+            pass  # the server closed the connection: what we want
+
+    with raw(server) as sock:
+        sender = threading.Thread(target=flood, args=(sock,), daemon=True)
+        sender.start()
+        answer, seconds = read_until_closed(sock, timeout_s=10)
+        sender.join(timeout=10)
+    assert seconds < 2.0
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]  # or reset before it
+    assert small_request_seconds(server) < 1.0
+
+
 def test_pipelined_requests_past_the_header_limit_in_one_write_are_all_answered(server):
     """The limit is per request head, not per read: 1200 pipelined GETs (43 KB) sent at once, and a POST
     whose 32 KB body ends just before the limit with the next head straddling it (were each a 431)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import struct
 
 import httpx
@@ -121,6 +122,9 @@ MALFORMED_BODIES = {
     "pixels-400-digits": {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28],
                                       "data": [10**400] * 784}]},
     "name-a-list": {"inputs": [_image_input(name=["image"])]},
+    "id-a-list": {"inputs": [_image_input()], "id": [[1]]},
+    "pixels-float32-max": {"inputs": [{"name": "pixels", "datatype": "FP32", "shape": [1, 1, 28, 28],
+                                       "data": [3e38] * 784}]},  # finite, but overflows in the model
 }  # fmt: skip
 
 
@@ -150,6 +154,7 @@ def test_malformed_infer_bodies_are_400s_and_the_server_keeps_serving(server):
         metric_value(metrics, "mnemo_requests_total", model="gray", status="400") >= len(MALFORMED_BODIES) + 3
     )
     assert metric_value(metrics, "mnemo_requests_total", status="500") == 0
+    assert math.isfinite(metric_value(metrics, "mnemo_anomaly_score_sum", model="gray"))
 
 
 def test_plain_json_with_base64_images(server, bundle_dir):
