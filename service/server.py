@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import http
 import json
+import logging
 import re
 from collections.abc import Callable
 from typing import Any, ClassVar
@@ -243,6 +244,42 @@ class OneWriteTransport:
         return getattr(self._transport, name)
 
 
+class AnswerWhenShutDown:
+    """The served ASGI app, wrapped: a request still running when uvicorn's graceful shutdown runs out
+    (``shutdown_timeout_s``) and cancels it, a stalled upload say, is answered 503 ``shutting_down`` and
+    its connection closed, where uvicorn would answer 500 and log a traceback for each. Costs the hot path
+    nothing but a ``try``."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await self.app(scope, receive, send)
+        except asyncio.CancelledError:
+            if scope["type"] != "http" or not await _answer_shutting_down(send):
+                raise
+
+
+async def _answer_shutting_down(send: Any) -> bool:
+    """Send the 503; False when a response had already begun (uvicorn refuses a second start)."""
+    body = json.dumps(
+        {"error": {"code": "shutting_down", "message": "the server shut down before this request finished"}}
+    ).encode()
+    head = [
+        (b"content-type", b"application/json"),
+        (b"content-length", b"%d" % len(body)),
+        (b"connection", b"close"),
+    ]
+    try:
+        await send({"type": "http.response.start", "status": 503, "headers": head})
+    except RuntimeError:
+        return False
+    await send({"type": "http.response.body", "body": body})
+    logging.getLogger("mnemo.service").info("answered 503: a request was still running at shutdown")
+    return True
+
+
 def guarded_protocol(settings: Settings, on_refuse: Callable[[str], None] | None = None) -> type:
     """A ``GuardedHttpToolsProtocol`` subclass carrying these settings' limits (uvicorn makes one
     protocol instance per connection from the class)."""
@@ -290,4 +327,4 @@ def server_config(settings: Settings, app: Any, *, shortcut: bool = True, **over
     options = {**server_options(settings), "http": guarded_protocol(settings, _refusal_counter(app))}
     if shortcut and getattr(getattr(app, "state", None), "metrics", None) is not None:
         app = ScoreShortcut(app)
-    return uvicorn.Config(app, **{**options, **overrides})
+    return uvicorn.Config(AnswerWhenShutDown(app), **{**options, **overrides})

@@ -42,7 +42,12 @@ from typing import Any
 from prometheus_client import multiprocess
 from uvicorn.supervisors import Multiprocess
 
-from mnemo.service.server import GuardedHttpToolsProtocol, configure_protocol, server_options
+from mnemo.service.server import (
+    AnswerWhenShutDown,
+    GuardedHttpToolsProtocol,
+    configure_protocol,
+    server_options,
+)
 
 WORKER_FLAGS_ENV = "MNEMO_WORKER_FLAGS"  # the parent's flags, as JSON, for its workers' Settings
 SUPERVISOR_ENV = "MNEMO_SUPERVISOR_PID"  # set in workers: whom to ask for a rolling restart
@@ -170,7 +175,7 @@ def worker_app() -> Any:
     )
     app = create_app(settings)
     configure_protocol(WorkerProtocol, settings, app)
-    return ScoreShortcut(app)
+    return AnswerWhenShutDown(ScoreShortcut(app))
 
 
 def _stop_with_supervisor() -> None:

@@ -9,7 +9,7 @@ import httpx
 
 from mnemo.service.app import create_app
 from mnemo.service.score_shortcut import ScoreShortcut
-from mnemo.service.server import server_config
+from mnemo.service.server import AnswerWhenShutDown, server_config
 from tests.image_bytes import png_bytes
 from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
 
@@ -91,8 +91,9 @@ def test_the_shortcut_answers_as_the_app_does(bundle_dir):
 def test_only_score_posts_take_the_shortcut(bundle_dir):
     settings = make_settings(bundle_dir)
     app = create_app(settings)
-    assert isinstance(server_config(settings, app).app, ScoreShortcut)  # what mnemo serve runs
-    assert server_config(settings, app, shortcut=False).app is app
+    served = server_config(settings, app).app  # what mnemo serve runs
+    assert isinstance(served, AnswerWhenShutDown) and isinstance(served.app, ScoreShortcut)
+    assert server_config(settings, app, shortcut=False).app.app is app
     shortcut = ScoreShortcut(app)
     taken = []
 

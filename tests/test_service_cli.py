@@ -86,8 +86,13 @@ def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_timeout(bundle_
             process.send_signal(signal.SIGTERM)  # what `docker stop` sends
             output, _ = process.communicate(timeout=15)
             stopped_s = time.monotonic() - start
+            stalled.settimeout(5)
+            answer = stalled.recv(65536)
     finally:
         if process.poll() is None:
             process.kill()
     assert stopped_s < 4.0, output  # 1 s for the upload, then the lifespan shutdown; was: never
     assert "timeout graceful shutdown exceeded" in output
+    # answered, without a traceback (was: 500 and "Exception in ASGI application" for each)
+    assert answer.startswith(b"HTTP/1.1 503 ") and b'"shutting_down"' in answer, answer[:300]
+    assert "Traceback" not in output and "Exception in ASGI application" not in output, output
