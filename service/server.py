@@ -5,8 +5,10 @@ event loop while it is) and has no timer before a request's headers are complete
 chunks, so a client that sends part of a request and goes silent holds its connection for ever.
 ``GuardedHttpToolsProtocol`` adds, per connection:
 
-* ``max_header_bytes``: the request line and headers of each request (pipelined ones each on their own);
-  a longer head is answered 431 and the connection closed, and the excess never reaches the parser;
+* ``max_header_bytes``: the request line and headers of each request (pipelined ones each on their own,
+  found after a ``Content-Length`` body in the same read too); a longer head is answered 431 (after the
+  answers owed to the requests before it) and the connection closed, and the excess never reaches the
+  parser;
 * an ``Upgrade`` offer (``h2c``, from every JDK HttpClient) is ignored, so the request's body still
   arrives (``_receive_head``);
 * ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
@@ -70,6 +72,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._held = b""  # of this head, not yet handed over (``_receive_head``)
         self._in_body = False
         self._messages = 0  # requests parsed whole on this connection
+        self._body_left: int | None = None  # of this request's Content-Length body (None: chunked)
+        self._refusal: tuple[int, str, str] | None = None  # to send once the answers before it are out
         self._framing = 0  # of this request's body bytes, those that were not body data (``data_received``)
         self._chunks = 0  # of this request's body
         self._last_data = 0.0
@@ -86,14 +90,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        while self._in_head and data and not self.transport.is_closing():
-            data = self._receive_head(data)  # what follows a complete head: body, or pipelined requests
-        if data and not self.transport.is_closing():
+        if self._refusal is not None:
+            return  # a refused head waits for the answers before it; what follows is not read
+        while data and not self.transport.is_closing() and self._refusal is None:
+            if self._in_head:
+                data = self._receive_head(data)  # what follows a complete head: body, or pipelined requests
+                continue
             self._last_data = self.loop.time()
-            self._receive_body(data)
+            left = self._body_left
+            if left is None or len(data) <= left:  # a chunked body: the parser alone finds its end
+                body, data = data, b""
+            else:  # a pipelined request follows this body in the same read: its head gets the guard too
+                body, data = data[:left], data[left:]
+            if left is not None:
+                self._body_left = left - len(body)
+            self._receive_body(body)
         # Timers only for what is still incomplete once this chunk is parsed: a request that arrives whole
         # (the usual case) costs no timer at all.
-        if self._timer is None and not self.transport.is_closing():
+        if self._timer is None and not self.transport.is_closing() and self._refusal is None:
             if self._in_body:
                 self._arm(self.body_timeout_s)
             elif self._in_head and (self._head_bytes or self._held):  # a later head on a kept-alive one
@@ -152,6 +166,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._in_head, self._in_body = False, True
+        self._body_left = _content_length(self.headers)
         self._last_data = self.loop.time()
         self._disarm()
 
@@ -159,6 +174,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_complete()
         self._in_head, self._head_bytes, self._in_body = True, 0, False
         self._messages, self._framing, self._chunks = self._messages + 1, 0, 0
+        self._body_left = None
         self._disarm()  # the next request's first bytes arm it again; uvicorn times the idle gap
 
     # ------------------------------------------------------------------------------------------ timers
@@ -195,9 +211,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _refuse(self, status: int, code: str, message: str) -> None:
         """Answer ``status`` with the service's JSON error shape (unless a response is already under way)
-        and close the connection."""
+        and close the connection. A refused head behind requests still being answered (pipelined) waits
+        for their answers; nothing more is read meanwhile."""
         if self.on_refuse is not None:
             self.on_refuse(code)
+        if self._in_head and self._answers_owed():
+            self._refusal = (status, code, message)
+            self._disarm()
+            self.transport.pause_reading()
+            return
+        self._answer_and_close(status, code, message)
+
+    def _answers_owed(self) -> bool:
+        return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._refusal is not None and not self._answers_owed() and not self.transport.is_closing():
+            self._answer_and_close(*self._refusal)
+
+    def _answer_and_close(self, status: int, code: str, message: str) -> None:
         cycle = self.cycle
         if cycle is None or cycle.response_complete or not cycle.response_started:
             body = json.dumps({"error": {"code": code, "message": message}}).encode()
@@ -207,6 +240,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             self.transport.write(head.encode("latin-1") + body)
         self.transport.close()
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """A request's body length as its headers declare it (0 without one); None for a chunked body, or a
+    length the parser took that ``int`` does not (the parser then finds the end)."""
+    length = 0
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return None
+        if name == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                return None
+    return length
 
 
 class OneWriteTransport:

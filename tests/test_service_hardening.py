@@ -345,6 +345,25 @@ def test_pipelined_requests_split_anywhere_get_the_same_answers(server):
         assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200"] * 3, (trial, answer[:300])
 
 
+def test_a_head_pipelined_behind_a_body_in_the_same_read_gets_the_guard_too(server):
+    """Found by a hostile-client sweep: a head that arrived in the same read as the body before it went
+    to the parser unguarded: an upgrade offer there lost its body (the answers stopped), and an oversized
+    head was answered 431 in place of the valid request before it."""
+    image = png_bytes(smooth_images(1, 1, 28, seed=8)[0])
+    plain = score_request_head(len(image)) + image
+    offer = score_request_head(len(image)).replace(b"Host: test\r\n", b"Host: test\r\nUpgrade: h2c\r\n")
+    close = b"GET /healthz HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    with raw(server) as sock:
+        sock.sendall(plain + offer + image + close)
+        answer, _ = read_until_closed(sock, timeout_s=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200"] * 3, answer[:300]
+    oversized = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: " + b"a" * 40_000 + b"\r\n\r\n"
+    with raw(server) as sock:
+        sock.sendall(plain + oversized)
+        answer, _ = read_until_closed(sock, timeout_s=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"200", b"431"], answer[:300]
+
+
 def test_a_client_leaving_with_pipelined_requests_in_flight_leaves_no_traceback(server, caplog):
     """uvloop raises on a write to a closed transport: the answers to a client that has gone are dropped,
     not logged as 'Exception in ASGI application' (12 tracebacks in 30 such clients before)."""
