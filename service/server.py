@@ -222,6 +222,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self._answer_and_close(status, code, message)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes its parser refuses (smuggling attempts, bad framing), in the service's
+        JSON error shape and counted, like the other refusals, instead of plain text."""
+        self._refuse(400, "bad_request", f"{msg.rstrip('.')}: the HTTP parser refused it")
+
     def _answers_owed(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 

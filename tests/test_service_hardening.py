@@ -253,6 +253,25 @@ def chunked_score_request(png: bytes, chunk: int) -> bytes:
     return head + b"Transfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n"
 
 
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"POST /healthz HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n x\r\n\r\n",  # obs-fold
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # an HTTP/2 preface
+    ],
+    ids=["cl-and-te", "two-lengths", "obs-fold", "h2-preface"],
+)
+def test_what_the_parser_refuses_is_a_json_400_and_counted(server, request_bytes):
+    with raw(server) as sock:
+        sock.sendall(request_bytes)
+        answer, _ = read_until_closed(sock, timeout_s=5)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b'"code": "bad_request"' in answer, answer[:300]
+    metrics = httpx.get(f"{server}/metrics").text
+    assert metric_value(metrics, "mnemo_errors_total", kind="bad_request") >= 1
+
+
 def test_a_trailer_flood_is_refused_431_and_small_trailers_and_many_chunks_pass(server):
     """uvicorn adds a chunked body's trailer fields to the request's headers without a limit: 100 MB of
     them took the server to 1.7 GB (found by a hostile-client sweep)."""
