@@ -13,9 +13,11 @@ chunks, so a client that sends part of a request and goes silent holds its conne
   arrives (``_receive_head``);
 * ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
   connection, to the end of the headers; a late head is answered 408 and the connection closed;
-* ``max_header_bytes`` again for what a chunked body carries besides its data: trailer fields (uvicorn adds
-  them to the request's headers, without a limit) and chunk framing beyond ``CHUNK_FRAMING_BYTES`` a
-  chunk; past it, 431 and the connection closed;
+* ``max_header_bytes`` again for what a chunked body carries besides its data, counted across reads:
+  trailer fields and chunk framing beyond ``CHUNK_FRAMING_BYTES`` a chunk; past it, 431 and the connection
+  closed. Trailer fields are ignored (uvicorn would add any number of them to the request's headers).
+  A head pipelined behind a *chunked* body in the same read reaches the parser unguarded: only the parser
+  knows where such a body ends; that head is bounded by the read (256 KiB at most);
 * ``body_timeout_s``: the longest silence while a request body is expected; then the connection is closed
   and the app sees a disconnect. Time in which the server itself holds the body back (flow control, or a
   ``100-continue`` the app has not asked for yet) does not count.
@@ -170,12 +172,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._last_data = self.loop.time()
         self._disarm()
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self._in_body:  # a chunked body's trailer field: ignored (RFC 9110 §6.5.1), not kept with the
+            return  # request's headers, where uvicorn would keep any number of them
+        super().on_header(name, value)
+
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._in_head, self._head_bytes, self._in_body = True, 0, False
         self._messages, self._framing, self._chunks = self._messages + 1, 0, 0
         self._body_left = None
         self._disarm()  # the next request's first bytes arm it again; uvicorn times the idle gap
+        cycle = self.cycle
+        if (
+            cycle is not None
+            and cycle.response_complete
+            and not self.pipeline
+            and not self.transport.is_closing()
+        ):
+            # answered before its body ended (a 404 reads none): uvicorn armed its idle timer with the
+            # answer, and the body's later bytes cancelled it; without this the connection idles for ever
+            self._unset_keepalive_if_required()
+            self.timeout_keep_alive_task = self.loop.call_later(
+                self.timeout_keep_alive, self.timeout_keep_alive_handler
+            )
 
     # ------------------------------------------------------------------------------------------ timers
 
@@ -215,7 +235,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         for their answers; nothing more is read meanwhile."""
         if self.on_refuse is not None:
             self.on_refuse(code)
-        if self._in_head and self._answers_owed():
+        if self._answers_owed() if self._in_head else self._withdraw_queued_request():
             self._refusal = (status, code, message)
             self._disarm()
             self.transport.pause_reading()
@@ -230,9 +250,18 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _answers_owed(self) -> bool:
         return bool(self.pipeline) or (self.cycle is not None and not self.cycle.response_complete)
 
+    def _withdraw_queued_request(self) -> bool:
+        """Whether the request being received waits in uvicorn's pipeline behind unanswered ones; if so it
+        leaves the queue (its app never runs: the refusal is its answer, after theirs)."""
+        if self.pipeline and self.pipeline[0][0] is self.cycle:
+            self.pipeline.popleft()
+            return True
+        return False
+
     def on_response_complete(self) -> None:
+        last = not self.pipeline  # nothing queued behind the answer just sent: no answer is owed now
         super().on_response_complete()
-        if self._refusal is not None and not self._answers_owed() and not self.transport.is_closing():
+        if self._refusal is not None and last and not self.transport.is_closing():
             self._answer_and_close(*self._refusal)
 
     def _answer_and_close(self, status: int, code: str, message: str) -> None:

@@ -272,6 +272,16 @@ def test_what_the_parser_refuses_is_a_json_400_and_counted(server, request_bytes
     assert metric_value(metrics, "mnemo_errors_total", kind="bad_request") >= 1
 
 
+def test_a_refused_request_behind_a_pipelined_one_is_answered_after_it(server):
+    """Found fuzzing: a refusal raised in a later request's body (bad chunk framing here) went out at
+    once, and the answer owed to the request before it was lost."""
+    bad = chunked_score_request(b"abc", chunk=3).replace(b"3\r\nabc", b"zz\r\nabc")
+    with raw(server) as sock:
+        sock.sendall(b"GET /v1/models/nothing HTTP/1.1\r\nHost: test\r\n\r\n" + bad + b"\r\n")
+        answer, _ = read_until_closed(sock, timeout_s=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"404", b"400"], answer[:400]
+
+
 def test_a_trailer_flood_is_refused_431_and_small_trailers_and_many_chunks_pass(server):
     """uvicorn adds a chunked body's trailer fields to the request's headers without a limit: 100 MB of
     them took the server to 1.7 GB (found by a hostile-client sweep)."""
@@ -470,6 +480,18 @@ def test_an_idle_kept_alive_connection_is_closed(impatient):
         sock.sendall(score_request_head(len(SMALL)) + SMALL)
         answer, seconds = read_until_closed(sock, 10)
     assert answer.startswith(b"HTTP/1.1 200 ") and seconds < 2.0  # kept alive for 0.5 s, then closed
+
+
+def test_a_connection_answered_before_its_body_ended_is_still_closed_when_idle(impatient):
+    """Found fuzzing: a 404 (no body read) went out while the body was arriving; its later bytes cancelled
+    uvicorn's idle timer, and the connection then idled for ever."""
+    body = b"x" * 4000
+    with raw(impatient) as sock:
+        sock.sendall(score_request_head(len(body), model="nothing") + body[:100])
+        time.sleep(0.3)
+        sock.sendall(body[100:])
+        answer, seconds = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 404 ") and seconds < 3.0, (answer[:200], seconds)
 
 
 def test_a_slow_but_steady_upload_is_not_cut_off(impatient):
