@@ -13,9 +13,10 @@ chunks, so a client that sends part of a request and goes silent holds its conne
   arrives (``_receive_head``);
 * ``header_timeout_s``: from connecting, or from the first byte of a later request on a kept-alive
   connection, to the end of the headers; a late head is answered 408 and the connection closed;
-* ``max_header_bytes`` again for what a chunked body carries besides its data, counted across reads:
-  trailer fields and chunk framing beyond ``CHUNK_FRAMING_BYTES`` a chunk; past it, 431 and the connection
-  closed. Trailer fields are ignored (uvicorn would add any number of them to the request's headers).
+* ``max_header_bytes`` again for what a chunked body carries besides its data (trailer fields, chunk
+  framing beyond ``CHUNK_FRAMING_BYTES`` a chunk) while the body is still arriving: past it, 431 and the
+  connection closed; the read that ends the body is parsed whole (at most 256 KiB). Trailer fields are
+  ignored (uvicorn would add any number of them to the request's headers).
   A head pipelined behind a *chunked* body in the same read reaches the parser unguarded: only the parser
   knows where such a body ends; that head is bounded by the read (256 KiB at most);
 * ``body_timeout_s``: the longest silence while a request body is expected; then the connection is closed
@@ -240,6 +241,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._disarm()
             self.transport.pause_reading()
             return
+        answered = not self._in_head and self.cycle is not None and self.cycle.response_started
+        if answered:  # the refused request has its answer (a 404 read none of its body): nothing more
+            self.transport.close()
+            return
         self._answer_and_close(status, code, message)
 
     def send_400_response(self, msg: str) -> None:
@@ -263,16 +268,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_response_complete()
         if self._refusal is not None and last and not self.transport.is_closing():
             self._answer_and_close(*self._refusal)
+        elif self._in_head and (self._head_bytes or self._held):
+            self._unset_keepalive_if_required()  # a next head has begun: the header timer governs it
 
     def _answer_and_close(self, status: int, code: str, message: str) -> None:
-        cycle = self.cycle
-        if cycle is None or cycle.response_complete or not cycle.response_started:
-            body = json.dumps({"error": {"code": code, "message": message}}).encode()
-            head = (
-                f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
-                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
-            )
-            self.transport.write(head.encode("latin-1") + body)
+        body = json.dumps({"error": {"code": code, "message": message}}).encode()
+        head = (
+            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+        )
+        self.transport.write(head.encode("latin-1") + body)
         self.transport.close()
 
 

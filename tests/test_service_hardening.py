@@ -494,6 +494,30 @@ def test_a_connection_answered_before_its_body_ended_is_still_closed_when_idle(i
     assert answer.startswith(b"HTTP/1.1 404 ") and seconds < 3.0, (answer[:200], seconds)
 
 
+def test_a_request_answered_early_gets_no_second_answer_when_its_body_goes_wrong(server):
+    """Found fuzzing: a 404 (no body read) and then, for bad chunk framing after it, a 400 as well."""
+    head = b"POST /v1/models/nothing:score HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with raw(server) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)
+        sock.sendall(b"zz\r\n")
+        answer, _ = read_until_closed(sock, timeout_s=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"404"], answer[:400]
+
+
+def test_a_head_begun_behind_a_pipelined_request_is_timed_by_the_header_timeout(bundle_dir):
+    """Found fuzzing: uvicorn's idle timer, armed with the first answer, closed the connection silently
+    (at its 5 s) while the next request's head was half there; the header timeout answers 408."""
+    settings = make_settings(bundle_dir, header_timeout_s=1.0, keep_alive_timeout_s=0.2)
+    with running_server(settings) as url, raw(url) as sock:
+        sock.sendall(
+            b"GET /v1/models/nothing HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\nX-A: b"
+        )
+        answer, seconds = read_until_closed(sock, timeout_s=10)
+    assert re.findall(rb"HTTP/1.1 (\d{3}) ", answer) == [b"404", b"408"], answer[:400]
+    assert 0.8 < seconds < 3.0
+
+
 def test_a_slow_but_steady_upload_is_not_cut_off(impatient):
     with raw(impatient) as sock:
         sock.sendall(score_request_head(len(SMALL)))
