@@ -210,24 +210,32 @@ def test_a_failed_reload_that_keeps_the_old_version_stays_ready(bundle_dir, tmp_
 # ----------------------------------------------------------------------------- D3: request-header size
 
 
-def test_oversized_headers_get_431_at_once_and_the_loop_keeps_serving(server):
+def flooded(url: str, opening: bytes, filler: bytes) -> tuple[bytes, float]:
+    """What the server answers, and how soon it closes, while a client sends ``opening`` and then
+    ``filler`` a hundred times over (or until the server closes the connection)."""
+
     def flood(sock: socket.socket) -> None:
-        head = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: "
         try:
-            sock.sendall(head)
-            for _ in range(100):  # up to 100 MB, as in the issue; the server stops reading after 32 KB
-                sock.sendall(b"a" * (1 << 20))
+            sock.sendall(opening)
+            for _ in range(100):
+                sock.sendall(filler)
         except OSError:
             pass  # the server closed the connection: what we want
 
-    with raw(server) as sock:
+    with raw(url) as sock:
         sender = threading.Thread(target=flood, args=(sock,), daemon=True)
         sender.start()
         answer, seconds = read_until_closed(sock, timeout_s=10)
-        assert seconds < 2.0
-        assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]  # or reset before it
-        assert small_request_seconds(server) < 1.0
         sender.join(timeout=10)
+    return answer, seconds
+
+
+def test_oversized_headers_get_431_at_once_and_the_loop_keeps_serving(server):
+    head = b"GET /healthz HTTP/1.1\r\nHost: test\r\nX-Filler: "
+    answer, seconds = flooded(server, head, b"a" * (1 << 20))  # 100 MB, as in the issue
+    assert seconds < 2.0  # the server stops reading after 32 KB
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]  # or reset before it
+    assert small_request_seconds(server) < 1.0
     counted = metric_value(
         httpx.get(f"{server}/metrics").text, "mnemo_errors_total", kind="headers_too_large"
     )
@@ -291,20 +299,9 @@ def test_a_trailer_flood_is_refused_431_and_small_trailers_and_many_chunks_pass(
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 200 "), answer[:200]
 
-    def flood(sock: socket.socket) -> None:
-        try:
-            sock.sendall(chunked_score_request(png, chunk=len(png)))
-            for _ in range(100):  # up to 6.4 MB of trailer fields; the server stops after 32 KB
-                sock.sendall(b"X-A: 1\r\n" * 8192)
-        except OSError:
-            pass  # the server closed the connection: what we want
-
-    with raw(server) as sock:
-        sender = threading.Thread(target=flood, args=(sock,), daemon=True)
-        sender.start()
-        answer, seconds = read_until_closed(sock, timeout_s=10)
-        sender.join(timeout=10)
-    assert seconds < 2.0
+    opening = chunked_score_request(png, chunk=len(png))
+    answer, seconds = flooded(server, opening, b"X-A: 1\r\n" * 8192)  # 6.4 MB of trailer fields
+    assert seconds < 2.0  # the server stops after 32 KB
     assert answer == b"" or answer.startswith(b"HTTP/1.1 431 "), answer[:200]  # or reset before it
     assert small_request_seconds(server) < 1.0
 
