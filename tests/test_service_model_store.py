@@ -66,6 +66,35 @@ def test_good_bundles_load_and_bad_ones_are_refused_with_a_clear_log_line(bundle
     assert sum("refused model bundle" in r.getMessage() for r in caplog.records) == 4
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("threshold", float("nan")),
+        ("threshold", float("inf")),
+        ("threshold", "0.1"),
+        ("quantiles", [0.1, float("nan")]),
+    ],
+    ids=["nan-threshold", "infinite-threshold", "text-threshold", "nan-quantile"],
+)
+def test_a_calibration_that_is_no_finite_number_is_refused_at_load(bundle_dir, tmp_path, field, value):
+    """Found by a hostile sweep: a NaN threshold loaded and answered every image ok; a text one loaded and
+    failed every request with a 500."""
+    root = copy_bundles(bundle_dir, tmp_path / "models")
+    manifest = json.loads((root / "gray" / "manifest.json").read_text())
+    edit_manifest(root / "gray", calibration={**manifest["calibration"], field: value})
+    store = ModelStore(make_settings(root), ServiceMetrics())
+
+    async def steps():
+        report = await store.reload()
+        await store.close()
+        return report
+
+    report = in_loop(steps)
+    assert report.loaded == ["color"]
+    (reason,) = [reason for path, reason in report.failed.items() if Path(path).name == "gray"]
+    assert "must be finite numbers" in reason
+
+
 def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_removed(bundle_dir, tmp_path):
     root = copy_bundles(bundle_dir, tmp_path / "models")
     store = ModelStore(make_settings(root), ServiceMetrics())
