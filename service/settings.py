@@ -152,3 +152,13 @@ class Settings(BaseSettings):
         if self.max_queue < self.max_files:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= max_files ({self.max_files})")
         return self
+
+    @model_validator(mode="after")
+    def _key_fits_a_header(self) -> Settings:
+        # Past ASCII, clients encode a header differently (curl UTF-8; the server decodes Latin-1) and gRPC
+        # metadata refuses it: such a key could never match. (A model validator: a field validator's
+        # error would echo the key.)
+        key = self.api_key.get_secret_value() if self.api_key is not None else ""
+        if not (key.isascii() and key.isprintable()):
+            raise ValueError("the API key must be printable ASCII: it travels in an HTTP header")
+        return self

@@ -96,3 +96,19 @@ def test_sigterm_with_a_stalled_upload_stops_within_the_shutdown_timeout(bundle_
     # answered, without a traceback (was: 500 and "Exception in ASGI application" for each)
     assert answer.startswith(b"HTTP/1.1 503 ") and b'"shutting_down"' in answer, answer[:300]
     assert "Traceback" not in output and "Exception in ASGI application" not in output, output
+
+
+def test_a_settings_error_names_the_field_without_echoing_values(bundle_dir, monkeypatch, capsys):
+    """A non-ASCII API key could never match (clients encode it differently; gRPC refuses it): refused at
+    start, and neither that error nor another one prints the key (pydantic's own text would)."""
+    from mnemo.cli import main
+
+    monkeypatch.setenv("MNEMO_API_KEY", "s3cr3t-ké")
+    assert main(["serve", "--model-dir", str(bundle_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "API key must be printable ASCII" in error and "s3cr3t" not in error
+    monkeypatch.setenv("MNEMO_API_KEY", "s3cr3t")
+    monkeypatch.setenv("MNEMO_MAX_QUEUE", "2")
+    assert main(["serve", "--model-dir", str(bundle_dir)]) == 2
+    error = capsys.readouterr().err
+    assert "max_queue (2) must be >= max_files" in error and "s3cr3t" not in error
