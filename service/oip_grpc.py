@@ -134,7 +134,7 @@ def parse_infer(request, model) -> InferRequest:
             400, "bad_input", f"input {tensor.name!r} {tensor.datatype}: expected image BYTES or pixels FP32"
         )
     shape = [int(d) for d in tensor.shape]
-    raw = request.raw_input_contents[0] if request.raw_input_contents else None
+    raw = _raw_contents(request, tensor)
     if tensor.name == "image":
         values = _bytes_elements(raw, list(tensor.contents.bytes_contents), shape)
     else:
@@ -145,6 +145,18 @@ def parse_infer(request, model) -> InferRequest:
         raise ApiError(400, "bad_output", f"unknown output(s) {unknown}; outputs: {', '.join(OUTPUTS)}")
     outputs = {name: True for name in (asked or OUTPUTS)}
     return InferRequest(request.id or None, tensor.name, values, outputs, threshold_of(request.parameters))
+
+
+def _raw_contents(request, tensor) -> bytes | None:
+    """The input's raw bytes, when it has them: one entry, and then no typed contents beside it (the
+    protocol allows one or the other; taking either silently would score what the client did not mean)."""
+    raw = list(request.raw_input_contents)
+    if len(raw) > 1:
+        raise ApiError(400, "bad_input", f"{len(raw)} raw_input_contents for one input")
+    typed = tensor.contents.bytes_contents or tensor.contents.fp32_contents
+    if raw and len(typed):
+        raise ApiError(400, "bad_input", "an input's data is either raw_input_contents or contents, not both")
+    return raw[0] if raw else None
 
 
 def threshold_of(parameters) -> float | None:

@@ -4,6 +4,7 @@ here wrote: ``tritonclient.grpc`` from PyPI, which speaks Triton's ``inference.G
 from __future__ import annotations
 
 import importlib.util
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -196,3 +197,27 @@ def test_typed_contents_work_as_raw_ones(served, bundle_dir):
     assert output.name == "score" and list(output.shape) == [2]
     scores = np.frombuffer(response.raw_output_contents[0], "<f4")
     np.testing.assert_allclose(scores, offline_scores(bundle_dir / "gray", images())[0], atol=1e-4)
+
+
+def test_raw_and_typed_contents_together_or_extra_raw_ones_are_invalid(served):
+    """Found by a hostile sweep: both were scored, from whichever the server looked at first."""
+    import grpc
+
+    m = messages()
+    both = m["ModelInferRequest"](model_name="gray")
+    tensor = both.inputs.add(name="image", datatype="BYTES", shape=[1])
+    tensor.contents.bytes_contents.append(images()[0])
+    both.raw_input_contents.append(struct.pack("<I", len(images()[1])) + images()[1])
+    extra = m["ModelInferRequest"](model_name="gray")
+    extra.inputs.add(name="image", datatype="BYTES", shape=[1])
+    extra.raw_input_contents.extend([struct.pack("<I", len(images()[0])) + images()[0]] * 2)
+    with grpc.insecure_channel(served[1]) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=m["ModelInferRequest"].SerializeToString,
+            response_deserializer=m["ModelInferResponse"].FromString,
+        )
+        for request, words in ((both, "not both"), (extra, "2 raw_input_contents")):
+            with pytest.raises(grpc.RpcError) as error:
+                infer(request, timeout=30)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and words in error.value.details()
