@@ -24,6 +24,7 @@ from mnemo.imaging import Preprocessing
 from mnemo.roi import RoiError, mask_from_image
 from mnemo.service.backends import ReconstructionRunner, Runner, create_runner
 from mnemo.service.batching import DynamicBatcher
+from mnemo.service.decoding import release_free_memory
 from mnemo.service.metrics import ModelMetrics, ServiceMetrics
 from mnemo.service.schemas import ModelInfo
 from mnemo.service.settings import Settings
@@ -278,6 +279,10 @@ class ModelStore:
             await self._stop(model)
         if retired:
             gc.unfreeze()  # see freeze_long_lived
+            del retired, old  # the retired models' last references: their sessions go now
+            gc.collect()
+            release_free_memory()  # their runtime's freed memory back to the system (40 brick copies
+            # loaded, 39 removed: 259 MB resident without it, 106 MB with it; 59 MB before any)
         self.metrics.ready.set(self.ready)
         return report
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
 import logging
 import shutil
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from mnemo.bundle import ONNX_FILE
+from mnemo.service import model_store
 from mnemo.service.backends import OnnxRunner, TorchScriptRunner
 from mnemo.service.metrics import ServiceMetrics
 from mnemo.service.model_store import ModelStore
@@ -176,7 +176,9 @@ def test_onnx_provider_choice():
         OnnxRunner._providers(cpu_only, "cuda")
 
 
-def test_a_retired_model_is_freed_although_the_store_froze_the_start_up_objects(bundle_dir, tmp_path):
+def test_a_retired_model_is_freed_although_the_store_froze_the_start_up_objects(
+    bundle_dir, tmp_path, monkeypatch
+):
     root = copy_bundles(bundle_dir, tmp_path / "models")
     store = ModelStore(make_settings(root), ServiceMetrics())
 
@@ -185,9 +187,13 @@ def test_a_retired_model_is_freed_although_the_store_froze_the_start_up_objects(
         old = weakref.ref(store.models["gray"].runner)
         export_tiny_bundle(root, "gray", version="2", seed=3)
         await store.reload()  # replaces gray: the old version is retired
+        gone_at_once = old() is None
+        await store.reload()  # nothing retired: nothing to give back
         await store.close()
-        return old
+        return gone_at_once
 
-    old = in_loop(steps)
-    gc.collect()
-    assert old() is None  # its ONNX Runtime session is gone, not frozen for good
+    trims = []
+    monkeypatch.setattr(model_store, "release_free_memory", lambda: trims.append(1))
+    # its ONNX Runtime session is gone when the reload returns, not frozen for good, and its memory goes
+    # back to the system (40 brick copies loaded, 39 removed: 259 MB resident without, 106 MB with)
+    assert in_loop(steps) and trims == [1]
