@@ -28,7 +28,7 @@ PIXEL_QUANTILES = 101  # percentiles of the normal pixel scores: a fixed-size ma
 DEFAULT_PIXEL_FALSE_ALARM_RATE = 1e-4  # ~1.6 flagged pixels per normal 128 px map: regions stay rare
 
 
-def finite(value: Any, what: str) -> float:
+def _finite(value: Any, what: str) -> float:
     """``value`` as a float when it is a finite real number; a manifest's NaN threshold would let every
     image through, and a string would fail each request instead of the bundle's load."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
@@ -47,8 +47,8 @@ class PixelCalibration:
     n_images: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", finite(self.threshold, "pixel threshold"))
-        object.__setattr__(self, "quantiles", tuple(finite(q, "pixel quantiles") for q in self.quantiles))
+        object.__setattr__(self, "threshold", _finite(self.threshold, "pixel threshold"))
+        object.__setattr__(self, "quantiles", tuple(_finite(q, "pixel quantiles") for q in self.quantiles))
         if self.n_images < 1 or len(self.quantiles) != PIXEL_QUANTILES:
             raise ValueError(f"a pixel calibration needs {PIXEL_QUANTILES} quantiles of at least one heatmap")
 
@@ -105,8 +105,8 @@ class Calibration:
     pixel: PixelCalibration | None = None  # None in bundles exported before issue 14
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "threshold", finite(self.threshold, "threshold"))
-        object.__setattr__(self, "quantiles", tuple(finite(q, "quantiles") for q in self.quantiles))
+        object.__setattr__(self, "threshold", _finite(self.threshold, "threshold"))
+        object.__setattr__(self, "quantiles", tuple(_finite(q, "quantiles") for q in self.quantiles))
         if isinstance(self.pixel, dict):
             object.__setattr__(self, "pixel", PixelCalibration.from_dict(self.pixel))
         if self.n < 1 or not self.quantiles:

@@ -47,16 +47,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, KeyError, TypeError, OSError, BundleError) as exc:
         # User errors (bad config field, unknown model, missing folder, a file in the way, a corrupt
         # bundle) get one clear line, not a traceback.
-        print(f"mnemo {args.command}: error: {user_message(exc)}", file=sys.stderr)
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"mnemo {args.command}: error: {message}", file=sys.stderr)
         return 2
-
-
-def user_message(exc: Exception) -> str:
-    """The line a user error prints. A settings validation error lists each field and what is wrong with
-    it, without the values given (pydantic's own text echoes them, an API key included)."""
-    if isinstance(exc, KeyError) and exc.args:
-        return str(exc.args[0])
-    if type(exc).__name__ == "ValidationError" and hasattr(exc, "errors"):  # pydantic's, not imported here
-        problems = exc.errors(include_input=False, include_url=False)
-        return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in problems)
-    return str(exc)

@@ -162,11 +162,18 @@ def run_recalibrate(args: argparse.Namespace) -> int:
 def run(args: argparse.Namespace) -> int:
     import logging
 
+    from pydantic import ValidationError
+
     from mnemo.service.settings import Settings
 
     given = {field: getattr(args, flag[2:].replace("-", "_")) for flag, (field, _, _) in FLAGS.items()}
     given = {field: value for field, value in given.items() if value is not None}
-    settings = Settings(**given)
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:  # pydantic's own text echoes the values given, an API key among them
+        from mnemo.service.errors import validation_problems
+
+        raise ValueError(validation_problems(exc.errors(include_input=False), ("settings",))) from None
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
