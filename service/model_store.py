@@ -187,15 +187,32 @@ def load_roi(path: Path, manifest: Manifest, pre: Preprocessing, tiling: Tiling 
         raise BundleError(f"{path / name}: {exc}") from None
 
 
+def bundle_key(path: Path, model_dir: Path) -> str:
+    """How responses name a bundle: its folder under the model directory (``.`` for the directory
+    itself), never the server's absolute path (``/readyz`` answers without an API key)."""
+    return path.relative_to(model_dir).as_posix()
+
+
+def public_reason(reason: str, model_dir: Path) -> str:
+    """A refusal's reason as responses show it: the model directory's absolute path (in our messages
+    and ONNX Runtime's) reads ``MNEMO_MODEL_DIR``; the log keeps the full text."""
+    for prefix in {str(model_dir.resolve()), str(model_dir)}:
+        if Path(prefix).is_absolute():
+            reason = re.sub(re.escape(prefix) + r"(?![\w.-])", "MNEMO_MODEL_DIR", reason)
+    return reason
+
+
 def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[str, LoadedModel], dict]:
-    """Load every bundle; returns the new name -> model map and path -> failure reason."""
+    """Load every bundle; returns the new name -> model map and bundle key -> failure reason."""
+    model_dir = Path(settings.model_dir)
     by_path = {m.path: m for m in current.values()}
     models: dict[str, LoadedModel] = {}
     failed: dict[str, str] = {}
     try:
-        paths = discover(Path(settings.model_dir))
+        paths = discover(model_dir)
     except BundleError as exc:
-        return {}, {str(settings.model_dir): str(exc)}
+        logger.error("no model bundles: %s", exc)
+        return {}, {".": public_reason(str(exc), model_dir)}
     for path in paths:
         try:
             model = load_bundle(path, settings, by_path.get(path))
@@ -204,7 +221,7 @@ def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[
                     f"model name {model.name!r} is already served from {models[model.name].path}"
                 )
         except Exception as exc:  # one bad bundle must never stop the others
-            failed[str(path)] = str(exc)
+            failed[bundle_key(path, model_dir)] = public_reason(str(exc), model_dir)
             logger.error("refused model bundle %s: %s", path, exc)
             continue
         models[model.name] = model
@@ -241,11 +258,14 @@ class ModelStore:
             return False
         if self.settings.ready_requires == "any":
             return True
-        served = {str(model.path) for model in self.models.values()}
-        return all(path in served for path in self.last_report.failed)
+        served = {self._key(model) for model in self.models.values()}
+        return all(key in served for key in self.last_report.failed)
 
     def get(self, name: str) -> LoadedModel | None:
         return self.models.get(name)
+
+    def _key(self, model: LoadedModel) -> str:
+        return bundle_key(model.path, Path(self.settings.model_dir))
 
     async def load_at_start(self) -> ReloadReport:
         report = await self.reload()
@@ -258,7 +278,7 @@ class ModelStore:
         async with self._lock:
             fresh, failed = await asyncio.to_thread(load_all, self.settings, dict(self.models))
             old = self.models
-            kept = {n: m for n, m in old.items() if str(m.path) in failed and n not in fresh}
+            kept = {n: m for n, m in old.items() if self._key(m) in failed and n not in fresh}
             self.models = {**kept, **fresh}
             retired = [m for n, m in old.items() if self.models.get(n) is not m]
             for model in retired:  # before the new versions register theirs, which may carry the same labels

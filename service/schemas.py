@@ -110,7 +110,8 @@ class ModelInfo(BaseModel):
 class ModelList(BaseModel):
     models: list[ModelInfo]
     failed: dict[str, str] = Field(
-        description="bundle path -> why it was refused, from the last (re)load; a bundle that failed to "
+        description="bundle (its folder under MNEMO_MODEL_DIR, '.' for the folder itself) -> why it was "
+        "refused, from the last (re)load; a bundle that failed to "
         "reload but is still served in its previous version is listed here and in models"
     )
 
@@ -135,7 +136,10 @@ class Readiness(BaseModel):
         description="MNEMO_READY_REQUIRES: all = ready only while every bundle is served; any = one is enough"
     )
     models: list[str]
-    failed: dict[str, str] = Field(description="bundle path -> why it was refused, from the last (re)load")
+    failed: dict[str, str] = Field(
+        description="bundle (its folder under MNEMO_MODEL_DIR, '.' for the folder itself) -> why it was "
+        "refused, from the last (re)load; the directory's own path reads MNEMO_MODEL_DIR"
+    )
 
 
 class ReloadResult(BaseModel):

@@ -58,11 +58,13 @@ def test_good_bundles_load_and_bad_ones_are_refused_with_a_clear_log_line(bundle
     with caplog.at_level(logging.ERROR, logger="mnemo.service"):
         report = in_loop(steps)
     assert sorted(report.loaded) == ["color", "gray"]
-    reasons = {Path(path).name: reason for path, reason in report.failed.items()}
+    reasons = report.failed  # keyed by the folder under the model directory, not the server's path
     assert set(reasons) == {"corrupt", "mismatched", "twin", "not_a_bundle"}
-    assert "model.onnx is corrupt" in reasons["corrupt"]
+    assert not any(str(tmp_path) in reason for reason in reasons.values()), reasons
+    assert reasons["corrupt"].startswith("MNEMO_MODEL_DIR/corrupt: model.onnx is corrupt")
     assert "graph input [1, 28, 28] != manifest preprocessing [1, 32, 32]" in reasons["mismatched"]
-    assert "already served" in reasons["twin"] and "no manifest.json" in reasons["not_a_bundle"]
+    assert reasons["twin"] == "model name 'gray' is already served from MNEMO_MODEL_DIR/gray"
+    assert "no manifest.json" in reasons["not_a_bundle"]
     assert sum("refused model bundle" in r.getMessage() for r in caplog.records) == 4
 
 
@@ -91,8 +93,7 @@ def test_a_calibration_that_is_no_finite_number_is_refused_at_load(bundle_dir, t
 
     report = in_loop(steps)
     assert report.loaded == ["color"]
-    (reason,) = [reason for path, reason in report.failed.items() if Path(path).name == "gray"]
-    assert "must be finite numbers" in reason
+    assert "must be finite numbers" in report.failed["gray"]
 
 
 def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_removed(bundle_dir, tmp_path):
@@ -123,7 +124,8 @@ def test_reload_keeps_old_version_on_failure_replaces_on_success_and_unloads_rem
 def test_missing_model_dir_is_a_reported_failure_not_a_crash(tmp_path):
     store = ModelStore(make_settings(tmp_path / "nowhere"), ServiceMetrics())
     report = in_loop(store.reload)
-    assert store.models == {} and "does not exist" in next(iter(report.failed.values()))
+    assert store.models == {} and list(report.failed) == ["."]
+    assert report.failed["."] == "model directory MNEMO_MODEL_DIR does not exist"
 
 
 def test_a_single_bundle_directory_can_be_served_directly(bundle_dir):
