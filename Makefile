@@ -1,5 +1,5 @@
 # Set-up and everyday commands. Everything installs into ./.venv, so a fresh clone needs only
-# python3 (>= 3.10) and make. Override TORCH to pick a build, e.g. TORCH="torch==2.13.0+cu126".
+# python3 (>= 3.11) and make. Override TORCH to pick a build, e.g. TORCH="torch==2.13.0+cu126".
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0

@@ -47,7 +47,8 @@ def _accuracy(sub) -> None:
         "Cells already in the JSON are skipped, so an interrupted run resumes; a cell stopped mid-training "
         "continues from its last epoch's checkpoint in --work (not one under a time budget). Seeds run "
         "one after the other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX "
-        "dataset); daad, anomem (one-class, MNIST only); all seven on `textures`, our synthetic-defect "
+        "dataset); daad, daad_plus, anomem (one-class, MNIST only); all eight on `textures`, our "
+        "synthetic-defect "
         "benchmark (brick, grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel AUROC "
         "and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
     )
@@ -71,7 +72,7 @@ def _accuracy(sub) -> None:
         type=_names,
         default=["ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore"],
         help="comma-separated model names (default all; each runs where its paper applies it, every one "
-        "on textures, and ae, memae, daad, restore on real-defect folders)",
+        "on textures and on real-defect folders, each with its shipped recipe there)",
     )
     p.add_argument(
         "--classes",

@@ -1,8 +1,8 @@
 """The recipe of the shipped default bundle (``bundles/brick``), which ``mnemo demo`` rebuilds.
 
 DAAD on grayscale synthetic brick at 64 px. Narrower than the paper (widths 16/32/64, N = 100 per scale)
-and trained at Adam 1e-3, batch 16 rather than 1e-4, batch 8, so that it trains in about a minute and a
-half on 2 CPU cores; docs/training.md gives its figures.
+and trained at Adam 1e-3, batch 16 rather than 1e-4, batch 8, so that it trains in about 2 minutes on 2
+CPU cores; docs/training.md gives its figures.
 """
 
 from __future__ import annotations
