@@ -53,6 +53,29 @@ def test_mvtec_folder_items_labels_masks_paths(mvtec):
     assert splits.summary["missing_masks"] == 1  # a count, not a list of paths
 
 
+def test_masks_are_found_under_the_names_real_sets_use(tmp_path):
+    """MVTec AD names a mask ``<stem>_mask.png``; BTAD and VisA in MVTec layout use the image's own stem
+    (``ko/0001.png`` for ``0001.bmp``, ``bad/000.png`` for ``000.JPG``)."""
+    for name in ("000.png", "001.bmp", "002.JPG", "003.png"):
+        save(tmp_path / "test" / "ko" / name, np.full((16, 16), 200))
+    save(tmp_path / "test" / "good" / "000.png", np.full((16, 16), 100))
+    corner = np.zeros((16, 16))
+    corner[:4, :4] = 255
+    save(tmp_path / "ground_truth" / "ko" / "000_mask.png", corner)
+    save(tmp_path / "ground_truth" / "ko" / "000.png", np.zeros((16, 16)))  # the _mask name wins
+    save(tmp_path / "ground_truth" / "ko" / "001.png", corner)
+    save(tmp_path / "ground_truth" / "ko" / "002_mask.bmp", corner)
+    samples = datasets.mvtec_samples(tmp_path, "test")
+    masks = {s.path.name: s.mask_path and s.mask_path.name for s in samples}
+    assert masks == {
+        "000.png": "000_mask.png",
+        "001.bmp": "001.png",
+        "002.JPG": "002_mask.bmp",
+        "003.png": None,
+    }
+    assert [s.label for s in samples] == [0, 1, 1, 1, 1]  # test/good sorts before test/ko
+
+
 def test_folder_loader_batches_and_val_is_reproducible(mvtec):
     a = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)
     b = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)

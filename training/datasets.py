@@ -83,9 +83,25 @@ def is_mvtec_layout(root: str | Path) -> bool:
     return (Path(root) / "train" / GOOD).is_dir() or (Path(root) / "test").is_dir()
 
 
+def mask_files(folder: Path) -> dict[str, Path]:
+    """An image stem -> its ground-truth mask in ``folder``: ``<stem>_mask.<ext>`` (MVTec AD, MPDD) or
+    ``<stem>.<ext>`` (BTAD, VisA in MVTec layout), any image extension; the ``_mask`` name wins."""
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    for path in files:  # plain names first, so a ``_mask`` file of the same stem replaces its entry
+        if not path.stem.endswith("_mask"):
+            found[path.stem] = path
+    for path in files:
+        if path.stem.endswith("_mask"):
+            found[path.stem.removesuffix("_mask")] = path
+    return found
+
+
 def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
     """``train``: train/good. ``test``: test/good (label 0) and every test/<defect> (label 1) with its mask
-    ``ground_truth/<defect>/<stem>_mask.png`` when present."""
+    from ``ground_truth/<defect>/`` when present (``mask_files``)."""
     root = Path(root)
     if split == "train":
         return [Sample(p, 0, GOOD) for p in list_images(root / "train" / GOOD)]
@@ -96,12 +112,12 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
         raise DatasetError(f"directory not found: {test}")
     samples: list[Sample] = []
     for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+        masks = {} if folder.name == GOOD else mask_files(root / "ground_truth" / folder.name)
         for path in list_images(folder):
             if folder.name == GOOD:
                 samples.append(Sample(path, 0, GOOD))
             else:
-                mask = root / "ground_truth" / folder.name / f"{path.stem}_mask.png"
-                samples.append(Sample(path, 1, folder.name, mask if mask.is_file() else None))
+                samples.append(Sample(path, 1, folder.name, masks.get(path.stem)))
     if not samples:
         raise DatasetError(f"{test} has no class folders (expected test/good and test/<defect>)")
     return samples
