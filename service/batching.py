@@ -6,11 +6,15 @@ taking more until ``max_batch_size`` images are in hand or ``max_wait_s`` has pa
 while the previous batch ran form the next one), runs the batch, and hands every result back to the event
 loop in one call. The event loop is not on the inference lane (issue 17): collecting a batch needs no
 turn of the loop, so under load ONNX Runtime runs batch after batch while the loop parses requests.
-Admission is bounded (``QueueFullError`` beyond ``max_queue`` waiting images), and a failing batch fails
-only the callers in it. A caller that gives up cancels its ``submit`` (``service/scoring.py`` does so at
-the request's deadline and when its client disconnects): that cancels its images' futures, and the
-thread drops cancelled images when it forms a batch, so they are never computed (an image already in a
-running batch is computed, and its result dropped).
+Admission is bounded twice (``QueueFullError``): by ``max_queue`` waiting images (memory), and by the
+work already waiting, ``max_queue_wait_s`` of it at the model's measured seconds per image (latency). A
+count alone is wrong both ways: 256 images are 0.15 s of work for a small model, whose clients were
+refused while it could have answered them in time, and 7 s for a 256 px DAAD, whose clients waited only
+to time out. An empty queue always admits, so a request larger than the budget is still served. A
+failing batch fails only the callers in it. A caller that gives up cancels its ``submit``
+(``service/scoring.py`` does so at the request's deadline and when its client disconnects): that cancels
+its images' futures, and the thread drops cancelled images when it forms a batch, so they are never
+computed (an image already in a running batch is computed, and its result dropped).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Protocol
 import numpy as np
 
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+SPEED_SMOOTHING = 0.2  # weight of the latest batch in the seconds-per-image average
 
 
 class QueueFullError(Exception):
@@ -70,6 +75,7 @@ class DynamicBatcher:
         max_batch_size: int,
         max_wait_s: float,
         max_queue: int,
+        max_queue_wait_s: float = 0.0,
         observer: BatchObserver | None = None,
         name: str = "model",
     ) -> None:
@@ -77,6 +83,8 @@ class DynamicBatcher:
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
+        self.max_queue_wait_s = max_queue_wait_s  # 0: no latency bound, the count alone
+        self._image_s: float | None = None  # moving average of inference seconds per image
         self._observer = observer
         self._name = name
         self._pending: deque[_Item] = deque()
@@ -111,8 +119,7 @@ class DynamicBatcher:
         futures = [loop.create_future() for _ in images]
         now = time.perf_counter()
         with self._ready:
-            if self._waiting + len(images) > self.max_queue:
-                raise QueueFullError(f"{self._waiting} images already waiting (limit {self.max_queue})")
+            self._admit(len(images))
             self._pending.extend(_Item(image, future, now) for image, future in zip(images, futures))
             self._waiting += len(images)
             depth = self._waiting
@@ -139,6 +146,18 @@ class DynamicBatcher:
                 item.future.set_exception(BatcherClosedError("model was unloaded"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, drain_timeout_s)
+
+    def _admit(self, n: int) -> None:
+        """Refuse ``n`` more images beyond the count, or beyond the wait budget (under ``_ready``)."""
+        if self._waiting + n > self.max_queue:
+            raise QueueFullError(f"{self._waiting} images already waiting (limit {self.max_queue})")
+        if self._waiting and self.max_queue_wait_s and self._image_s is not None:
+            work_s = (self._waiting + n) * self._image_s
+            if work_s > self.max_queue_wait_s:
+                raise QueueFullError(
+                    f"{self._waiting} images already waiting, about {work_s:.2f} s of work with these "
+                    f"(limit {self.max_queue_wait_s:g} s)"
+                )
 
     def _depth(self, n: int) -> None:
         if self._observer is not None:
@@ -191,12 +210,18 @@ class DynamicBatcher:
             self._loop.call_soon_threadsafe(_fail, items, error)
             return
         inference_s = time.perf_counter() - start
+        self._learn_speed(inference_s / len(items))
         self._report(len(items), inference_s, waits)
         results = [
             ImageResult(float(scores[k]), heatmaps[k, 0], waits[k], inference_s, len(items))
             for k in range(len(items))
         ]
         self._loop.call_soon_threadsafe(_deliver, items, results)  # one wake-up of the loop per batch
+
+    def _learn_speed(self, image_s: float) -> None:
+        """Seconds per image as batches run (under load, full batches: what a queued image will cost)."""
+        previous = self._image_s
+        self._image_s = image_s if previous is None else previous + SPEED_SMOOTHING * (image_s - previous)
 
     def _stack_and_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """A lone image (the usual case at low load) runs as a view, without a copy."""

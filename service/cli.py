@@ -32,7 +32,12 @@ FLAGS = {
         float,
         "longest a queued image waits for batch mates; 0 = greedy (default 0)",
     ),
-    "--max-queue": ("max_queue", int, "most images waiting per model before 503 (default 256)"),
+    "--max-queue": ("max_queue", int, "most images waiting per model before 503 (default 1024)"),
+    "--max-queue-wait": (
+        "max_queue_wait_s",
+        float,
+        "most seconds of work waiting per model (at its measured speed) before 503; 0 = off (default 2)",
+    ),
     "--request-timeout": (
         "request_timeout_s",
         float,

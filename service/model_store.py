@@ -320,6 +320,7 @@ class ModelStore:
             max_batch_size=s.max_batch_size,
             max_wait_s=s.max_wait_ms / 1000,
             max_queue=s.max_queue,
+            max_queue_wait_s=s.max_queue_wait_s,
             observer=model.metrics,
             name=model.name,
         )

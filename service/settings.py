@@ -76,7 +76,13 @@ class Settings(BaseSettings):
         "while the previous one ran (lowest latency when alone, full batches under load)",
     )
     max_queue: int = Field(
-        256, ge=1, description="most images waiting per model; beyond it requests get 503 + Retry-After"
+        1024, ge=1, description="most images waiting per model; beyond it requests get 503 + Retry-After"
+    )
+    max_queue_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="most work waiting per model, in seconds at its measured speed per image; beyond it "
+        "requests get 503 + Retry-After (an empty queue always admits); 0 = only MNEMO_MAX_QUEUE counts",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a queue-full 503")
     request_timeout_s: float = Field(

@@ -153,6 +153,56 @@ def test_queue_is_bounded_and_admission_is_all_or_nothing():
     assert accepted[0].batch_size == 3 and [r.score for r in done] == [1.0, 2.0]
 
 
+class Gated(Recorder):
+    """A fake model that takes ``delay_s`` per image and holds each batch until ``gate`` is open."""
+
+    def __init__(self, delay_s: float) -> None:
+        super().__init__()
+        self.gate = threading.Event()
+        self.per_image_s = delay_s
+
+    def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        self.gate.wait()
+        time.sleep(self.per_image_s * len(batch))
+        return super().__call__(batch)
+
+
+@pytest.mark.parametrize("budget_s", [0.2, 0.0], ids=["wait-budget", "count-only"])
+def test_admission_counts_the_waiting_work_at_the_models_measured_speed(budget_s):
+    """0.05 s an image, a 0.2 s budget: with 2 images waiting, a third fits (0.15 s), a request of four
+    more does not (0.35 s), though the count limit (64) would take it; with the budget off it is admitted."""
+
+    async def scenario():
+        model = Gated(delay_s=0.05)
+        batcher = await started(model, max_batch_size=1, max_wait_s=0, max_queue_wait_s=budget_s)
+        model.gate.set()
+        await batcher.submit(images(0.0))  # one batch: the batcher now knows the model's speed
+        model.gate.clear()
+        running = asyncio.ensure_future(batcher.submit(images(1.0)))  # taken, held at the gate
+        while batcher.depth:
+            await asyncio.sleep(0.005)
+        queued = [asyncio.ensure_future(batcher.submit(images(v))) for v in (2.0, 3.0)]
+        await asyncio.sleep(0.02)
+        third = asyncio.ensure_future(batcher.submit(images(4.0)))
+        await asyncio.sleep(0.02)
+        assert batcher.depth == 3
+        four = asyncio.ensure_future(batcher.submit(images(5.0, 6.0, 7.0, 8.0)))
+        await asyncio.sleep(0.02)
+        refused = four.done()  # a refusal is immediate; an admitted request waits for the gate
+        model.gate.set()
+        results = await asyncio.gather(running, third, *queued, four, return_exceptions=True)
+        await batcher.close()
+        return refused, results[-1]
+
+    refused, four = run(scenario())
+    if budget_s:
+        assert refused and isinstance(four, QueueFullError)
+        assert "3 images already waiting, about" in str(four) and "s of work" in str(four)
+        assert "(limit 0.2 s)" in str(four)
+    else:
+        assert not refused and [r.score for r in four] == [5.0, 6.0, 7.0, 8.0]
+
+
 def test_callers_that_gave_up_are_skipped_not_computed():
     async def scenario():
         model = Recorder()
