@@ -61,6 +61,7 @@ UPLOAD_BODY = {
                 }
             },
             "image/*": {"schema": {"type": "string", "format": "binary"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
     }
 }

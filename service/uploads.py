@@ -1,4 +1,10 @@
-"""The images of a score request: the file parts of a multipart body, or one raw ``image/*`` body.
+"""The images of a score request: the file parts of a multipart body, or one raw image body.
+
+A raw body is taken as an image when it says so (``image/*``), says only that it is bytes
+(``application/octet-stream``), or says nothing: what camera SDKs, ``requests.post(url, data=...)`` and load
+tools send. The decoder tells the format from the bytes anyway, and refuses what is no image
+(``not_an_image``); a body that declares another type (JSON, text, a form) is a client using the wrong
+API and gets 415 with what to send instead.
 
 Starlette reports multipart limits and syntax errors as ``HTTPException``; here they become the service's
 own error codes (``too_many_files``, ``bad_multipart``), so clients branch on one JSON shape. A client
@@ -22,17 +28,24 @@ class Upload:
     data: bytes
 
 
+RAW_IMAGE_TYPES = frozenset({"", "application/octet-stream"})  # besides image/*
+
+
 async def read_uploads(request: Request, max_files: int) -> list[Upload]:
     """Every image of the request, in order; at most ``max_files`` file parts."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if not (media.startswith("image/") or media == "multipart/form-data"):
+    raw = media.startswith("image/") or media in RAW_IMAGE_TYPES
+    if not (raw or media == "multipart/form-data"):
+        hint = (
+            " (curl: -F file=@IMAGE, or -H 'Content-Type: image/png')" if "form-urlencoded" in media else ""
+        )
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"got {media or 'no content type'}; send multipart/form-data or image/*",
+            f"got {media}; send multipart/form-data, image/* or application/octet-stream{hint}",
         )
     try:
-        if media.startswith("image/"):
+        if raw:
             return [Upload(None, await request.body())]
         return await _read_multipart(request, max_files)
     except ClientDisconnect:

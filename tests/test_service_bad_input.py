@@ -139,9 +139,22 @@ def test_too_many_files(strict):
     assert post_files(strict, small, small).status_code == 200
 
 
-@pytest.mark.parametrize("content_type", ["application/json", "text/plain", None])
+@pytest.mark.parametrize(
+    "content_type", ["application/json", "text/plain", "application/x-www-form-urlencoded"]
+)
 def test_wrong_content_type_is_415(server, content_type):
-    assert error_of(post_raw(server, b'{"image": 1}', content_type), 415)["code"] == "unsupported_media_type"
+    error = error_of(post_raw(server, b'{"image": 1}', content_type), 415)
+    assert error["code"] == "unsupported_media_type" and "application/octet-stream" in error["message"]
+
+
+@pytest.mark.parametrize("content_type", ["application/octet-stream", None])
+def test_a_raw_body_typed_as_bytes_or_untyped_is_read_as_an_image(server, content_type):
+    """What camera SDKs, requests.post(url, data=...) and load tools send: the decoder sniffs the format."""
+    small = png_bytes(smooth_images(1, 1, 8)[0])
+    response = post_raw(server, small, content_type)
+    assert response.status_code == 200, response.text
+    assert response.json()["results"][0]["verdict"] in ("ok", "anomalous")
+    assert error_of(post_raw(server, b'{"image": 1}', content_type), 400)["code"] == "not_an_image"
 
 
 def test_multipart_without_a_file_part(server):
