@@ -7,19 +7,23 @@ while the previous batch ran form the next one), runs the batch, and hands every
 loop in one call. The event loop is not on the inference lane (issue 17): collecting a batch needs no
 turn of the loop, so under load ONNX Runtime runs batch after batch while the loop parses requests.
 Admission is bounded twice (``QueueFullError``): by ``max_queue`` waiting images (memory), and by the
-work already waiting, ``max_queue_wait_s`` of it at the model's measured seconds per image (latency). A
-count alone is wrong both ways: 256 images are 0.15 s of work for a small model, whose clients were
-refused while it could have answered them in time, and 7 s for a 256 px DAAD, whose clients waited only
-to time out. An empty queue always admits, so a request larger than the budget is still served. A
-failing batch fails only the callers in it. A caller that gives up cancels its ``submit``
-(``service/scoring.py`` does so at the request's deadline and when its client disconnects): that cancels
-its images' futures, and the thread drops cancelled images when it forms a batch, so they are never
-computed (an image already in a running batch is computed, and its result dropped).
+work waiting ahead of a request, ``max_queue_wait_s`` of it at the model's measured seconds per image
+(latency). A count alone is wrong both ways: 256 images are 0.15 s of work for a small model, whose
+clients were refused while it could have answered them in time, and 7 s for a 256 px DAAD, whose clients
+waited only to time out. Only the work *ahead* counts, so a large request (a tiled frame) is admitted
+whenever the queue ahead of it is short, as a small one is, and never starved by a stream of small ones.
+The speed is the median of the last batches' seconds per image (one slow batch, the first of a fresh
+session or a pause, does not shut the door). A failing batch fails only the callers in it. A caller that
+gives up cancels its ``submit`` (``service/scoring.py`` does so at the request's deadline and when its
+client disconnects): that cancels its images' futures, and the thread drops cancelled images when it
+forms a batch, so they are never computed (an image already in a running batch is computed, and its
+result dropped).
 """
 
 from __future__ import annotations
 
 import asyncio
+import statistics
 import threading
 import time
 from collections import deque
@@ -30,7 +34,8 @@ from typing import Protocol
 import numpy as np
 
 RunFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
-SPEED_SMOOTHING = 0.2  # weight of the latest batch in the seconds-per-image average
+SPEED_WINDOW = 15  # batches whose median seconds per image is the model's speed
+SPEED_MIN_BATCHES = 3  # the wait budget applies from then on (before it, the count alone)
 
 
 class QueueFullError(Exception):
@@ -84,7 +89,8 @@ class DynamicBatcher:
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
         self.max_queue_wait_s = max_queue_wait_s  # 0: no latency bound, the count alone
-        self._image_s: float | None = None  # moving average of inference seconds per image
+        self._recent_image_s: deque[float] = deque(maxlen=SPEED_WINDOW)  # the inference thread's
+        self._image_s: float | None = None  # their median, once SPEED_MIN_BATCHES have run
         self._observer = observer
         self._name = name
         self._pending: deque[_Item] = deque()
@@ -151,11 +157,11 @@ class DynamicBatcher:
         """Refuse ``n`` more images beyond the count, or beyond the wait budget (under ``_ready``)."""
         if self._waiting + n > self.max_queue:
             raise QueueFullError(f"{self._waiting} images already waiting (limit {self.max_queue})")
-        if self._waiting and self.max_queue_wait_s and self._image_s is not None:
-            work_s = (self._waiting + n) * self._image_s
-            if work_s > self.max_queue_wait_s:
+        if self.max_queue_wait_s and self._image_s is not None:
+            ahead_s = self._waiting * self._image_s
+            if ahead_s > self.max_queue_wait_s:
                 raise QueueFullError(
-                    f"{self._waiting} images already waiting, about {work_s:.2f} s of work with these "
+                    f"{self._waiting} images already waiting, about {ahead_s:.2f} s of work "
                     f"(limit {self.max_queue_wait_s:g} s)"
                 )
 
@@ -220,8 +226,9 @@ class DynamicBatcher:
 
     def _learn_speed(self, image_s: float) -> None:
         """Seconds per image as batches run (under load, full batches: what a queued image will cost)."""
-        previous = self._image_s
-        self._image_s = image_s if previous is None else previous + SPEED_SMOOTHING * (image_s - previous)
+        self._recent_image_s.append(image_s)
+        if len(self._recent_image_s) >= SPEED_MIN_BATCHES:
+            self._image_s = statistics.median(self._recent_image_s)  # one float: read on the loop as is
 
     def _stack_and_run(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """A lone image (the usual case at low load) runs as a view, without a copy."""

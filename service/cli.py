@@ -36,7 +36,8 @@ FLAGS = {
     "--max-queue-wait": (
         "max_queue_wait_s",
         float,
-        "most seconds of work waiting per model (at its measured speed) before 503; 0 = off (default 2)",
+        "most seconds of work waiting ahead of a request (at the model's measured speed) before 503; 0 = off "
+        "(default 2)",
     ),
     "--request-timeout": (
         "request_timeout_s",

@@ -32,6 +32,7 @@ from mnemo.tiling import Tiling
 
 logger = logging.getLogger("mnemo.service")
 
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s\"'<>,;]+")  # what public_reason hides
 # Model names are URL path segments in `/v1/models/{name}:score`.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -193,18 +194,27 @@ def bundle_key(path: Path, model_dir: Path) -> str:
     return path.relative_to(model_dir).as_posix()
 
 
-def public_reason(reason: str, model_dir: Path) -> str:
-    """A refusal's reason as responses show it: the model directory's absolute path (in our messages
-    and ONNX Runtime's) reads ``MNEMO_MODEL_DIR``; the log keeps the full text."""
-    for prefix in {str(model_dir.resolve()), str(model_dir)}:
-        if Path(prefix).is_absolute():
-            reason = re.sub(re.escape(prefix) + r"(?![\w.-])", "MNEMO_MODEL_DIR", reason)
-    return reason
+def public_reason(reason: str, model_dir: Path, bundle: Path | None = None) -> str:
+    """A refusal's reason as responses show it, without the server's paths: the model directory, as
+    configured or resolved, reads ``MNEMO_MODEL_DIR``, the bundle's resolved path (ONNX Runtime resolves
+    symlinks) ``MNEMO_MODEL_DIR/<its folder>``, and any other absolute path (an external-data file
+    elsewhere) ``<path>``. The log keeps the full text."""
+    names = {str(model_dir): "MNEMO_MODEL_DIR", str(model_dir.resolve()): "MNEMO_MODEL_DIR"}
+    if bundle is not None:
+        names[str(bundle.resolve())] = f"MNEMO_MODEL_DIR/{bundle_key(bundle, model_dir)}"
+    for prefix, name in sorted(names.items(), key=lambda item: -len(item[0])):  # a bundle's path first
+        reason = re.sub(re.escape(prefix) + r"(?![\w.-])", name.replace("\\", "\\\\"), reason)
+    return ABSOLUTE_PATH.sub("<path>", reason)
+
+
+def model_dir_of(settings: Settings) -> Path:
+    """The model directory, made absolute once, so bundle paths and their keys agree however it was given."""
+    return Path(settings.model_dir).absolute()
 
 
 def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[str, LoadedModel], dict]:
     """Load every bundle; returns the new name -> model map and bundle key -> failure reason."""
-    model_dir = Path(settings.model_dir)
+    model_dir = model_dir_of(settings)
     by_path = {m.path: m for m in current.values()}
     models: dict[str, LoadedModel] = {}
     failed: dict[str, str] = {}
@@ -221,7 +231,7 @@ def load_all(settings: Settings, current: dict[str, LoadedModel]) -> tuple[dict[
                     f"model name {model.name!r} is already served from {models[model.name].path}"
                 )
         except Exception as exc:  # one bad bundle must never stop the others
-            failed[bundle_key(path, model_dir)] = public_reason(str(exc), model_dir)
+            failed[bundle_key(path, model_dir)] = public_reason(str(exc), model_dir, path)
             logger.error("refused model bundle %s: %s", path, exc)
             continue
         models[model.name] = model
@@ -265,7 +275,7 @@ class ModelStore:
         return self.models.get(name)
 
     def _key(self, model: LoadedModel) -> str:
-        return bundle_key(model.path, Path(self.settings.model_dir))
+        return bundle_key(model.path, model_dir_of(self.settings))
 
     async def load_at_start(self) -> ReloadReport:
         report = await self.reload()

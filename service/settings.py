@@ -1,9 +1,10 @@
 """Every knob of the scoring service, read from ``MNEMO_*`` environment variables (or ``mnemo serve`` flags).
 
 Defaults favour a single line camera on a small CPU box: a lone image runs at once, and under load the
-images that queued while a batch ran form the next one (up to 16); at most 256 images may wait per
-model, and a request gives up after 10 s. The limits that protect the service from its clients (sizes,
-pixels, slow connections) are listed together in docs/security.md.
+images that queued while a batch ran form the next one (up to 16); at most 1024 images, and no more than
+about 2 s of the model's work, may wait per model, and a request gives up after 10 s. The limits that
+protect the service from its clients (sizes, pixels, slow connections) are listed together in
+docs/security.md.
 """
 
 from __future__ import annotations
@@ -81,8 +82,8 @@ class Settings(BaseSettings):
     max_queue_wait_s: float = Field(
         2.0,
         ge=0,
-        description="most work waiting per model, in seconds at its measured speed per image; beyond it "
-        "requests get 503 + Retry-After (an empty queue always admits); 0 = only MNEMO_MAX_QUEUE counts",
+        description="most work waiting per model ahead of a request, in seconds at its measured speed per "
+        "image; beyond it requests get 503 + Retry-After; 0 = only MNEMO_MAX_QUEUE counts",
     )
     retry_after_s: int = Field(1, ge=0, description="Retry-After seconds sent with a queue-full 503")
     request_timeout_s: float = Field(

@@ -16,7 +16,7 @@ from mnemo.bundle import ONNX_FILE
 from mnemo.service import model_store
 from mnemo.service.backends import OnnxRunner, TorchScriptRunner
 from mnemo.service.metrics import ServiceMetrics
-from mnemo.service.model_store import ModelStore
+from mnemo.service.model_store import ModelStore, public_reason
 from tests.service_helpers import export_tiny_bundle, make_settings
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
@@ -199,3 +199,22 @@ def test_a_retired_model_is_freed_although_the_store_froze_the_start_up_objects(
     # its ONNX Runtime session is gone when the reload returns, not frozen for good, and its memory goes
     # back to the system (40 brick copies loaded, 39 removed: 259 MB resident without, 106 MB with)
     assert in_loop(steps) and trims == [1]
+
+
+def test_public_reasons_hide_every_absolute_path(tmp_path):
+    """Found in review: ONNX Runtime names a symlinked bundle by its resolved path, and an external-data
+    file by wherever it points; neither is the model directory's path."""
+    releases = tmp_path / "releases" / "v7"
+    releases.mkdir(parents=True)
+    model_dir = tmp_path / "models"
+    model_dir.mkdir()
+    (model_dir / "current").symlink_to(releases)
+    reason = f'data "{releases}/weights.bin" missing; resolved "/etc/hostname"; dir {model_dir}'
+    shown = public_reason(reason, model_dir, model_dir / "current")
+    assert (
+        shown == 'data "MNEMO_MODEL_DIR/current/weights.bin" missing; resolved "<path>"; dir MNEMO_MODEL_DIR'
+    )
+    assert (
+        public_reason("ratio 1/N, MNEMO_MODEL_DIR/a and/or b", model_dir)
+        == "ratio 1/N, MNEMO_MODEL_DIR/a and/or b"
+    )
