@@ -16,7 +16,9 @@ import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
 from mnemo import models
+from mnemo.calibration import Calibration
 from mnemo.training import config as run_config
+from mnemo.training.run import summary_line
 from mnemo.training.trainer import fit
 from tests.conftest import TINY_CONFIGS, batch_for, tiny_model
 
@@ -264,3 +266,31 @@ def test_a_bundle_exports_again_with_its_calibration_and_the_same_scores(trained
     assert all(np.array_equal(u, v) for u, v in zip(before, after))
     refused = mnemo("export", str(old), "--out", str(root / "x"), "--threshold", "best_f1", check=False)
     assert refused.returncode == 2 and "keeps its calibration" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("test", "expected"),
+    [
+        ({}, "done: no test "),
+        (
+            {
+                "n_images": 3,
+                "n_anomalous": 3,
+                "at_threshold": {"false_alarm_rate": None, "detection_rate": 1 / 3},
+            },
+            "done: no AUROC: the test split has no good images (add test/good); 33% of its 3 anomalous ones",
+        ),
+        (
+            {
+                "n_images": 4,
+                "n_anomalous": 0,
+                "at_threshold": {"false_alarm_rate": 0.25, "detection_rate": None},
+            },
+            "done: no AUROC: the test split has no anomalous images (add test/<defect>); 25% of its 4 good",
+        ),
+    ],
+    ids=["no-test", "no-good-images", "no-anomalous-images"],
+)
+def test_the_summary_says_why_a_test_split_has_no_metrics(test, expected):
+    calibration = Calibration(threshold=0.5, method="false_alarm_rate", target=0.01, quantiles=(0.5,), n=1)
+    assert summary_line({"test": test}, calibration).startswith(expected)

@@ -383,17 +383,34 @@ def evaluation_report(scored: ScoredSet, calibration: Calibration) -> dict[str, 
 
 
 def summary_line(report: dict[str, Any], calibration: Calibration) -> str:
-    image = report.get("test", {}).get("image")
+    test = report.get("test", {})
+    image = test.get("image")
     metrics = (
         f"AUROC {image['auroc']:.4f}  AUPRC {image['auprc']:.4f}  F1 {image['f1']:.4f}"
         if image
-        else "no test"
+        else _why_no_metrics(test)
     )
     pixel = report.get("test", {}).get("pixel")
     if pixel:
         metrics += f"  pixel AUROC {pixel['auroc']:.4f}  PRO {pixel['pro']:.4f}"
     return (
         f"done: {metrics}  threshold {calibration.threshold:.6g} ({calibration.method} {calibration.target})"
+    )
+
+
+def _why_no_metrics(test: dict[str, Any]) -> str:
+    """A test split of one class has no AUROC; say which class is missing and what the threshold did."""
+    if not test.get("n_images"):
+        return "no test"
+    at = test["at_threshold"]
+    if at["detection_rate"] is not None:
+        return (
+            f"no AUROC: the test split has no good images (add test/good); "
+            f"{at['detection_rate']:.0%} of its {test['n_anomalous']} anomalous ones flagged"
+        )
+    return (
+        f"no AUROC: the test split has no anomalous images (add test/<defect>); "
+        f"{at['false_alarm_rate']:.0%} of its {test['n_images']} good ones flagged"
     )
 
 
