@@ -12,7 +12,8 @@ RESULTS = Path("benchmarks/results")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "bench",
-        help="benchmarks: the papers' accuracy tables, serving speed against raw ONNX Runtime",
+        help="benchmarks: the papers' accuracy tables, training and serving speed, decoding, failover, "
+        "high-resolution frames",
         description="Benchmarks. `accuracy` reproduces the papers' ROCO / one-class tables with the real "
         "training pipeline; `train` measures the training loop's steps/s against a bare loop; "
         "`serve` load-tests a real `mnemo serve` against raw ONNX Runtime; `decode` "

@@ -197,7 +197,7 @@ def _data(subparsers) -> None:
 def _demo(subparsers) -> None:
     p = subparsers.add_parser(
         "demo",
-        help="rebuild the default bundle end to end (synthetic data → train → evaluate → export)",
+        help="build the default bundle end to end (synthetic data → train → evaluate → export)",
         description="Generate the synthetic-defect brick textures, train the default model (a CPU-sized "
         "DAAD) on them, evaluate it and export the bundle. `make demo-bundle` runs this to rebuild the "
         "bundle that ships in bundles/brick.",
