@@ -149,18 +149,22 @@ def _mean_std(fractions: list[float]) -> str:
 
 
 def _average(records: list[dict], model: str, metric: str, n_classes: int) -> str:
-    """Per seed, the mean over its finished classes; then mean ± std over seeds."""
+    """Per seed, the mean over its classes; then mean ± std over the seeds that finished every class (a
+    seed still running covers other classes, so its mean is not comparable: it is named, not averaged).
+    With no seed finished, over the seeds' partial means, saying how many classes they cover."""
     by_seed: dict[int, list[float]] = defaultdict(list)
     for r in records:
         if r["model"] == model and metric in r:
             by_seed[r["seed"]].append(r[metric])
     if not by_seed:
         return "–"
-    counts = {len(v) for v in by_seed.values()}
-    text = _mean_std([float(np.mean(v)) for v in by_seed.values()])
-    if counts == {n_classes}:
-        return text
-    return f"{text} [{'/'.join(map(str, sorted(counts)))} of {n_classes} classes]"
+    complete = [float(np.mean(v)) for v in by_seed.values() if len(v) == n_classes]
+    partial = {seed: len(v) for seed, v in sorted(by_seed.items()) if len(v) != n_classes}
+    if not complete:
+        counts = "/".join(map(str, sorted(set(partial.values()))))
+        return f"{_mean_std([float(np.mean(v)) for v in by_seed.values()])} [{counts} of {n_classes} classes]"
+    running = "".join(f" [seed {s}: {k} of {n_classes} classes, not averaged]" for s, k in partial.items())
+    return _mean_std(complete) + running
 
 
 def _paper_cell(dataset: str, protocol: str, metric: str, model: str, index: int) -> str:

@@ -202,6 +202,18 @@ def test_report_average_is_over_seeds_of_class_means():
     assert "70.00±14.14 (n=2) [2 of 10 classes]" in markdown  # seeds' class means: 60 and 80
 
 
+def test_report_average_leaves_out_a_seed_that_has_not_finished_every_class():
+    records = [
+        {"dataset": "mnist", "protocol": "roco", "model": "ae", "target_class": c, "seed": s,
+         "max_epochs": 100, "auroc": v, "auprc": v, "f1": v, "epochs": 3, "seconds": 60.0,
+         "commit": "a" * 40}
+        for s, count, v in ((2022, 10, 0.8), (1997, 2, 0.2))
+        for c in range(count)
+    ]  # fmt: skip
+    markdown = render({"records": records, "machine": {}, "commit": "x"})
+    assert "| **AVG** | 80.00 (n=1) [seed 1997: 2 of 10 classes, not averaged] |" in markdown
+
+
 def test_serve_bench_against_raw_onnxruntime(tmp_path):
     from tests.service_helpers import export_tiny_bundle
 
