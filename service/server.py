@@ -167,7 +167,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._chunks += 1
 
     def on_headers_complete(self) -> None:
+        before = self.cycle
         super().on_headers_complete()
+        if (
+            self.cycle is not before
+            and self.scope["http_version"] == "1.0"
+            and self.parser.should_keep_alive()
+        ):
+            keep_alive_for_http_1_0(self.cycle)
         self._in_head, self._in_body = False, True
         self._body_left = _content_length(self.headers)
         self._last_data = self.loop.time()
@@ -279,6 +286,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
         self.transport.write(head.encode("latin-1") + body)
         self.transport.close()
+
+
+def keep_alive_for_http_1_0(cycle: Any) -> None:
+    """Keep an HTTP/1.0 ``Connection: keep-alive`` connection open (uvicorn closes every 1.0 one), as
+    ApacheBench's ``-k`` asks: the answer says ``connection: keep-alive``, which such a client needs to
+    reuse the connection, when it has a Content-Length (every JSON answer here); without one the close
+    marks the body's end, as HTTP/1.0 has it."""
+    cycle.keep_alive = True
+    send = cycle.send
+
+    async def send_announcing_keep_alive(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            headers = list(message.get("headers", ()))
+            if any(name.lower() == b"content-length" for name, _ in headers):
+                message = {**message, "headers": [*headers, (b"connection", b"keep-alive")]}
+            else:
+                cycle.keep_alive = False
+        await send(message)
+
+    cycle.send = send_announcing_keep_alive  # run_asgi looks it up when the request's task starts
 
 
 def _content_length(headers: list[tuple[bytes, bytes]]) -> int | None:

@@ -1,10 +1,11 @@
 """The images of a score request: the file parts of a multipart body, or one raw image body.
 
 A raw body is taken as an image when it says so (``image/*``), says only that it is bytes
-(``application/octet-stream``), or says nothing: what camera SDKs, ``requests.post(url, data=...)`` and load
-tools send. The decoder tells the format from the bytes anyway, and refuses what is no image
-(``not_an_image``); a body that declares another type (JSON, text, a form) is a client using the wrong
-API and gets 415 with what to send instead.
+(``application/octet-stream``), or says nothing: what camera SDKs, ``requests.post(url, data=...)`` and
+most load tools send (ApacheBench's default ``text/plain`` is refused, with the flag to add). The
+decoder tells the format from the bytes anyway, and refuses what is no image (``not_an_image``); a body
+that declares another type (JSON, text, a form) is a client using the wrong API and gets 415 with what
+to send instead.
 
 Starlette reports multipart limits and syntax errors as ``HTTPException``; here they become the service's
 own error codes (``too_many_files``, ``bad_multipart``), so clients branch on one JSON shape. A client
@@ -36,13 +37,11 @@ async def read_uploads(request: Request, max_files: int) -> list[Upload]:
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw = media.startswith("image/") or media in RAW_IMAGE_TYPES
     if not (raw or media == "multipart/form-data"):
-        hint = (
-            " (curl: -F file=@IMAGE, or -H 'Content-Type: image/png')" if "form-urlencoded" in media else ""
-        )
         raise ApiError(
             415,
             "unsupported_media_type",
-            f"got {media}; send multipart/form-data, image/* or application/octet-stream{hint}",
+            f"got {media}; send multipart/form-data, image/* or application/octet-stream (curl -F "
+            "file=@IMAGE, or a raw body typed image/png: curl -H 'Content-Type: image/png', ab -T image/png)",
         )
     try:
         if raw:

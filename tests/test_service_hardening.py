@@ -408,6 +408,11 @@ def test_a_client_leaving_with_pipelined_requests_in_flight_leaves_no_traceback(
 
 def read_response(sock: socket.socket) -> tuple[int, bytes]:
     """One response with a Content-Length body, read off a kept-alive connection."""
+    head, body = read_head_and_body(sock)
+    return int(head.split()[1]), body
+
+
+def read_head_and_body(sock: socket.socket) -> tuple[bytes, bytes]:
     sock.settimeout(10)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -416,7 +421,22 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
     length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])
     while len(body) < length:
         body += sock.recv(65536)
-    return int(head.split()[1]), body
+    return head, body
+
+
+def test_an_http_1_0_keep_alive_connection_is_kept_and_a_plain_one_closed(server):
+    """ApacheBench's -k speaks HTTP/1.0 with Connection: keep-alive and reuses a connection only when the
+    answer says keep-alive (uvicorn closed every 1.0 connection, so `ab -k` measured fresh ones)."""
+    head = score_request_head(len(SMALL)).replace(b"HTTP/1.1", b"HTTP/1.0")
+    with raw(server) as sock:
+        for _ in range(3):
+            sock.sendall(head.replace(b"\r\n\r\n", b"\r\nConnection: Keep-Alive\r\n\r\n") + SMALL)
+            answer, body = read_head_and_body(sock)
+            assert answer.startswith(b"HTTP/1.1 200") and b"\r\nconnection: keep-alive" in answer.lower()
+            assert json.loads(body)["results"][0]["verdict"] in ("ok", "anomalous")
+        sock.sendall(head + SMALL)  # no keep-alive asked: answered, then closed
+        answer, _ = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
 
 
 # -------------------------------------------------------------------------------- D4: slow clients
