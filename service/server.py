@@ -172,7 +172,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if (
             self.cycle is not before
             and self.scope["http_version"] == "1.0"
-            and self.parser.should_keep_alive()
+            and http_1_0_keeps_alive(self.headers)
         ):
             keep_alive_for_http_1_0(self.cycle)
         self._in_head, self._in_body = False, True
@@ -288,18 +288,38 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
+def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
+    return {
+        t.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for t in value.split(b",")
+    }
+
+
+def http_1_0_keeps_alive(headers: list[tuple[bytes, bytes]]) -> bool:
+    """An HTTP/1.0 request that asks for keep-alive and may have it: ``close`` wins (RFC 9112 §9.3), and a
+    1.0 body framed by Transfer-Encoding ends its connection (§6.1: a proxy may frame it otherwise)."""
+    tokens = _connection_tokens(headers)
+    chunked = any(name == b"transfer-encoding" for name, _ in headers)
+    return b"keep-alive" in tokens and b"close" not in tokens and not chunked
+
+
 def keep_alive_for_http_1_0(cycle: Any) -> None:
-    """Keep an HTTP/1.0 ``Connection: keep-alive`` connection open (uvicorn closes every 1.0 one), as
-    ApacheBench's ``-k`` asks: the answer says ``connection: keep-alive``, which such a client needs to
-    reuse the connection, when it has a Content-Length (every JSON answer here); without one the close
-    marks the body's end, as HTTP/1.0 has it."""
+    """Keep an HTTP/1.0 keep-alive connection open (uvicorn closes every 1.0 one), as ApacheBench's
+    ``-k`` asks: the answer says ``connection: keep-alive``, which such a client needs to reuse the
+    connection, when it has a Content-Length (every answer here) and nothing has decided to close (a
+    shutdown, an app's ``connection: close``); else uvicorn closes and says ``close`` alone. A 1.0 client
+    gets no ``100 Continue`` (RFC 9110 §10.1.1)."""
     cycle.keep_alive = True
+    cycle.waiting_for_100_continue = False
     send = cycle.send
 
     async def send_announcing_keep_alive(message: dict[str, Any]) -> None:
-        if message["type"] == "http.response.start":
+        if message["type"] == "http.response.start" and cycle.keep_alive:
             headers = list(message.get("headers", ()))
-            if any(name.lower() == b"content-length" for name, _ in headers):
+            has_length = any(name.lower() == b"content-length" for name, _ in headers)
+            if has_length and b"close" not in _connection_tokens(headers):
                 message = {**message, "headers": [*headers, (b"connection", b"keep-alive")]}
             else:
                 cycle.keep_alive = False

@@ -439,6 +439,35 @@ def test_an_http_1_0_keep_alive_connection_is_kept_and_a_plain_one_closed(server
     assert answer.startswith(b"HTTP/1.1 200") and b"connection: close" in answer.lower()
 
 
+@pytest.mark.parametrize(
+    "extra",
+    [b"Connection: keep-alive, close\r\n", b"Connection: keep-alive\r\nConnection: close\r\n"],
+    ids=["close-wins", "a-second-close-line"],
+)
+def test_an_http_1_0_request_that_also_says_close_is_closed(server, extra):
+    """Found in review: close wins over keep-alive (RFC 9112 §9.3), and the answer says close alone."""
+    head = (
+        score_request_head(len(SMALL))
+        .replace(b"HTTP/1.1", b"HTTP/1.0")
+        .replace(b"\r\n\r\n", b"\r\n" + extra + b"\r\n")
+    )
+    with raw(server) as sock:
+        sock.sendall(head + SMALL)
+        answer, _ = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 200") and b"keep-alive" not in answer.lower()
+
+
+def test_an_http_1_0_chunked_body_ends_its_connection(server):
+    """Found in review: a 1.0 body framed by Transfer-Encoding ends the connection (RFC 9112 §6.1), so a
+    request pipelined behind it is never read as the next one."""
+    body = chunked_score_request(SMALL, 1000).replace(b"HTTP/1.1", b"HTTP/1.0", 1)
+    body = body.replace(b"\r\n", b"\r\nConnection: keep-alive\r\n", 1)
+    with raw(server) as sock:
+        sock.sendall(body + b"\r\nGET /healthz HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+        answer, _ = read_until_closed(sock, 10)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200")
+
+
 # -------------------------------------------------------------------------------- D4: slow clients
 
 
