@@ -23,10 +23,11 @@ chunks, so a client that sends part of a request and goes silent holds its conne
   and the app sees a disconnect. Time in which the server itself holds the body back (flow control, or a
   ``100-continue`` the app has not asked for yet) does not count.
 
-Idle kept-alive connections close after ``keep_alive_timeout_s`` (uvicorn's ``timeout_keep_alive``), and
-on SIGTERM/SIGINT whatever still runs after ``shutdown_timeout_s`` is cancelled (uvicorn's
-``timeout_graceful_shutdown``). ``server_config`` builds the ``uvicorn.Config`` with all of it; the tests
-serve through it too.
+An HTTP/1.0 request asking for keep-alive keeps its connection (``keep_alive_for_http_1_0``; uvicorn closes
+every 1.0 connection, so ApacheBench's ``-k`` measured fresh ones). Idle kept-alive connections close
+after ``keep_alive_timeout_s`` (uvicorn's ``timeout_keep_alive``), and on SIGTERM/SIGINT whatever still
+runs after ``shutdown_timeout_s`` is cancelled (uvicorn's ``timeout_graceful_shutdown``).
+``server_config`` builds the ``uvicorn.Config`` with all of it; the tests serve through it too.
 """
 
 from __future__ import annotations
