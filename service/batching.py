@@ -225,7 +225,9 @@ class DynamicBatcher:
         self._loop.call_soon_threadsafe(_deliver, items, results)  # one wake-up of the loop per batch
 
     def _learn_speed(self, image_s: float) -> None:
-        """Seconds per image as batches run (under load, full batches: what a queued image will cost)."""
+        """Seconds per image of the batches as they run. Under load they are full, which is what a queued
+        image will cost; at a burst's start the last ones were single images, which cost more per image,
+        so the estimate errs towards refusing until the full batches fill the median's window."""
         self._recent_image_s.append(image_s)
         if len(self._recent_image_s) >= SPEED_MIN_BATCHES:
             self._image_s = statistics.median(self._recent_image_s)  # one float: read on the loop as is

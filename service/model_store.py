@@ -32,7 +32,7 @@ from mnemo.tiling import Tiling
 
 logger = logging.getLogger("mnemo.service")
 
-ABSOLUTE_PATH = re.compile(r"(?<![\w.~-])/[^\s\"'<>,;]+")  # what public_reason hides
+ABSOLUTE_PATH = re.compile(r"(?<![\w.~/-])/(?!/)[^\s\"'<>,;]+")  # what public_reason hides (not a URL's //)
 # Model names are URL path segments in `/v1/models/{name}:score`.
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -200,8 +200,8 @@ def public_reason(reason: str, model_dir: Path, bundle: Path | None = None) -> s
     symlinks) ``MNEMO_MODEL_DIR/<its folder>``, and any other absolute path (an external-data file
     elsewhere) ``<path>``. The log keeps the full text."""
     names = {str(model_dir): "MNEMO_MODEL_DIR", str(model_dir.resolve()): "MNEMO_MODEL_DIR"}
-    if bundle is not None:
-        names[str(bundle.resolve())] = f"MNEMO_MODEL_DIR/{bundle_key(bundle, model_dir)}"
+    if bundle is not None and (key := bundle_key(bundle, model_dir)) != ".":
+        names[str(bundle.resolve())] = f"MNEMO_MODEL_DIR/{key}"
     for prefix, name in sorted(names.items(), key=lambda item: -len(item[0])):  # a bundle's path first
         reason = re.sub(re.escape(prefix) + r"(?![\w.-])", name.replace("\\", "\\\\"), reason)
     return ABSOLUTE_PATH.sub("<path>", reason)

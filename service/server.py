@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from mnemo.service.settings import Settings
 
@@ -170,12 +170,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         before = self.cycle
         super().on_headers_complete()
-        if (
-            self.cycle is not before
-            and self.scope["http_version"] == "1.0"
-            and http_1_0_keeps_alive(self.headers)
-        ):
-            keep_alive_for_http_1_0(self.cycle)
+        if self.cycle is not before and self.scope["http_version"] == "1.0":  # a new request (not an upgrade)
+            self.cycle.waiting_for_100_continue = False  # RFC 9110 §10.1.1: a 1.0 client gets no 100
+            if http_1_0_keeps_alive(self.headers):
+                keep_alive_for_http_1_0(self.cycle)
         self._in_head, self._in_body = False, True
         self._body_left = _content_length(self.headers)
         self._last_data = self.loop.time()
@@ -306,14 +304,12 @@ def http_1_0_keeps_alive(headers: list[tuple[bytes, bytes]]) -> bool:
     return b"keep-alive" in tokens and b"close" not in tokens and not chunked
 
 
-def keep_alive_for_http_1_0(cycle: Any) -> None:
+def keep_alive_for_http_1_0(cycle: RequestResponseCycle) -> None:
     """Keep an HTTP/1.0 keep-alive connection open (uvicorn closes every 1.0 one), as ApacheBench's
     ``-k`` asks: the answer says ``connection: keep-alive``, which such a client needs to reuse the
     connection, when it has a Content-Length (every answer here) and nothing has decided to close (a
-    shutdown, an app's ``connection: close``); else uvicorn closes and says ``close`` alone. A 1.0 client
-    gets no ``100 Continue`` (RFC 9110 §10.1.1)."""
+    shutdown, an app's ``connection: close``); else uvicorn closes and says ``close`` alone."""
     cycle.keep_alive = True
-    cycle.waiting_for_100_continue = False
     send = cycle.send
 
     async def send_announcing_keep_alive(message: dict[str, Any]) -> None:

@@ -457,6 +457,19 @@ def test_an_http_1_0_request_that_also_says_close_is_closed(server, extra):
     assert answer.startswith(b"HTTP/1.1 200") and b"keep-alive" not in answer.lower()
 
 
+def test_an_http_1_0_client_gets_no_100_continue(server):
+    """RFC 9110 §10.1.1: a 1.0 request's Expect: 100-continue is ignored (uvicorn answered it)."""
+    head = score_request_head(len(SMALL)).replace(b"HTTP/1.1", b"HTTP/1.0")
+    with raw(server) as sock:
+        sock.sendall(head.replace(b"\r\n\r\n", b"\r\nExpect: 100-continue\r\n\r\n"))
+        sock.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            sock.recv(100)
+        sock.sendall(SMALL)
+        answer, _ = read_until_closed(sock, 10)
+    assert answer.startswith(b"HTTP/1.1 200")
+
+
 def test_an_http_1_0_chunked_body_ends_its_connection(server):
     """Found in review: a 1.0 body framed by Transfer-Encoding ends the connection (RFC 9112 §6.1), so a
     request pipelined behind it is never read as the next one."""

@@ -214,7 +214,7 @@ def test_public_reasons_hide_every_absolute_path(tmp_path):
     assert (
         shown == 'data "MNEMO_MODEL_DIR/current/weights.bin" missing; resolved "<path>"; dir MNEMO_MODEL_DIR'
     )
-    assert (
-        public_reason("ratio 1/N, MNEMO_MODEL_DIR/a and/or b", model_dir)
-        == "ratio 1/N, MNEMO_MODEL_DIR/a and/or b"
-    )
+    plain = "ratio 1/N, MNEMO_MODEL_DIR/a and/or b, see https://onnx.ai/x"  # no absolute path: unchanged
+    assert public_reason(plain, model_dir) == plain
+    itself = public_reason(f"{model_dir}/model.onnx is corrupt", model_dir, model_dir)  # one bundle
+    assert itself == "MNEMO_MODEL_DIR/model.onnx is corrupt"

@@ -72,11 +72,15 @@ def list_images(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"directory not found: {directory}")
-    files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _image_files(directory)
     if not files:
         what = "is empty" if not any(directory.iterdir()) else "has no image files"
         raise DatasetError(f"{directory} {what}; looked for {', '.join(IMAGE_EXTENSIONS)}")
     return files
+
+
+def _image_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def is_mvtec_layout(root: str | Path) -> bool:
@@ -89,7 +93,7 @@ def mask_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    files = _image_files(folder)
     for path in files:  # plain names first, so a ``_mask`` file of the same stem replaces its entry
         if not path.stem.endswith("_mask"):
             found[path.stem] = path

@@ -390,7 +390,7 @@ def summary_line(report: dict[str, Any], calibration: Calibration) -> str:
         if image
         else _why_no_metrics(test)
     )
-    pixel = report.get("test", {}).get("pixel")
+    pixel = test.get("pixel")
     if pixel:
         metrics += f"  pixel AUROC {pixel['auroc']:.4f}  PRO {pixel['pro']:.4f}"
     return (
