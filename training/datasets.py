@@ -93,13 +93,8 @@ def mask_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
-    files = _image_files(folder)
-    for path in files:  # plain names first, so a ``_mask`` file of the same stem replaces its entry
-        if not path.stem.endswith("_mask"):
-            found[path.stem] = path
-    for path in files:
-        if path.stem.endswith("_mask"):
-            found[path.stem.removesuffix("_mask")] = path
+    for path in sorted(_image_files(folder), key=lambda p: p.stem.endswith("_mask")):  # ``_mask`` last: wins
+        found[path.stem.removesuffix("_mask")] = path
     return found
 
 
