@@ -12,12 +12,16 @@ What runs where is the plan (``benchmarks/accuracy_plan.py``); the tables are ``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import multiprocessing
 import platform
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -290,8 +294,15 @@ def run(
     device: str = "cpu",
     keep_runs: bool = False,
     markdown_path: Path | None = None,
+    jobs: int = 1,
+    threads: int = 0,
 ) -> dict[str, Any]:
-    """Run every cell not yet in ``results_path``, saving after each; returns the results."""
+    """Run every cell not yet in ``results_path``, saving after each; returns the results.
+
+    ``jobs`` > 1 trains that many cells at once, each in its own process with ``threads`` torch threads
+    (0: torch's default) and its output in ``work/<cell>.log``; this process alone writes the results."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs}")
     repo = Path(__file__).resolve().parents[1]
     results = load_results(results_path)
     planned = {c.key: c for c in cells}
@@ -302,11 +313,16 @@ def run(
     results["records"] = [r for r in results["records"] if r not in outdated]
     done = {r["key"] for r in results["records"]}
     todo = [c for c in cells if c.key not in done]
-    print(f"accuracy: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run", flush=True)
+    jobs = min(jobs, len(todo)) or 1
+    logs = f" in {jobs} processes (logs: {work}/<cell>.log)" if jobs > 1 else ""
+    print(
+        f"accuracy: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run{logs}", flush=True
+    )
     meta = {"machine": machine(), "commit": git_commit(repo)}
-    for i, cell in enumerate(todo, 1):
-        print(f"[{i}/{len(todo)}] {cell.key} …", flush=True)
-        record = {**run_cell(cell, data_root, work, patience, device, keep_runs), **meta}
+    cell_args = (data_root, work, patience, device, keep_runs)
+    finished = run_in_processes(todo, cell_args, jobs, threads) if jobs > 1 else run_in_turn(todo, cell_args)
+    for i, (cell, record) in enumerate(finished, 1):
+        record = {**record, **meta, "jobs": jobs}  # cells trained side by side share the machine
         results["records"].append(record)
         results.update(meta)
         save_results(results_path, results)
@@ -320,3 +336,55 @@ def run(
     if markdown_path is not None:
         write_markdown(results, markdown_path)
     return results
+
+
+def run_in_turn(todo: list[Cell], cell_args: tuple) -> Iterator[tuple[Cell, dict[str, Any]]]:
+    for i, cell in enumerate(todo, 1):
+        print(f"[{i}/{len(todo)}] {cell.key} …", flush=True)
+        yield cell, run_cell(cell, *cell_args)
+
+
+def run_in_processes(
+    todo: list[Cell], cell_args: tuple, jobs: int, threads: int
+) -> Iterator[tuple[Cell, dict[str, Any]]]:
+    """Yield each cell's record as it finishes, ``jobs`` cells training at once. Processes are spawned,
+    not forked (a forked CUDA context is unusable). When a cell fails, the cells not yet begun are
+    cancelled, those training finish and are yielded, then the first failure is raised."""
+    work = cell_args[1]
+    for texture in sorted({c.target_class for c in todo if c.dataset == TEXTURE_DATASET}):
+        texture_data(work, TEXTURES[texture])  # generated once here, not raced by two workers
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)
+    ) as pool:
+        futures = {pool.submit(run_cell_logged, cell, *cell_args): cell for cell in todo}
+        failure: BaseException | None = None
+        for future in as_completed(futures):
+            if future.cancelled():
+                continue
+            if error := future.exception():
+                print(f"accuracy: {futures[future].key} failed: {error!r}", flush=True)
+                failure = failure or error
+                for other in futures:
+                    other.cancel()  # only the cells not yet begun
+                continue
+            yield futures[future], future.result()
+    if failure is not None:
+        raise failure
+
+
+def _worker_threads(threads: int) -> None:
+    if threads:
+        from mnemo.training.trainer import set_threads
+
+        set_threads(threads)
+
+
+def run_cell_logged(
+    cell: Cell, data_root: Path, work: Path, patience: int, device: str, keep: bool
+) -> dict[str, Any]:
+    """``run_cell`` with its output in ``work/<cell>.log`` (cells side by side would interleave theirs)."""
+    work.mkdir(parents=True, exist_ok=True)
+    log_path = work / f"{cell.key.replace('/', '_')}.log"
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return run_cell(cell, data_root, work, patience, device, keep)

@@ -109,6 +109,15 @@ def _accuracy(sub) -> None:
         help="torch CPU threads (default 1: on a shared 2-core box more threads than free cores "
         "made training ~10x slower; 0 keeps torch's default)",
     )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="cells trained at once, each in its own process with --threads threads, its output in "
+        "--work/<cell>.log; this process writes the results as each finishes (default 1: one after the "
+        "other; on 2 cores, 2 at 1 thread each; on a GPU, several share it: a small model leaves most of "
+        "it idle)",
+    )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument(
         "--results",
@@ -131,8 +140,8 @@ def _accuracy(sub) -> None:
         default=[],
         metavar="JSON[,JSON...]",
         help="fold other runs' results files into --results (their record wins where a cell is in both), "
-        "rewrite the markdown, train nothing: run several processes, each with its own --results file "
-        "(two writers on one file lose cells), then merge",
+        "rewrite the markdown, train nothing: for runs started apart, each with its own --results file "
+        "(two writers on one file lose cells; --jobs trains side by side with one writer)",
     )
     p.set_defaults(func=cmd_accuracy)
 
@@ -251,6 +260,8 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
         device=args.device,
         keep_runs=args.keep_runs,
         markdown_path=results.with_suffix(".md"),
+        jobs=args.jobs,
+        threads=args.threads,
     )
     print(f"results: {results} and {results.with_suffix('.md')}")
     return 0

@@ -136,6 +136,33 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
     assert ours in markdown
 
 
+def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_mnist, tmp_path, capsys):
+    from mnemo.cli import main
+
+    results, work = tmp_path / "accuracy.json", tmp_path / "work"
+    args = ["bench", "accuracy", "--data", str(fake_mnist), "--datasets", "mnist", "--models", "ae,memae"]
+    args += ["--classes", "0", "--seeds", "2022", "--max-epochs", "1", "--jobs", "2", "--threads", "1"]
+    assert main([*args, "--results", str(results), "--work", str(work)]) == 0
+    records = accuracy.load_results(results)["records"]
+    assert sorted(r["model"] for r in records) == ["ae", "memae"] and {r["jobs"] for r in records} == {2}
+    assert all(0.0 <= r["auroc"] <= 1.0 and r["epochs"] == 1 for r in records)
+    for model in ("ae", "memae"):  # each cell's training went to its own log, not to this process's output
+        assert f"training {model} on cpu" in (work / f"mnist_roco_{model}_0_2022_e1.log").read_text()
+    out = capsys.readouterr().out
+    assert "in 2 processes" in out and "training ae" not in out and "[2/2]" in out
+
+
+def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_path):
+    results = tmp_path / "accuracy.json"
+    (good,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    broken = dataclasses.replace(good, model="no_such_model")
+    with pytest.raises(Exception, match="no_such_model"):
+        accuracy.run([broken, good], fake_mnist, results, tmp_path / "work", jobs=2, threads=1)
+    assert [r["key"] for r in accuracy.load_results(results)["records"]] == [good.key]
+    with pytest.raises(ValueError, match="jobs must be >= 1"):
+        accuracy.run([good], fake_mnist, results, tmp_path / "work", jobs=0)
+
+
 def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp_path, monkeypatch):
     from mnemo.training.run import train_run
 
