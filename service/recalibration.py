@@ -34,7 +34,7 @@ from mnemo.calibration import (
     is_anomalous,
     too_few_for_rate,
 )
-from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, open_image, preprocess
+from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, image_files, open_image, preprocess
 from mnemo.roi import ROI_FILE, fit_mask, mask_from_image
 from mnemo.service.backends import create_runner
 from mnemo.tiling import Tiling, decode_working, prepare_tiles
@@ -47,7 +47,7 @@ def good_images(data: Path) -> list[Path]:
     folder = data / "train" / "good" if (data / "train" / "good").is_dir() else data
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory")
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    images = image_files(folder)
     if not images:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
     return images

@@ -76,6 +76,23 @@ def test_masks_are_found_under_the_names_real_sets_use(tmp_path):
     assert [s.label for s in samples] == [0, 1, 1, 1, 1]  # test/good sorts before test/ko
 
 
+def test_hidden_files_and_folders_a_copied_set_carries_are_not_read(mvtec):
+    """An archive made on a Mac holds ``._NAME.png`` (a resource fork with the image's extension and none
+    of its bytes) and ``.DS_Store``; Jupyter leaves ``.ipynb_checkpoints`` in any folder it opened."""
+    fork = b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X"
+    for folder in ("train/good", "test/good", "test/crack", "ground_truth/crack"):
+        (mvtec / folder / "._000.png").write_bytes(fork)
+        (mvtec / folder / ".DS_Store").write_bytes(fork)
+    save(mvtec / "test" / ".ipynb_checkpoints" / "000-checkpoint.png", np.full((16, 16), 1))
+    splits = datasets.folder_splits(mvtec, PREP)
+    assert splits.summary["counts"] == {"train": 9, "val": 1, "test": 4, "test_anomalous": 2}
+    assert {str(splits.test[i]["path"]).split("/")[-2] for i in range(4)} == {"good", "crack"}
+    assert datasets.mask_files(mvtec / "ground_truth" / "crack") == {
+        "000": mvtec / "ground_truth" / "crack" / "000_mask.png"
+    }
+    assert all(splits.train[i]["image"].shape == (1, 8, 8) for i in range(9))  # every one decodes
+
+
 def test_folder_loader_batches_and_val_is_reproducible(mvtec):
     a = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)
     b = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)

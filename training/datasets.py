@@ -40,6 +40,7 @@ from mnemo.imaging import (
     ImageDecodeError,
     Preprocessing,
     decode_image,
+    image_files,
     open_image,
     prepare_pixels,
     resize_pixels,
@@ -72,15 +73,11 @@ def list_images(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DatasetError(f"directory not found: {directory}")
-    files = _image_files(directory)
+    files = image_files(directory)
     if not files:
         what = "is empty" if not any(directory.iterdir()) else "has no image files"
         raise DatasetError(f"{directory} {what}; looked for {', '.join(IMAGE_EXTENSIONS)}")
     return files
-
-
-def _image_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
 def is_mvtec_layout(root: str | Path) -> bool:
@@ -93,7 +90,7 @@ def mask_files(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
-    for path in sorted(_image_files(folder), key=lambda p: p.stem.endswith("_mask")):  # ``_mask`` last: wins
+    for path in sorted(image_files(folder), key=lambda p: p.stem.endswith("_mask")):  # ``_mask`` last: wins
         found[path.stem.removesuffix("_mask")] = path
     return found
 
@@ -110,7 +107,7 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
     if not test.is_dir():
         raise DatasetError(f"directory not found: {test}")
     samples: list[Sample] = []
-    for folder in sorted(p for p in test.iterdir() if p.is_dir()):
+    for folder in sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")):
         masks = {} if folder.name == GOOD else mask_files(root / "ground_truth" / folder.name)
         for path in list_images(folder):
             if folder.name == GOOD:
