@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,33 @@ def test_masks_are_found_under_the_names_real_sets_use(tmp_path):
         "003.png": None,
     }
     assert [s.label for s in samples] == [0, 1, 1, 1, 1]  # test/good sorts before test/ko
+
+
+def test_ground_truth_masks_saved_as_labels_or_as_white_on_black_mark_the_same_pixels(tmp_path):
+    """MVTec saves 0/255; other sets save 0/1 or defect ids (near-black to the eye), or JPEG masks whose
+    noise strays from 0 and 255: each marks the same 8×8 square (one 2×2 cell at size 8 from 32 px)."""
+    square = np.zeros((32, 32))
+    square[:8, 8:16] = 1
+    encodings = {
+        "white": (square * 255, "png"),
+        "ones": (square, "png"),
+        "ids": (square * 3, "png"),
+        "jpeg": (square * 255, "jpg"),
+    }
+    for name, (mask, ext) in encodings.items():
+        save(tmp_path / "test" / "crack" / f"{name}.png", np.full((32, 32), 200))
+        save(tmp_path / "ground_truth" / "crack" / f"{name}_mask.{ext}", mask)
+    save(tmp_path / "test" / "good" / "000.png", np.full((32, 32), 100))
+    blank = np.zeros((32, 32))
+    save(tmp_path / "ground_truth" / "crack" / "blank_mask.png", blank)
+    save(tmp_path / "test" / "crack" / "blank.png", np.full((32, 32), 200))
+    dataset = datasets.ImageFolderDataset(datasets.mvtec_samples(tmp_path, "test"), PREP)
+    masks = {Path(item["path"]).stem: item["mask"][0] for item in dataset}
+    expected = torch.zeros(8, 8)
+    expected[:2, 2:4] = 1
+    for name in encodings:
+        assert torch.equal(masks[name], expected), name
+    assert masks["blank"].sum() == 0 and masks["000"].sum() == 0
 
 
 def test_hidden_files_and_folders_a_copied_set_carries_are_not_read(mvtec):

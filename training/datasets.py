@@ -237,9 +237,21 @@ class ImageFolderDataset(SampleDataset):
         size = self.prep.size
         if sample.mask_path is None:
             return np.zeros((1, size, size), np.float32)
-        pixels = self._decode(sample.mask_path).max(axis=-1, keepdims=True)
-        sized = resize_pixels(pixels, size, self.prep.resize, nearest=True)
-        return (sized[..., 0] > 127.5).astype(np.float32)[None]
+        sized = resize_pixels(
+            defect_pixels(self._decode(sample.mask_path)), size, self.prep.resize, nearest=True
+        )
+        return sized[..., 0][None]
+
+
+def defect_pixels(mask: np.ndarray) -> np.ndarray:
+    """A decoded ground-truth mask [H, W, C] on the 0…255 scale → float32 [H, W, 1], 1 on the defect.
+
+    White on black (MVTec's 0/255, or a JPEG's noise around them): pixels brighter than mid-grey. A mask
+    with nothing that bright holds labels, not brightness (0/1 as several sets save them, or defect ids
+    1, 2, …, all near-black to the eye): its non-zero pixels; cut at mid-grey it would read as no defect."""
+    gray = mask.max(axis=-1, keepdims=True)
+    cut = 127.5 if gray.max() > 127.5 else 0.0
+    return (gray > cut).astype(np.float32)
 
 
 # ----------------------------------------------------------------------------------------------- IDX

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from mnemo.imaging import DEFAULT_MAX_PIXELS, Preprocessing, normalise, resize_to
 from mnemo.tiling import Tiling, working_pixels
-from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset
+from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset, defect_pixels
 
 
 class FrameDataset(SampleDataset):
@@ -82,8 +82,9 @@ class FrameDataset(SampleDataset):
         sample = self.samples[index]
         if sample.mask_path is None:
             return np.zeros((1, height, width), np.float32)
-        pixels = self._decode(sample.mask_path).max(axis=-1, keepdims=True)
-        return (resize_to(pixels, width, height, nearest=True)[..., 0] > 127.5).astype(np.float32)[None]
+        return resize_to(defect_pixels(self._decode(sample.mask_path)), width, height, nearest=True)[..., 0][
+            None
+        ]
 
 
 class TiledFolderDataset(Dataset):
