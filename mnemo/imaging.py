@@ -176,18 +176,6 @@ class OpenImage:
         self.close()
 
 
-def image_files(directory: Path) -> list[Path]:
-    """The image files directly in ``directory`` (``IMAGE_EXTENSIONS``, any case), sorted by name.
-
-    Hidden names are skipped: an archive made on a Mac holds a ``._NAME.png`` resource fork beside every
-    image, with the image's extension and none of its bytes (and a ``.DS_Store``)."""
-    return sorted(
-        p
-        for p in directory.iterdir()
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
-    )
-
-
 def open_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenImage:
     """Read the header of bytes or a file and check its declared size; decodes no pixels.
 

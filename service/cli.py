@@ -120,8 +120,8 @@ def _recalibrate(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         required=True,
-        help="good images: a folder of them, or an MVTec-layout folder (its train/good is read); a tiled "
-        "bundle scores them tile by tile, as it serves, so they must share one size",
+        help="good images: a folder of them, or an MVTec-layout folder (its train/good, or BTAD's train/ok, "
+        "is read); a tiled bundle scores them tile by tile, as it serves, so they must share one size",
     )
     p.add_argument("--out", help="write the recalibrated bundle here instead of in place (must not exist)")
     p.add_argument(

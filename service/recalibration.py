@@ -34,7 +34,8 @@ from mnemo.calibration import (
     is_anomalous,
     too_few_for_rate,
 )
-from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, image_files, open_image, preprocess
+from mnemo.imaging import IMAGE_EXTENSIONS, Preprocessing, open_image, preprocess
+from mnemo.layout import good_folder, image_files
 from mnemo.roi import ROI_FILE, fit_mask, mask_from_image
 from mnemo.service.backends import create_runner
 from mnemo.tiling import Tiling, decode_working, prepare_tiles
@@ -44,7 +45,7 @@ DEFAULT_FALSE_ALARM_RATE = 0.01  # when the old threshold was not chosen by a fa
 
 def good_images(data: Path) -> list[Path]:
     """An MVTec-layout folder's ``train/good``, else the images directly in ``data`` (as training reads)."""
-    folder = data / "train" / "good" if (data / "train" / "good").is_dir() else data
+    folder = good_folder(data / "train") or data
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a directory")
     images = image_files(folder)

@@ -121,6 +121,22 @@ def test_hidden_files_and_folders_a_copied_set_carries_are_not_read(mvtec):
     assert all(splits.train[i]["image"].shape == (1, 8, 8) for i in range(9))  # every one decodes
 
 
+def test_btad_names_its_normal_folders_ok(tmp_path):
+    """BTAD: train/ok, test/ok, test/ko, ground_truth/ko/<stem>.png."""
+    for i in range(5):
+        save(tmp_path / "train" / "ok" / f"{i:04d}.bmp", np.full((16, 16), 50 + i))
+    save(tmp_path / "test" / "ok" / "0000.bmp", np.full((16, 16), 50))
+    save(tmp_path / "test" / "ko" / "0001.bmp", np.full((16, 16), 200))
+    save(tmp_path / "ground_truth" / "ko" / "0001.png", np.full((16, 16), 255))
+    assert datasets.is_mvtec_layout(tmp_path)
+    splits = datasets.folder_splits(tmp_path, PREP)
+    assert splits.summary["counts"] == {"train": 4, "val": 1, "test": 2, "test_anomalous": 1}
+    assert [s.defect for s in splits.test.samples] == ["ko", "good"] and splits.test.missing_masks == []
+    (tmp_path / "train" / "ok").rename(tmp_path / "train" / "normal")
+    with pytest.raises(DatasetError, match=r"train/good \(normal images go in train/good or train/ok\)"):
+        datasets.folder_splits(tmp_path, PREP)
+
+
 def test_folder_loader_batches_and_val_is_reproducible(mvtec):
     a = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)
     b = datasets.folder_splits(mvtec, PREP, val_fraction=0.2)

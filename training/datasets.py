@@ -40,11 +40,11 @@ from mnemo.imaging import (
     ImageDecodeError,
     Preprocessing,
     decode_image,
-    image_files,
     open_image,
     prepare_pixels,
     resize_pixels,
 )
+from mnemo.layout import GOOD_FOLDERS, good_folder, image_files
 from mnemo.tiling import Tiling
 
 GOOD = "good"
@@ -81,7 +81,7 @@ def list_images(directory: str | Path) -> list[Path]:
 
 
 def is_mvtec_layout(root: str | Path) -> bool:
-    return (Path(root) / "train" / GOOD).is_dir() or (Path(root) / "test").is_dir()
+    return good_folder(Path(root) / "train") is not None or (Path(root) / "test").is_dir()
 
 
 def mask_files(folder: Path) -> dict[str, Path]:
@@ -97,10 +97,15 @@ def mask_files(folder: Path) -> dict[str, Path]:
 
 def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
     """``train``: train/good. ``test``: test/good (label 0) and every test/<defect> (label 1) with its mask
-    from ``ground_truth/<defect>/`` when present (``mask_files``)."""
+    from ``ground_truth/<defect>/`` when present (``mask_files``). BTAD's ``ok`` stands for ``good``
+    (``GOOD_FOLDERS``)."""
     root = Path(root)
     if split == "train":
-        return [Sample(p, 0, GOOD) for p in list_images(root / "train" / GOOD)]
+        folder = good_folder(root / "train")
+        if folder is None:
+            names = " or ".join(f"train/{name}" for name in GOOD_FOLDERS)
+            raise DatasetError(f"directory not found: {root / 'train' / GOOD} (normal images go in {names})")
+        return [Sample(p, 0, GOOD) for p in list_images(folder)]
     if split != "test":
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     test = root / "test"
@@ -108,9 +113,10 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
         raise DatasetError(f"directory not found: {test}")
     samples: list[Sample] = []
     for folder in sorted(p for p in test.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        masks = {} if folder.name == GOOD else mask_files(root / "ground_truth" / folder.name)
+        normal = folder.name in GOOD_FOLDERS
+        masks = {} if normal else mask_files(root / "ground_truth" / folder.name)
         for path in list_images(folder):
-            if folder.name == GOOD:
+            if normal:
                 samples.append(Sample(path, 0, GOOD))
             else:
                 samples.append(Sample(path, 1, folder.name, masks.get(path.stem)))
