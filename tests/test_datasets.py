@@ -104,6 +104,26 @@ def test_ground_truth_masks_saved_as_labels_or_as_white_on_black_mark_the_same_p
     assert masks["blank"].sum() == 0 and masks["000"].sum() == 0
 
 
+def test_a_folder_of_masks_per_image_marks_their_union(tmp_path):
+    """MVTec LOCO: ``ground_truth/<defect>/<stem>/000.png, 001.png, ...``, one mask per defect."""
+    save(tmp_path / "test" / "good" / "000.png", np.full((8, 8), 100))
+    save(tmp_path / "test" / "logical" / "000.png", np.full((8, 8), 200))
+    save(tmp_path / "test" / "logical" / "001.png", np.full((8, 8), 200))
+    first, second = np.zeros((8, 8)), np.zeros((8, 8))
+    first[0, :2], second[7, 6:] = 255, 255
+    save(tmp_path / "ground_truth" / "logical" / "000" / "000.png", first)
+    save(tmp_path / "ground_truth" / "logical" / "000" / "001.png", second)
+    (tmp_path / "ground_truth" / "logical" / "001").mkdir()  # no mask in it: 001 has none
+    samples = datasets.mvtec_samples(tmp_path, "test")
+    assert [s.mask_path and s.mask_path.name for s in samples] == [None, "000", None]
+    (item,) = [
+        it for it in datasets.ImageFolderDataset(samples, PREP) if it["path"].endswith("logical/000.png")
+    ]
+    assert item["has_mask"] and torch.equal(
+        item["mask"][0], torch.from_numpy(((first + second) > 0) * 1.0).float()
+    )
+
+
 def test_hidden_files_and_folders_a_copied_set_carries_are_not_read(mvtec):
     """An archive made on a Mac holds ``._NAME.png`` (a resource fork with the image's extension and none
     of its bytes) and ``.DS_Store``; Jupyter leaves ``.ipynb_checkpoints`` in any folder it opened."""

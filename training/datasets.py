@@ -86,10 +86,11 @@ def is_mvtec_layout(root: str | Path) -> bool:
 
 def mask_files(folder: Path) -> dict[str, Path]:
     """An image stem -> its ground-truth mask in ``folder``: ``<stem>_mask.<ext>`` (MVTec AD, MPDD) or
-    ``<stem>.<ext>`` (BTAD, VisA in MVTec layout), any image extension; the ``_mask`` name wins."""
+    ``<stem>.<ext>`` (BTAD, VisA in MVTec layout), any image extension, or a folder ``<stem>/`` of masks
+    (MVTec LOCO: one per defect, united); a file wins over a folder, the ``_mask`` name over the others."""
     if not folder.is_dir():
         return {}
-    found: dict[str, Path] = {}
+    found = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and image_files(d)}
     for path in sorted(image_files(folder), key=lambda p: p.stem.endswith("_mask")):  # ``_mask`` last: wins
         found[path.stem.removesuffix("_mask")] = path
     return found
@@ -182,6 +183,12 @@ class SampleDataset(Dataset):
         except OSError as exc:
             raise DatasetError(f"cannot read {path}: {exc}") from None
 
+    def _defect_pixels(self, mask_path: Path) -> np.ndarray:
+        """float32 [H, W, 1], 1 on the defect: a mask file's (``defect_pixels``), or the union of a folder
+        of masks (MVTec LOCO keeps one per defect in ``ground_truth/<defect>/<stem>/``)."""
+        paths = image_files(mask_path) if mask_path.is_dir() else [mask_path]
+        return np.maximum.reduce([defect_pixels(self._decode(path)) for path in paths])
+
 
 class ImageFolderDataset(SampleDataset):
     """Decodes and preprocesses ``samples`` on access (nothing is cached, so memory stays flat).
@@ -243,9 +250,7 @@ class ImageFolderDataset(SampleDataset):
         size = self.prep.size
         if sample.mask_path is None:
             return np.zeros((1, size, size), np.float32)
-        sized = resize_pixels(
-            defect_pixels(self._decode(sample.mask_path)), size, self.prep.resize, nearest=True
-        )
+        sized = resize_pixels(self._defect_pixels(sample.mask_path), size, self.prep.resize, nearest=True)
         return sized[..., 0][None]
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from mnemo.imaging import DEFAULT_MAX_PIXELS, Preprocessing, normalise, resize_to
 from mnemo.tiling import Tiling, working_pixels
-from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset, defect_pixels
+from mnemo.training.datasets import CACHE_BYTES, DatasetError, Sample, SampleDataset
 
 
 class FrameDataset(SampleDataset):
@@ -82,9 +82,7 @@ class FrameDataset(SampleDataset):
         sample = self.samples[index]
         if sample.mask_path is None:
             return np.zeros((1, height, width), np.float32)
-        return resize_to(defect_pixels(self._decode(sample.mask_path)), width, height, nearest=True)[..., 0][
-            None
-        ]
+        return resize_to(self._defect_pixels(sample.mask_path), width, height, nearest=True)[..., 0][None]
 
 
 class TiledFolderDataset(Dataset):
