@@ -256,6 +256,10 @@ def run_cell(
     seconds = time.perf_counter() - started + (earlier or 0.0)
     cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
+    if report.get("stop_reason") == "interrupted":  # the trainer's first Ctrl-C: stop, record nothing
+        print(f"accuracy: {cell.key} interrupted after {report['epochs']} epochs, not recorded; a rerun "
+              f"continues it from its last epoch ({out})", flush=True)  # fmt: skip
+        raise KeyboardInterrupt
     image, pixel = report["test"]["image"], report["test"].get("pixel", {})
     if not keep:
         shutil.rmtree(out, ignore_errors=True)

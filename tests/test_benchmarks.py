@@ -163,6 +163,34 @@ def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_p
         accuracy.run([good], fake_mnist, results, tmp_path / "work", jobs=0)
 
 
+def test_ctrl_c_stops_the_benchmark_without_recording_the_cell_and_a_rerun_continues_it(
+    fake_mnist, tmp_path, monkeypatch, capsys
+):
+    """The trainer's first Ctrl-C finishes a run early (``mnemo train``'s way): a benchmark cell so cut
+    short must not be cached as the protocol's result."""
+    import signal
+
+    from mnemo.training import trainer
+
+    results, work = tmp_path / "accuracy.json", tmp_path / "work"
+    cells = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
+    real_epoch = trainer.train_epoch
+
+    def ctrl_c_in_epoch_2(model, loader, optimizers, cfg, state, *args):
+        if state.epoch == 1:
+            signal.raise_signal(signal.SIGINT)  # caught by the trainer's handler: stop after this step
+        return real_epoch(model, loader, optimizers, cfg, state, *args)
+
+    monkeypatch.setattr(trainer, "train_epoch", ctrl_c_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        accuracy.run(cells, fake_mnist, results, work)
+    assert accuracy.load_results(results)["records"] == []
+    assert "interrupted after 2 epochs, not recorded" in capsys.readouterr().out
+    monkeypatch.setattr(trainer, "train_epoch", real_epoch)
+    (record,) = accuracy.run(cells, fake_mnist, results, work)["records"]
+    assert record["resumed"] and record["epochs"] == 3 and record["stop_reason"] == "max epochs"
+
+
 def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp_path, monkeypatch):
     from mnemo.training.run import train_run
 
