@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import multiprocessing
 import platform
@@ -21,7 +22,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -352,27 +353,33 @@ def run_in_processes(
     todo: list[Cell], cell_args: tuple, jobs: int, threads: int
 ) -> Iterator[tuple[Cell, dict[str, Any]]]:
     """Yield each cell's record as it finishes, ``jobs`` cells training at once. Processes are spawned,
-    not forked (a forked CUDA context is unusable). When a cell fails, the cells not yet begun are
-    cancelled, those training finish and are yielded, then the first failure is raised."""
+    not forked (a forked CUDA context is unusable). A cell is handed out only when a process is free, so
+    after a failure (or a Ctrl-C in a cell) no new cell begins; those training finish and are yielded,
+    then the first failure is raised."""
     work = cell_args[1]
     for texture in sorted({c.target_class for c in todo if c.dataset == TEXTURE_DATASET}):
         texture_data(work, TEXTURES[texture])  # generated once here, not raced by two workers
+    waiting = iter(todo)
+    failure: BaseException | None = None
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(
         jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)
     ) as pool:
-        futures = {pool.submit(run_cell_logged, cell, *cell_args): cell for cell in todo}
-        failure: BaseException | None = None
-        for future in as_completed(futures):
-            if future.cancelled():
-                continue
-            if error := future.exception():
-                print(f"accuracy: {futures[future].key} failed: {error!r}", flush=True)
-                failure = failure or error
-                for other in futures:
-                    other.cancel()  # only the cells not yet begun
-                continue
-            yield futures[future], future.result()
+        running = {pool.submit(run_cell_logged, c, *cell_args): c for c in itertools.islice(waiting, jobs)}
+        while running:
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                cell = running.pop(future)
+                if error := future.exception():
+                    said = (
+                        "stopped by Ctrl-C" if isinstance(error, KeyboardInterrupt) else f"failed: {error!r}"
+                    )
+                    print(f"accuracy: {cell.key} {said}, not recorded (its log: {work})", flush=True)
+                    failure = failure or error
+                else:
+                    yield cell, future.result()
+                if failure is None and (following := next(waiting, None)) is not None:
+                    running[pool.submit(run_cell_logged, following, *cell_args)] = following
     if failure is not None:
         raise failure
 

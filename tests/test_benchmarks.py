@@ -154,11 +154,12 @@ def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_m
 
 def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_path):
     results = tmp_path / "accuracy.json"
-    (good,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    good, later = accuracy_plan.plan(["mnist"], ["ae"], [0, 1], [2022], max_epochs=1)
     broken = dataclasses.replace(good, model="no_such_model")
     with pytest.raises(Exception, match="no_such_model"):
-        accuracy.run([broken, good], fake_mnist, results, tmp_path / "work", jobs=2, threads=1)
+        accuracy.run([broken, good, later], fake_mnist, results, tmp_path / "work", jobs=2, threads=1)
     assert [r["key"] for r in accuracy.load_results(results)["records"]] == [good.key]
+    assert not (tmp_path / "work" / "mnist_roco_ae_1_2022_e1.log").exists()  # no cell begins after a failure
     with pytest.raises(ValueError, match="jobs must be >= 1"):
         accuracy.run([good], fake_mnist, results, tmp_path / "work", jobs=0)
 
