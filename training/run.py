@@ -50,7 +50,7 @@ from mnemo.training.evaluate import (
 )
 from mnemo.training.export import export_bundle
 from mnemo.training.plots import write_plots
-from mnemo.training.trainer import fit, pick_device, seed_everything
+from mnemo.training.trainer import TrainState, fit, pick_device, seed_everything
 
 CONFIG_FILE = "config.yaml"
 MODEL_FILE = "model.pt"
@@ -274,16 +274,17 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     model.after_fit(images_of(b) for b in batches(splits.train, scoring_batch, workers))
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
-
-    val_images = batches(splits.val, scoring_batch, workers)
-    val = judged_in_roi(
-        score_split(model, splits.val, tiling, val_images, device, progress), roi, prep, tiling
+    val, test = score_splits(
+        model,
+        splits,
+        roi,
+        prep,
+        tiling,
+        batch_size=scoring_batch,
+        workers=workers,
+        device=device,
+        progress=progress,
     )
-    test = None
-    if splits.test:
-        test_loader = loader(splits.test, scoring_batch, workers)
-        test = score_split(model, splits.test, tiling, test_loader, device, progress)
-        test = judged_in_roi(test, roi, prep, tiling)
     calibration = calibrate(
         val.scores,
         false_alarm_rate=cfg.false_alarm_rate,
@@ -295,7 +296,52 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     write_json(out / CALIBRATION_FILE, calibration.to_dict())
     if warning := too_few_for_rate(calibration.n, cfg.false_alarm_rate):
         print(f"warning: {warning} (add training images or raise data.val_fraction)", file=sys.stderr)
-    report = {
+    report = run_report(cfg, model, splits, state, world, warning)
+    if test is not None:
+        report["test"] = evaluation_report(test, calibration)
+        write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device, tiling)
+    write_json(out / REPORT_FILE, report)
+    print(summary_line(report, calibration))
+    distributed.barrier()  # (a world of one: nothing) the group ends on every rank at once
+    distributed.finish()
+    return out
+
+
+def score_splits(
+    model: AnomalyModel,
+    splits: datasets.Splits,
+    roi: Path | None,
+    prep: Preprocessing,
+    tiling: Tiling | None,
+    *,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    progress: bool,
+) -> tuple[ScoredSet, ScoredSet | None]:
+    """The validation split's and (when there is one) the test split's scores and heatmaps, each judged
+    inside the region of interest."""
+    val_images = batches(splits.val, batch_size, workers)
+    val = judged_in_roi(
+        score_split(model, splits.val, tiling, val_images, device, progress), roi, prep, tiling
+    )
+    if not splits.test:
+        return val, None
+    test_images = loader(splits.test, batch_size, workers)
+    test = score_split(model, splits.test, tiling, test_images, device, progress)
+    return val, judged_in_roi(test, roi, prep, tiling)
+
+
+def run_report(
+    cfg: run_config.RunConfig,
+    model: AnomalyModel,
+    splits: datasets.Splits,
+    state: TrainState,
+    world: distributed.World,
+    warning: str | None,
+) -> dict[str, Any]:
+    """report.json's training half: what ran, how long, why it stopped (the test metrics join it)."""
+    return {
         "model": cfg.model,
         "data": splits.summary,
         "epochs": state.epoch,
@@ -305,19 +351,11 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
         "stop_reason": state.stop_reason,
         "train_seconds": state.train_seconds,
         "best_val_loss": state.best_val,
-        "device": str(device),
+        "device": str(world.device),
         # every field, defaults included: config.yaml holds only what was set, and a default may change
         "model_config": dataclasses.asdict(model.config),
         "calibration_warning": warning,
     }
-    if test is not None:
-        report["test"] = evaluation_report(test, calibration)
-        write_plots(model, splits.test, test, calibration, out / PLOTS_DIR, device, tiling)
-    write_json(out / REPORT_FILE, report)
-    print(summary_line(report, calibration))
-    distributed.barrier()  # (a world of one: nothing) the group ends on every rank at once
-    distributed.finish()
-    return out
 
 
 def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
