@@ -240,6 +240,17 @@ def _save(img: np.ndarray, path: Path) -> None:
     Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr).save(path)
 
 
+def _check_settings(texture: str, size: int, counts: tuple[int, ...], defect_size: int | None) -> None:
+    if texture not in TEXTURES:
+        raise ValueError(f"unknown texture {texture!r}; choose from {TEXTURES}")
+    if size < 16:
+        raise ValueError(f"size must be at least 16 pixels, got {size}")
+    if min(counts) < 0:
+        raise ValueError("image counts must not be negative")
+    if defect_size is not None and not 16 <= defect_size <= size:
+        raise ValueError(f"defect_size must be in [16, size = {size}], got {defect_size}")
+
+
 def generate(
     out_dir: str | Path,
     *,
@@ -259,14 +270,7 @@ def generate(
     usual generator in a random ``defect_size``² window of the frame, so it covers a few hundred of its
     pixels, as on a line camera's frame.
     """
-    if texture not in TEXTURES:
-        raise ValueError(f"unknown texture {texture!r}; choose from {TEXTURES}")
-    if size < 16:
-        raise ValueError(f"size must be at least 16 pixels, got {size}")
-    if min(n_train, n_test_good, n_test_defect) < 0:
-        raise ValueError("image counts must not be negative")
-    if defect_size is not None and not 16 <= defect_size <= size:
-        raise ValueError(f"defect_size must be in [16, size = {size}], got {defect_size}")
+    _check_settings(texture, size, (n_train, n_test_good, n_test_defect), defect_size)
     out = Path(out_dir)
     textures = {t: load_texture(t) for t in TEXTURES}
     base = textures[texture] if defect_size is None else mirrored(textures[texture], round(1.2 * size))
