@@ -61,6 +61,10 @@ PNG_ROW_CHUNKS = 65536  # up to this many rows, a data chunk per row (streaming 
 # A PNG whose rows inflate to more than this many times its file has its rows counted before it is decoded
 # (see ``_load``); photos and camera frames compress 1.5–4 ×, a bomb or a flat picture by 100 × or more.
 PNG_COUNT_FIRST_RATIO = 16
+# A JPEG scan is one pass over every block of the image, however few bytes it takes: a progressive encoder
+# writes about 10 (libjpeg's script), but a file may repeat one thousands of times (1000 empty scans of a
+# 16-megapixel frame: 94 KB that took 9.4 s to decode). Counted, then refused, before Pillow decodes.
+JPEG_MAX_SCANS = 100
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -237,6 +241,8 @@ def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
         raise ImageDecodeError("empty", "empty input (0 bytes)")
     if data.startswith(_SIGNATURES[0]):
         _check_png_chunks(data)
+    elif data.startswith(_SIGNATURES[1]):
+        _check_jpeg_scans(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -326,6 +332,19 @@ def _check_png_chunks(data: bytes) -> None:
             )
         if (kind == b"IHDR") != (count == 1):
             raise ImageDecodeError("truncated", "corrupt PNG: its header chunk (IHDR) must come first, once")
+
+
+def _check_jpeg_scans(data: bytes) -> None:
+    """Refuse a JPEG of more than ``JPEG_MAX_SCANS`` scans. Start-of-scan markers are counted as bytes:
+    entropy-coded data cannot hold one (an 0xFF there is followed by 0x00), so the count errs only upwards,
+    by the scans of an embedded thumbnail."""
+    scans = data.count(b"\xff\xda")
+    if scans > JPEG_MAX_SCANS:
+        raise ImageDecodeError(
+            "too_large",
+            f"JPEG holds {scans:,} scans, each a pass over the whole image; encoders write about 10, the "
+            f"limit is {JPEG_MAX_SCANS}",
+        )
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:

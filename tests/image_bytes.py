@@ -65,6 +65,17 @@ def png_with_empty_chunks(png: bytes, count: int, after_data: bool = False) -> b
     return png[:cut] + filler + png[cut:]
 
 
+def progressive_jpeg(image: Image.Image, repeats: int = 0) -> bytes:
+    """``image`` as a progressive JPEG, its smallest scan repeated ``repeats`` more times before EOI
+    (each costs the decoder a pass over every block; a flat image's take a few bytes)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", progressive=True, quality=90)
+    data = buffer.getvalue()
+    starts = [i for i in range(len(data) - 1) if data[i : i + 2] == b"\xff\xda"]
+    scans = [data[a:b] for a, b in zip(starts, [*starts[1:], len(data) - 2], strict=True)]
+    return data[:-2] + min(scans, key=len) * repeats + data[-2:]
+
+
 def ico_wrapping(png: bytes) -> bytes:
     """An ICO whose directory declares 256×256 and whose one entry is ``png``, of whatever size it is."""
     entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)

@@ -23,6 +23,7 @@ from tests.image_bytes import (
     png_of_first_rows,
     png_of_zero_rows,
     png_with_empty_chunks,
+    progressive_jpeg,
 )
 
 
@@ -162,6 +163,19 @@ def test_a_png_flooded_with_chunks_is_refused_before_pillow_walks_them(after_dat
     with pytest.raises(ImageDecodeError, match="chunks") as err:
         imaging.decode_image(flood)
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.5
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_pillow_decodes_them():
+    """1000 repeats of an empty scan of a 16-megapixel frame: 94 KB that took Pillow 9.4 s to decode."""
+    flat = Image.new("L", (4000, 4000), 128)
+    normal = progressive_jpeg(Image.fromarray((RNG.random((64, 48, 3)) * 255).astype(np.uint8)))
+    assert imaging.decode_image(normal).shape == (64, 48, 3)  # libjpeg's progressive script: 10 scans
+    assert imaging.decode_image(progressive_jpeg(flat, imaging.JPEG_MAX_SCANS - 7)).shape == (4000, 4000, 1)
+    flood = progressive_jpeg(flat, 1000)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="JPEG holds 1,006 scans") as err:
+        imaging.decode_image(flood)
+    assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
 
 
 def test_a_png_written_one_data_chunk_per_row_still_decodes():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.image_bytes import encode, png_bytes, png_declaring
+from tests.image_bytes import encode, png_bytes, png_declaring, progressive_jpeg
 from tests.service_helpers import make_settings, metric_value, running_server, smooth_images
 
 pytest_plugins = ["tests.service_fixtures"]  # the shared fixtures: bundle_dir, server
@@ -59,8 +59,9 @@ def score_of(response: httpx.Response) -> float:
         (GOOD[:20], "truncated"),  # cut inside the header
         (GOOD[:40] + bytes(len(GOOD) - 40), "truncated"),  # right header, zeroed (corrupt) pixel data
         (png_declaring(30_000, 30_000), "too_large"),  # a decompression bomb: ~100 bytes, 900 MP declared
+        (progressive_jpeg(Image.new("L", (512, 512), 128), 500), "too_large"),  # a pass over it per scan
     ],
-    ids=["not-an-image", "zero-bytes", "truncated", "cut-header", "corrupt", "bomb"],
+    ids=["not-an-image", "zero-bytes", "truncated", "cut-header", "corrupt", "bomb", "jpeg-scan-flood"],
 )
 def test_undecodable_uploads_get_clear_errors(server, data, reason):
     error = error_of(post_raw(server, data), 400)
