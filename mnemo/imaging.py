@@ -65,6 +65,10 @@ PNG_COUNT_FIRST_RATIO = 16
 # writes about 10 (libjpeg's script), but a file may repeat one thousands of times (1000 empty scans of a
 # 16-megapixel frame: 94 KB that took 9.4 s to decode). Counted, then refused, before Pillow decodes.
 JPEG_MAX_SCANS = 100
+# Pillow reads a JPEG's header (its marker segments, and the fill bytes allowed before each, up to the first
+# scan) in Python, one at a time: a million empty comments (4 MB) took 1 s, 4 MB of fill bytes as long.
+# Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
+JPEG_MAX_MARKERS = 4096
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -242,6 +246,7 @@ def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
     if data.startswith(_SIGNATURES[0]):
         _check_png_chunks(data)
     elif data.startswith(_SIGNATURES[1]):
+        _check_jpeg_markers(data)
         _check_jpeg_scans(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
@@ -334,6 +339,29 @@ def _check_png_chunks(data: bytes) -> None:
             raise ImageDecodeError("truncated", "corrupt PNG: its header chunk (IHDR) must come first, once")
 
 
+def _check_jpeg_markers(data: bytes) -> None:
+    """Refuse a JPEG whose header holds more than ``JPEG_MAX_MARKERS`` markers and fill bytes, walking no
+    further than that: segments are skipped by their length, other bytes between them (which Pillow also
+    skips) in one step."""
+    pos, end = 2, len(data)
+    for _ in range(JPEG_MAX_MARKERS):
+        pos = data.find(b"\xff", pos)
+        if pos < 0 or pos + 4 > end or data[pos + 1] == 0xDA:  # the first scan: libjpeg reads the rest
+            return
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    raise ImageDecodeError(
+        "too_large",
+        f"JPEG header holds more than {JPEG_MAX_MARKERS:,} markers before its image data; cameras write a "
+        "few dozen",
+    )
+
+
 def _check_jpeg_scans(data: bytes) -> None:
     """Refuse a JPEG of more than ``JPEG_MAX_SCANS`` scans. Start-of-scan markers are counted as bytes:
     entropy-coded data cannot hold one (an 0xFF there is followed by 0x00), so the count errs only upwards,
@@ -362,6 +390,9 @@ def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 _PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
+_JPEG_STANDALONE = frozenset(
+    {0x00, 0x01, *range(0xD0, 0xDA)}
+)  # markers without a length: RSTn, SOI, EOI, TEM
 
 
 def png_rows_missing(data: bytes) -> bool:

@@ -178,6 +178,23 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_pillow_decodes_them():
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
 
 
+@pytest.mark.parametrize("filler", [b"\xff\xfe\x00\x02", b"\xff"], ids=["empty-comments", "fill-bytes"])
+def test_a_jpeg_header_flooded_with_markers_is_refused_before_pillow_reads_them(filler):
+    """Pillow reads a JPEG's header in Python: a million empty comments (4 MB) took 1 s."""
+    jpeg = encode(Image.fromarray(GRAY), "JPEG")
+    at = 4 + int.from_bytes(jpeg[4:6], "big")  # after SOI and the APP0 segment
+    assert imaging.decode_image(jpeg[:at] + filler * (imaging.JPEG_MAX_MARKERS - 16) + jpeg[at:]).shape == (
+        6,
+        8,
+        1,
+    )
+    flood = jpeg[:at] + filler * 1_000_000 + jpeg[at:]
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="JPEG header holds more than 4,096 markers") as err:
+        imaging.decode_image(flood)
+    assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
+
+
 def test_a_png_written_one_data_chunk_per_row_still_decodes():
     """Streaming encoders flush a data chunk per row: 5000 rows of 4 bytes are 5003 chunks in 70 KB."""
     pixels = (RNG.random((5000, 4)) * 255).astype(np.uint8)
