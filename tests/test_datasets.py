@@ -203,6 +203,11 @@ def test_folder_errors_are_clear(tmp_path):
     (tmp_path / "texts" / "a.txt").write_text("x")
     with pytest.raises(DatasetError, match=r"texts has no image files; looked for .png, .jpg"):
         datasets.folder_splits(tmp_path / "texts", PREP)
+    for name in ("cable", "bottle"):  # a collection's root given instead of one of its sets
+        save(tmp_path / "collection" / name / "train" / "good" / "000.png", np.zeros((8, 8)))
+    sets = r"holds 2 MVTec-layout sets \(bottle, cable\), not images: train on one of them, e.g. .*/bottle"
+    with pytest.raises(DatasetError, match=sets):
+        datasets.folder_splits(tmp_path / "collection", PREP)
     (tmp_path / "bad" / "train" / "good").mkdir(parents=True)
     (tmp_path / "bad" / "train" / "good" / "broken.png").write_bytes(b"not a png")
     splits = datasets.folder_splits(tmp_path / "bad", PREP, val_fraction=0.0)

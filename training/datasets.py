@@ -154,6 +154,14 @@ def image_channels(root: str | Path, sample: int = 16) -> int:
 
 def folder_samples(root: str | Path) -> list[Sample]:
     """A plain folder of good images (no layout): all label 0."""
+    root = Path(root)
+    sets = (
+        sorted(d.name for d in root.iterdir() if d.is_dir() and is_mvtec_layout(d)) if root.is_dir() else []
+    )
+    if sets and not image_files(root):  # a collection's root (MVTec AD's, BTAD's): one set at a time
+        shown = ", ".join(sets[:5]) + (", ..." if len(sets) > 5 else "")
+        raise DatasetError(f"{root} holds {len(sets)} MVTec-layout sets ({shown}), not images: train on one "
+                           f"of them, e.g. {root / sets[0]}")  # fmt: skip
     return [Sample(p, 0, GOOD) for p in list_images(root)]
 
 
