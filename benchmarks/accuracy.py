@@ -323,6 +323,9 @@ def run(
     print(
         f"accuracy: {len(cells)} cells, {len(cells) - len(todo)} cached, {len(todo)} to run{logs}", flush=True
     )
+    if jobs > 1 and any(c.dataset in REAL_DATASETS for c in todo):
+        print("accuracy: warning: real-defect cells train for a wall-clock budget; side by side they share "
+              "the cores and train less than one alone would", flush=True)  # fmt: skip
     meta = {"machine": machine(), "commit": git_commit(repo)}
     cell_args = (data_root, work, patience, device, keep_runs)
     finished = run_in_processes(todo, cell_args, jobs, threads) if jobs > 1 else run_in_turn(todo, cell_args)
