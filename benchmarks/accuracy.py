@@ -17,14 +17,17 @@ import dataclasses
 import itertools
 import json
 import multiprocessing
+import os
 import platform
 import shutil
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from mnemo.benchmarks.accuracy_plan import (
     DATASETS,
@@ -151,6 +154,11 @@ def data_config(cell: Cell, data_root: Path, work: Path):
     )
 
 
+def run_dir(cell: Cell, work: Path) -> Path:
+    """The cell's run directory (its checkpoints while it trains; removed once recorded, unless kept)."""
+    return work / cell.key.replace("/", "_")
+
+
 def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: str):
     from mnemo.training import config as run_cfg
 
@@ -164,7 +172,7 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
         optim=run_cfg.OptimConfig(max_epochs=cell.max_epochs, patience=patience, **optim),
         seed=cell.seed,
         device=device,
-        out_dir=str(work / cell.key.replace("/", "_")),
+        out_dir=str(run_dir(cell, work)),
     )
 
 
@@ -182,7 +190,7 @@ def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
         optim=dataclasses.replace(cfg.optim, max_epochs=epochs, max_minutes=REAL_MINUTES),
         seed=cell.seed,
         device=device,
-        out_dir=str(work / cell.key.replace("/", "_")),
+        out_dir=str(run_dir(cell, work)),
     )
 
 
@@ -257,9 +265,9 @@ def run_cell(
     seconds = time.perf_counter() - started + (earlier or 0.0)
     cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
-    if report.get("stop_reason") == "interrupted":  # the trainer's first Ctrl-C: stop, record nothing
-        print(f"accuracy: {cell.key} interrupted after {report['epochs']} epochs, not recorded; a rerun "
-              f"continues it from its last epoch ({out})", flush=True)  # fmt: skip
+    if report.get("stop_reason") == "interrupted":  # the trainer's own Ctrl-C (outside ``run``): not a result
+        print(f"accuracy: {cell.key} was cut short by Ctrl-C after {report['epochs']} epochs: not recorded",
+              flush=True)  # fmt: skip
         raise KeyboardInterrupt
     image, pixel = report["test"]["image"], report["test"].get("pixel", {})
     if not keep:
@@ -289,6 +297,16 @@ def run_cell(
 # ------------------------------------------------------------------------------------------------ run
 
 
+class CellArgs(NamedTuple):
+    """``run_cell``'s arguments after the cell, the same for every cell of a run."""
+
+    data_root: Path
+    work: Path
+    patience: int
+    device: str
+    keep: bool
+
+
 def run(
     cells: list[Cell],
     data_root: Path,
@@ -300,12 +318,14 @@ def run(
     keep_runs: bool = False,
     markdown_path: Path | None = None,
     jobs: int = 1,
-    threads: int = 0,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Run every cell not yet in ``results_path``, saving after each; returns the results.
 
     ``jobs`` > 1 trains that many cells at once, each in its own process with ``threads`` torch threads
-    (0: torch's default) and its output in ``work/<cell>.log``; this process alone writes the results."""
+    (0: torch's default) and its output in ``work/<cell>.log``; this process alone writes the results.
+    Ctrl-C stops the cells in training at once (not the trainer's finish-the-run stop, which would record
+    a cell cut short): each keeps its last whole epoch's checkpoint, and a rerun continues from there."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     repo = Path(__file__).resolve().parents[1]
@@ -327,67 +347,104 @@ def run(
         print("accuracy: warning: real-defect cells train for a wall-clock budget; side by side they share "
               "the cores and train less than one alone would", flush=True)  # fmt: skip
     meta = {"machine": machine(), "commit": git_commit(repo)}
-    cell_args = (data_root, work, patience, device, keep_runs)
-    finished = run_in_processes(todo, cell_args, jobs, threads) if jobs > 1 else run_in_turn(todo, cell_args)
-    for i, (cell, record) in enumerate(finished, 1):
-        record = {**record, **meta, "jobs": jobs}  # cells trained side by side share the machine
-        results["records"].append(record)
-        results.update(meta)
-        save_results(results_path, results)
-        if markdown_path is not None:
-            write_markdown(results, markdown_path)
-        print(
-            f"[{i}/{len(todo)}] {cell.key}: AUROC {record['auroc']:.4f} AUPRC {record['auprc']:.4f} "
-            f"F1 {record['f1']:.4f}  {record['epochs']} epochs, {record['seconds']:.0f} s",
-            flush=True,
+    cell_args = CellArgs(data_root, work, patience, device, keep=True)  # removed here once recorded
+    with ctrl_c_aborts():
+        finished = (
+            run_in_processes(todo, cell_args, jobs, threads) if jobs > 1 else run_in_turn(todo, cell_args)
         )
+        for i, (cell, record) in enumerate(finished, 1):
+            record = {**record, **meta, "jobs": jobs}  # cells trained side by side share the machine
+            results["records"].append(record)
+            results.update(meta)
+            save_results(results_path, results)
+            if not keep_runs:
+                shutil.rmtree(run_dir(cell, work), ignore_errors=True)
+            if markdown_path is not None:
+                write_markdown(results, markdown_path)
+            print(
+                f"[{i}/{len(todo)}] {cell.key}: AUROC {record['auroc']:.4f} AUPRC {record['auprc']:.4f} "
+                f"F1 {record['f1']:.4f}  {record['epochs']} epochs, {record['seconds']:.0f} s",
+                flush=True,
+            )
     if markdown_path is not None:
         write_markdown(results, markdown_path)
     return results
 
 
-def run_in_turn(todo: list[Cell], cell_args: tuple) -> Iterator[tuple[Cell, dict[str, Any]]]:
+@contextlib.contextmanager
+def ctrl_c_aborts() -> Iterator[None]:
+    """Ctrl-C raises ``KeyboardInterrupt`` here at once, in the main thread (the trainer then leaves it
+    be), and the command says how to go on."""
+    previous = (
+        signal.signal(signal.SIGINT, _abort)
+        if threading.current_thread() is threading.main_thread()
+        else None
+    )
+    try:
+        yield
+    except KeyboardInterrupt:
+        print("accuracy: stopped by Ctrl-C; a cell in training keeps its last whole epoch, and a rerun "
+              "continues it (a real-defect cell, under a time budget, starts over)", flush=True)  # fmt: skip
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _abort(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def run_in_turn(todo: list[Cell], cell_args: CellArgs) -> Iterator[tuple[Cell, dict[str, Any]]]:
     for i, cell in enumerate(todo, 1):
         print(f"[{i}/{len(todo)}] {cell.key} …", flush=True)
         yield cell, run_cell(cell, *cell_args)
 
 
 def run_in_processes(
-    todo: list[Cell], cell_args: tuple, jobs: int, threads: int
+    todo: list[Cell], cell_args: CellArgs, jobs: int, threads: int
 ) -> Iterator[tuple[Cell, dict[str, Any]]]:
     """Yield each cell's record as it finishes, ``jobs`` cells training at once. Processes are spawned,
     not forked (a forked CUDA context is unusable). A cell is handed out only when a process is free, so
-    after a failure (or a Ctrl-C in a cell) no new cell begins; those training finish and are yielded,
-    then the first failure is raised."""
-    work = cell_args[1]
+    after a failure no new cell begins; those training finish and are yielded, then the first failure is
+    raised. When this process stops (Ctrl-C, an error saving a record), so do the cells in training."""
+    work = cell_args.work
     for texture in sorted({c.target_class for c in todo if c.dataset == TEXTURE_DATASET}):
         texture_data(work, TEXTURES[texture])  # generated once here, not raced by two workers
     waiting = iter(todo)
     failure: BaseException | None = None
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_threads, initargs=(threads,)
-    ) as pool:
-        running = {pool.submit(run_cell_logged, c, *cell_args): c for c in itertools.islice(waiting, jobs)}
-        while running:
-            done, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in done:
-                cell = running.pop(future)
-                if error := future.exception():
-                    said = (
-                        "stopped by Ctrl-C" if isinstance(error, KeyboardInterrupt) else f"failed: {error!r}"
-                    )
-                    print(f"accuracy: {cell.key} {said}, not recorded (its log: {work})", flush=True)
-                    failure = failure or error
-                else:
-                    yield cell, future.result()
-                if failure is None and (following := next(waiting, None)) is not None:
-                    running[pool.submit(run_cell_logged, following, *cell_args)] = following
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_init_worker, initargs=(threads,)) as pool:
+        try:
+            running = {
+                pool.submit(run_cell_logged, c, *cell_args): c for c in itertools.islice(waiting, jobs)
+            }
+            while running:
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    cell = running.pop(future)
+                    if error := future.exception():
+                        said = (
+                            "stopped by Ctrl-C"
+                            if isinstance(error, KeyboardInterrupt)
+                            else f"failed: {error!r}"
+                        )
+                        print(f"accuracy: {cell.key} {said}, not recorded (log: {work})", flush=True)
+                        failure = failure or error
+                    else:
+                        yield cell, future.result()
+                    if failure is None and (following := next(waiting, None)) is not None:
+                        running[pool.submit(run_cell_logged, following, *cell_args)] = following
+        except BaseException:
+            for child in multiprocessing.active_children():  # the pool's workers: abort their cells now
+                os.kill(child.pid, signal.SIGINT)
+            raise
     if failure is not None:
         raise failure
 
 
-def _worker_threads(threads: int) -> None:
+def _init_worker(threads: int) -> None:
+    signal.signal(signal.SIGINT, _abort)  # a cell aborts at once, as in ``run`` (see ``ctrl_c_aborts``)
     if threads:
         from mnemo.training.trainer import set_threads
 
@@ -399,6 +456,6 @@ def run_cell_logged(
 ) -> dict[str, Any]:
     """``run_cell`` with its output in ``work/<cell>.log`` (cells side by side would interleave theirs)."""
     work.mkdir(parents=True, exist_ok=True)
-    log_path = work / f"{cell.key.replace('/', '_')}.log"
+    log_path = run_dir(cell, work).with_suffix(".log")
     with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         return run_cell(cell, data_root, work, patience, device, keep)

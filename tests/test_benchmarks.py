@@ -149,7 +149,7 @@ def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_m
     for model in ("ae", "memae"):  # each cell's training went to its own log, not to this process's output
         assert f"training {model} on cpu" in (work / f"mnist_roco_{model}_0_2022_e1.log").read_text()
     out = capsys.readouterr().out
-    assert "in 2 processes" in out and "training ae" not in out and "[2/2]" in out
+    assert "in 2 processes" in out and "[2/2]" in out
 
 
 def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_path):
@@ -164,32 +164,83 @@ def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_p
         accuracy.run([good], fake_mnist, results, tmp_path / "work", jobs=0)
 
 
-def test_ctrl_c_stops_the_benchmark_without_recording_the_cell_and_a_rerun_continues_it(
-    fake_mnist, tmp_path, monkeypatch, capsys
+@pytest.fixture
+def fake_mnist_of_steps(tmp_path) -> Path:
+    """Like ``fake_mnist`` with 1200 training images: several steps an epoch at the protocol's batch 256."""
+    root = tmp_path / "steps"
+    (root / "mnist").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for split, n in (("train", 1200), ("test", 40)):
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        write_idx(root / "mnist", split, rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), labels)
+    return root
+
+
+def test_ctrl_c_stops_the_cell_mid_epoch_records_nothing_and_a_rerun_continues_its_last_whole_epoch(
+    fake_mnist_of_steps, tmp_path, monkeypatch, capsys
 ):
-    """The trainer's first Ctrl-C finishes a run early (``mnemo train``'s way): a benchmark cell so cut
-    short must not be cached as the protocol's result."""
+    """The trainer's own Ctrl-C finishes a run on the epoch it cut short (``mnemo train``'s way); in the
+    benchmark that epoch would pass for a whole one, so Ctrl-C aborts there instead."""
     import signal
+
+    import torch
 
     from mnemo.training import trainer
 
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
-    cells = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
     real_epoch = trainer.train_epoch
 
-    def ctrl_c_in_epoch_2(model, loader, optimizers, cfg, state, *args):
+    def ctrl_c_at_step_2_of_epoch_2(model, loader, optimizers, cfg, state, *args):
         if state.epoch == 1:
-            signal.raise_signal(signal.SIGINT)  # caught by the trainer's handler: stop after this step
+            step, calls = model.training_step, []
+
+            def stepping(*a, **k):
+                calls.append(1)
+                if len(calls) == 2:
+                    signal.raise_signal(signal.SIGINT)
+                return step(*a, **k)
+
+            model.training_step = stepping
         return real_epoch(model, loader, optimizers, cfg, state, *args)
 
-    monkeypatch.setattr(trainer, "train_epoch", ctrl_c_in_epoch_2)
+    monkeypatch.setattr(trainer, "train_epoch", ctrl_c_at_step_2_of_epoch_2)
     with pytest.raises(KeyboardInterrupt):
-        accuracy.run(cells, fake_mnist, results, work)
+        accuracy.run([cell], fake_mnist_of_steps, results, work)
     assert accuracy.load_results(results)["records"] == []
-    assert "interrupted after 2 epochs, not recorded" in capsys.readouterr().out
+    assert "stopped by Ctrl-C" in capsys.readouterr().out
+    saved = torch.load(accuracy.run_dir(cell, work) / "last.pt", weights_only=False)["state"]
+    assert saved["epoch"] == 1 and saved["steps"] == 4  # the last whole epoch: 1080 images, 4 full batches
     monkeypatch.setattr(trainer, "train_epoch", real_epoch)
-    (record,) = accuracy.run(cells, fake_mnist, results, work)["records"]
+    (record,) = accuracy.run([cell], fake_mnist_of_steps, results, work, keep_runs=True)["records"]
+    history = json.loads((accuracy.run_dir(cell, work) / "history.json").read_text())
     assert record["resumed"] and record["epochs"] == 3 and record["stop_reason"] == "max epochs"
+    assert [h["steps"] for h in history] == [4, 4, 4]
+
+
+def test_jobs_stop_their_cells_when_the_command_is_interrupted_alone(fake_mnist, tmp_path):
+    """A SIGINT to the command only (a supervisor's, ``kill -INT``) aborts the cells training in its
+    processes too, each keeping its checkpoint, instead of waiting for them to finish unrecorded."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    results, work = tmp_path / "accuracy.json", tmp_path / "work"
+    command = [sys.executable, "-m", "mnemo", "bench", "accuracy", "--data", str(fake_mnist), "--datasets",
+               "mnist", "--models", "ae", "--classes", "0,1", "--seeds", "2022", "--max-epochs", "5000",
+               "--patience", "5000", "--jobs", "2", "--results", str(results),
+               "--work", str(work)]  # fmt: skip
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = [work / f"mnist_roco_ae_{c}_2022_e5000" / "last.pt" for c in (0, 1)]
+    deadline = time.monotonic() + 120
+    while not all(c.exists() for c in checkpoints) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, out
+    assert all(c.exists() for c in checkpoints) and not results.exists()
+    assert "stopped by Ctrl-C; a cell in training keeps its last whole epoch" in out
 
 
 def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp_path, monkeypatch):

@@ -126,6 +126,24 @@ def test_a_second_ctrl_c_aborts():
     assert signal.getsignal(signal.SIGINT) is before  # the old handler is back
 
 
+def test_a_callers_own_ctrl_c_handler_is_left_in_place():
+    """``mnemo bench accuracy`` wants Ctrl-C to abort at once rather than finish a cut-short run."""
+
+    def own(signum, frame):
+        raise KeyboardInterrupt("the caller's")
+
+    before = signal.signal(signal.SIGINT, own)
+    try:
+        with StopRequest(0) as stop:
+            assert signal.getsignal(signal.SIGINT) is own
+            with pytest.raises(KeyboardInterrupt, match="the caller's"):
+                os.kill(os.getpid(), signal.SIGINT)
+            assert not stop.requested
+        assert signal.getsignal(signal.SIGINT) is own
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_the_time_budget_is_a_stop_request_and_a_progress_measure():
     stop = StopRequest(max_minutes=1e-4)  # 6 ms
     assert 0.0 <= stop.progress(0.0) < 1.0

@@ -77,12 +77,20 @@ class TrainState:
     train_seconds: float = 0.0  # wall time in the training loop, validation included, over all resumes
 
 
+def _ctrl_c_handled_elsewhere() -> bool:
+    """Whether SIGINT has a Python handler other than Python's own (which raises ``KeyboardInterrupt``)."""
+    handler = signal.getsignal(signal.SIGINT)
+    return callable(handler) and handler is not signal.default_int_handler
+
+
 class StopRequest:
     """Asks the loop to stop after the current step: at ``max_steps`` (counted in ``state.steps``), at the
     deadline, or on the first Ctrl-C (SIGINT).
 
     A second Ctrl-C raises ``KeyboardInterrupt`` as usual. The handler is installed only in the main
-    thread (Python allows no other) and the previous one is restored on exit.
+    thread (Python allows no other) and only when the process has no Ctrl-C handler of its own (a caller
+    such as ``mnemo bench accuracy`` that wants Ctrl-C to abort at once, so that a run is never finished
+    on a cut-short epoch); the previous one is restored on exit.
     """
 
     def __init__(self, max_minutes: float, max_steps: int = 0, state: TrainState | None = None) -> None:
@@ -94,7 +102,7 @@ class StopRequest:
         self._previous = None
 
     def __enter__(self) -> StopRequest:
-        if threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is threading.main_thread() and not _ctrl_c_handled_elsewhere():
             self._previous = signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
