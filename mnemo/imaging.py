@@ -69,6 +69,7 @@ JPEG_MAX_SCANS = 100
 # scan) in Python, one at a time: a million empty comments (4 MB) took 1 s, 4 MB of fill bytes as long.
 # Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
 JPEG_MAX_MARKERS = 4096
+JPEG_MAX_SKIPPED = 1 << 20  # bytes between its segments, which Pillow skips one at a time (20 MiB: 1 s)
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -246,8 +247,7 @@ def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
     if data.startswith(_SIGNATURES[0]):
         _check_png_chunks(data)
     elif data.startswith(_SIGNATURES[1]):
-        _check_jpeg_markers(data)
-        _check_jpeg_scans(data)
+        _check_jpeg(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -339,16 +339,42 @@ def _check_png_chunks(data: bytes) -> None:
             raise ImageDecodeError("truncated", "corrupt PNG: its header chunk (IHDR) must come first, once")
 
 
-def _check_jpeg_markers(data: bytes) -> None:
-    """Refuse a JPEG whose header holds more than ``JPEG_MAX_MARKERS`` markers and fill bytes, walking no
-    further than that: segments are skipped by their length, other bytes between them (which Pillow also
-    skips) in one step."""
-    pos, end = 2, len(data)
+def _check_jpeg(data: bytes) -> None:
+    """Refuse a JPEG whose header Pillow would read at length (``_jpeg_first_scan``) or of more than
+    ``JPEG_MAX_SCANS`` scans. The scans are counted as start-of-scan markers from the first to the end of
+    the image (EOI): entropy-coded data cannot hold one (an 0xFF there is followed by 0x00 or a restart
+    marker), and what a file carries after its image (a camera's second picture, a phone's video) is not
+    decoded."""
+    first = _jpeg_first_scan(data)
+    if first is None:
+        return  # no image data: Pillow says so
+    end = data.find(b"\xff\xd9", first)
+    scans = data.count(b"\xff\xda", first, end if end >= 0 else len(data))
+    if scans > JPEG_MAX_SCANS:
+        raise ImageDecodeError(
+            "too_large",
+            f"JPEG holds {scans:,} scans, each a pass over the whole image; encoders write about 10, the "
+            f"limit is {JPEG_MAX_SCANS}",
+        )
+
+
+def _jpeg_first_scan(data: bytes) -> int | None:
+    """The offset of a JPEG's first start-of-scan marker, walking its header as Pillow will (segments by
+    their length, fill bytes one by one, other bytes between segments skipped), and refusing it past
+    ``JPEG_MAX_MARKERS`` markers and fill bytes or ``JPEG_MAX_SKIPPED`` other bytes."""
+    pos, end, skipped = 2, len(data), 0
     for _ in range(JPEG_MAX_MARKERS):
-        pos = data.find(b"\xff", pos)
-        if pos < 0 or pos + 4 > end or data[pos + 1] == 0xDA:  # the first scan: libjpeg reads the rest
-            return
-        marker = data[pos + 1]
+        found = data.find(b"\xff", pos)
+        if found < 0 or found + 4 > end:
+            return None
+        skipped += found - pos
+        if skipped > JPEG_MAX_SKIPPED:
+            raise ImageDecodeError(
+                "too_large", f"JPEG header holds more than {JPEG_MAX_SKIPPED:,} bytes outside its segments"
+            )
+        marker, pos = data[found + 1], found
+        if marker == 0xDA:  # the first scan: libjpeg reads the rest
+            return pos
         if marker == 0xFF:  # a fill byte
             pos += 1
         elif marker in _JPEG_STANDALONE:
@@ -360,19 +386,6 @@ def _check_jpeg_markers(data: bytes) -> None:
         f"JPEG header holds more than {JPEG_MAX_MARKERS:,} markers before its image data; cameras write a "
         "few dozen",
     )
-
-
-def _check_jpeg_scans(data: bytes) -> None:
-    """Refuse a JPEG of more than ``JPEG_MAX_SCANS`` scans. Start-of-scan markers are counted as bytes:
-    entropy-coded data cannot hold one (an 0xFF there is followed by 0x00), so the count errs only upwards,
-    by the scans of an embedded thumbnail."""
-    scans = data.count(b"\xff\xda")
-    if scans > JPEG_MAX_SCANS:
-        raise ImageDecodeError(
-            "too_large",
-            f"JPEG holds {scans:,} scans, each a pass over the whole image; encoders write about 10, the "
-            f"limit is {JPEG_MAX_SCANS}",
-        )
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:

@@ -195,6 +195,25 @@ def test_a_jpeg_header_flooded_with_markers_is_refused_before_pillow_reads_them(
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
 
 
+def test_junk_between_jpeg_segments_is_capped_and_bytes_beside_the_image_are_not_counted_as_scans():
+    jpeg = encode(Image.fromarray(GRAY), "JPEG")
+    at = 4 + int.from_bytes(jpeg[4:6], "big")
+    assert imaging.decode_image(jpeg[:at] + bytes(1000) + jpeg[at:]).shape == (6, 8, 1)
+    with pytest.raises(ImageDecodeError, match="bytes outside its segments") as err:
+        imaging.decode_image(jpeg[:at] + bytes(imaging.JPEG_MAX_SKIPPED + 1) + jpeg[at:])
+    assert err.value.reason == "too_large"
+    # arbitrary bytes hold an FF DA pair every 64 KiB: a large ICC profile (in APP2 segments before the
+    # image) and a trailer after its end (a phone's motion photo) are not scans
+    noise = RNG.integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
+    assert noise.count(b"\xff\xda") > imaging.JPEG_MAX_SCANS
+    icc = b"".join(
+        b"\xff\xe2" + (2 + 14 + 60000).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes([i + 1, 34])
+        + noise[i * 60000 : (i + 1) * 60000]
+        for i in range(34)
+    )  # fmt: skip
+    assert imaging.decode_image(jpeg[:at] + icc + jpeg[at:] + noise).shape == (6, 8, 1)
+
+
 def test_a_png_written_one_data_chunk_per_row_still_decodes():
     """Streaming encoders flush a data chunk per row: 5000 rows of 4 bytes are 5003 chunks in 70 KB."""
     pixels = (RNG.random((5000, 4)) * 255).astype(np.uint8)
