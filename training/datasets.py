@@ -90,7 +90,8 @@ def mask_files(folder: Path) -> dict[str, Path]:
     (MVTec LOCO: one per defect, united); a file wins over a folder, the ``_mask`` name over the others."""
     if not folder.is_dir():
         return {}
-    found = {d.name: d for d in sorted(folder.iterdir()) if d.is_dir() and image_files(d)}
+    folders = (d for d in sorted(folder.iterdir()) if d.is_dir() and not d.name.startswith("."))
+    found = {d.name: d for d in folders if image_files(d)}
     for path in sorted(image_files(folder), key=lambda p: p.stem.endswith("_mask")):  # ``_mask`` last: wins
         found[path.stem.removesuffix("_mask")] = path
     return found
@@ -127,6 +128,7 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
 
 
 CACHE_BYTES = 1 << 30  # good images are kept decoded in memory when they fit in this (float32 at model size)
+LABEL_MAP_VALUES = 16  # a ground-truth mask of at most this many values holds labels (``defect_pixels``)
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
@@ -195,7 +197,11 @@ class SampleDataset(Dataset):
         """float32 [H, W, 1], 1 on the defect: a mask file's (``defect_pixels``), or the union of a folder
         of masks (MVTec LOCO keeps one per defect in ``ground_truth/<defect>/<stem>/``)."""
         paths = image_files(mask_path) if mask_path.is_dir() else [mask_path]
-        return np.maximum.reduce([defect_pixels(self._decode(path)) for path in paths])
+        masks = [defect_pixels(self._decode(path)) for path in paths]
+        if not masks or len({m.shape for m in masks}) > 1:
+            sizes = sorted({f"{m.shape[1]}×{m.shape[0]}" for m in masks})
+            raise DatasetError(f"the masks in {mask_path} must be one image size, got {sizes or 'none'}")
+        return np.maximum.reduce(masks)
 
 
 class ImageFolderDataset(SampleDataset):
@@ -265,11 +271,13 @@ class ImageFolderDataset(SampleDataset):
 def defect_pixels(mask: np.ndarray) -> np.ndarray:
     """A decoded ground-truth mask [H, W, C] on the 0…255 scale → float32 [H, W, 1], 1 on the defect.
 
-    White on black (MVTec's 0/255, or a JPEG's noise around them): pixels brighter than mid-grey. A mask
-    with nothing that bright holds labels, not brightness (0/1 as several sets save them, or defect ids
-    1, 2, …, all near-black to the eye): its non-zero pixels; cut at mid-grey it would read as no defect."""
+    A mask of few values (at most ``LABEL_MAP_VALUES``: MVTec's 0/255, or a label map of 0/1 or defect ids
+    1, 2, …, in gray or as palette colours, near-black to the eye) marks every non-zero pixel. One of many
+    values (a JPEG's noise, anti-aliased edges) marks the pixels brighter than half its brightest: MVTec's
+    mid-grey for a white-on-black mask, and a faint one is not lost."""
     gray = mask.max(axis=-1, keepdims=True)
-    cut = 127.5 if gray.max() > 127.5 else 0.0
+    values = np.unique(gray)
+    cut = 0.0 if len(values) <= LABEL_MAP_VALUES else values[-1] / 2
     return (gray > cut).astype(np.float32)
 
 

@@ -274,7 +274,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     model.after_fit(images_of(b) for b in batches(splits.train, scoring_batch, workers))
     save_model(model, out / MODEL_FILE)
     torch.save(next(iter(loader(splits.val, EXPORT_SAMPLES, 0)))["image"], out / SAMPLES_FILE)
-    val, test = score_splits(
+    val, test = score_val_and_test(
         model,
         splits,
         roi,
@@ -307,7 +307,7 @@ def train_run(cfg: run_config.RunConfig, resume: bool = False, progress: bool = 
     return out
 
 
-def score_splits(
+def score_val_and_test(
     model: AnomalyModel,
     splits: datasets.Splits,
     roi: Path | None,
