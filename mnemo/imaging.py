@@ -33,6 +33,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -341,21 +342,27 @@ def _check_png_chunks(data: bytes) -> None:
 
 def _check_jpeg(data: bytes) -> None:
     """Refuse a JPEG whose header Pillow would read at length (``_jpeg_first_scan``) or of more than
-    ``JPEG_MAX_SCANS`` scans. The scans are counted as start-of-scan markers from the first to the end of
-    the image (EOI): entropy-coded data cannot hold one (an 0xFF there is followed by 0x00 or a restart
-    marker), and what a file carries after its image (a camera's second picture, a phone's video) is not
-    decoded."""
-    first = _jpeg_first_scan(data)
-    if first is None:
-        return  # no image data: Pillow says so
-    end = data.find(b"\xff\xd9", first)
-    scans = data.count(b"\xff\xda", first, end if end >= 0 else len(data))
-    if scans > JPEG_MAX_SCANS:
-        raise ImageDecodeError(
-            "too_large",
-            f"JPEG holds {scans:,} scans, each a pass over the whole image; encoders write about 10, the "
-            f"limit is {JPEG_MAX_SCANS}",
-        )
+    ``JPEG_MAX_SCANS`` scans. From the first scan on, the walk goes marker by marker as libjpeg does:
+    entropy-coded data is skipped in C (an 0xFF there is followed by 0x00 or a restart marker), segments
+    between scans by their length, and it ends at the image's end (EOI), so what a file carries after its
+    image (a camera's second picture, a phone's video) is not counted."""
+    pos = _jpeg_first_scan(data)
+    scans = others = 0
+    while pos is not None and (found := _JPEG_MARKER.search(data, pos)) is not None:
+        pos, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:  # EOI
+            return
+        if marker == 0xDA:
+            scans += 1
+        else:
+            others += 1
+        if scans > JPEG_MAX_SCANS or others > JPEG_MAX_MARKERS:
+            raise ImageDecodeError(
+                "too_large",
+                f"JPEG holds more than {JPEG_MAX_SCANS} scans (each a pass over the whole image) or "
+                f"{JPEG_MAX_MARKERS:,} segments between them; encoders write about 10 scans",
+            )
+        pos += 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 
 def _jpeg_first_scan(data: bytes) -> int | None:
@@ -403,6 +410,8 @@ def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:
 _ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
 _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 _PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
+# A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _JPEG_STANDALONE = frozenset(
     {0x00, 0x01, *range(0xD0, 0xDA)}
 )  # markers without a length: RSTn, SOI, EOI, TEM
