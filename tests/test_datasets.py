@@ -78,34 +78,29 @@ def test_masks_are_found_under_the_names_real_sets_use(tmp_path):
 
 
 def test_ground_truth_masks_saved_as_labels_or_as_white_on_black_mark_the_same_pixels(tmp_path):
-    """MVTec saves 0/255; other sets save 0/1 or defect ids (near-black to the eye; gray or palette
-    colours), JPEG masks whose noise strays from 0 and 255, or faint anti-aliased ones: each marks the same
-    8×8 square (one 2×2 cell at size 8 from 32 px)."""
+    """MVTec saves 0/255; other sets save 0/1 or defect ids (near-black to the eye), JPEG masks whose
+    noise strays from 0 and 255, masks with stray dark values or shrunk with interpolation (soft edges):
+    each marks the same 8×8 square (one 2×2 cell at size 8 from 32 px)."""
     square = np.zeros((32, 32))
     square[:8, 8:16] = 1
-    two_ids = square * 200
-    two_ids[:8, 12:16] = 1  # a defect of id 1 beside one of id 200
-    faint = square * 120
-    faint[8:12, 6:18] = np.arange(1, 49).reshape(4, 12)  # a rim of many faint values under the square
+    strays = square * 255
+    strays[10:14, 8:16] = 2  # a painting tool's near-black stray values under the square
+    soft = np.asarray(Image.fromarray(np.kron(square * 255, np.ones((4, 4))).astype(np.uint8)).resize(
+        (32, 32), Image.Resampling.BILINEAR), np.float64)  # fmt: skip
+    soft[10:14, 6:18] = 30  # and a faint rim where the sampling at size 8 looks
     encodings = {
         "white": (square * 255, "png"),
         "ones": (square, "png"),
         "ids": (square * 3, "png"),
-        "two_ids": (two_ids, "png"),
         "jpeg": (square * 255, "jpg"),
-        "faint": (faint, "png"),
+        "strays": (strays, "png"),
+        "soft": (soft, "png"),
     }
     for name, (mask, ext) in encodings.items():
         save(tmp_path / "test" / "crack" / f"{name}.png", np.full((32, 32), 200))
         save(tmp_path / "ground_truth" / "crack" / f"{name}_mask.{ext}", mask)
-    palette = Image.fromarray(two_ids.astype(np.uint8).clip(0, 2), "P")  # ids 1, 2 in dark reds
-    palette.putpalette([0, 0, 0, 64, 0, 0, 128, 0, 0])
-    palette.save(tmp_path / "ground_truth" / "crack" / "palette_mask.png")
-    save(tmp_path / "test" / "crack" / "palette.png", np.full((32, 32), 200))
-    encodings["palette"] = (None, "png")
     save(tmp_path / "test" / "good" / "000.png", np.full((32, 32), 100))
-    blank = np.zeros((32, 32))
-    save(tmp_path / "ground_truth" / "crack" / "blank_mask.png", blank)
+    save(tmp_path / "ground_truth" / "crack" / "blank_mask.png", np.zeros((32, 32)))
     save(tmp_path / "test" / "crack" / "blank.png", np.full((32, 32), 200))
     dataset = datasets.ImageFolderDataset(datasets.mvtec_samples(tmp_path, "test"), PREP)
     masks = {Path(item["path"]).stem: item["mask"][0] for item in dataset}

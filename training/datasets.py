@@ -128,7 +128,6 @@ def mvtec_samples(root: str | Path, split: str) -> list[Sample]:
 
 
 CACHE_BYTES = 1 << 30  # good images are kept decoded in memory when they fit in this (float32 at model size)
-LABEL_MAP_VALUES = 16  # a ground-truth mask of at most this many values holds labels (``defect_pixels``)
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 
 
@@ -271,13 +270,13 @@ class ImageFolderDataset(SampleDataset):
 def defect_pixels(mask: np.ndarray) -> np.ndarray:
     """A decoded ground-truth mask [H, W, C] on the 0…255 scale → float32 [H, W, 1], 1 on the defect.
 
-    A mask of few values (at most ``LABEL_MAP_VALUES``: MVTec's 0/255, or a label map of 0/1 or defect ids
-    1, 2, …, in gray or as palette colours, near-black to the eye) marks every non-zero pixel. One of many
-    values (a JPEG's noise, anti-aliased edges) marks the pixels brighter than half its brightest: MVTec's
-    mid-grey for a white-on-black mask, and a faint one is not lost."""
+    White on black (MVTec's 0/255, with a JPEG's noise, stray dark values or the soft edges of a resized
+    mask): pixels brighter than mid-grey. A mask with nothing that bright holds labels, not brightness
+    (0/1 as several sets save them, or defect ids 1, 2, …, near-black to the eye): its non-zero pixels.
+    A label map mixing dark and bright labels (ids 1 and 200, palette colours such as VOC's) reads as
+    white on black and loses its dark labels: save such masks as 0/255."""
     gray = mask.max(axis=-1, keepdims=True)
-    values = np.unique(gray)
-    cut = 0.0 if len(values) <= LABEL_MAP_VALUES else values[-1] / 2
+    cut = 127.5 if gray.max() > 127.5 else 0.0
     return (gray > cut).astype(np.float32)
 
 
