@@ -338,6 +338,10 @@ def run(
     results["records"] = [r for r in results["records"] if r not in outdated]
     done = {r["key"] for r in results["records"]}
     todo = [c for c in cells if c.key not in done]
+    if not keep_runs:  # a run stopped between saving a record and removing its directory left this
+        for cell in cells:
+            if cell.key in done:
+                shutil.rmtree(run_dir(cell, work), ignore_errors=True)
     jobs = min(jobs, len(todo)) or 1
     logs = f" in {jobs} processes (logs: {work}/<cell>.log)" if jobs > 1 else ""
     print(
@@ -444,7 +448,7 @@ def run_in_processes(
 
 
 def _init_worker(threads: int) -> None:
-    signal.signal(signal.SIGINT, _abort)  # a cell aborts at once, as in ``run`` (see ``ctrl_c_aborts``)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle: a Ctrl-C is for the cell in training, if any
     if threads:
         from mnemo.training.trainer import set_threads
 
@@ -457,5 +461,9 @@ def run_cell_logged(
     """``run_cell`` with its output in ``work/<cell>.log`` (cells side by side would interleave theirs)."""
     work.mkdir(parents=True, exist_ok=True)
     log_path = run_dir(cell, work).with_suffix(".log")
-    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        return run_cell(cell, data_root, work, patience, device, keep)
+    signal.signal(signal.SIGINT, _abort)  # the cell aborts at once, as in ``run`` (see ``ctrl_c_aborts``)
+    try:
+        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            return run_cell(cell, data_root, work, patience, device, keep)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)

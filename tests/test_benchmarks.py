@@ -218,9 +218,12 @@ def test_ctrl_c_stops_the_cell_mid_epoch_records_nothing_and_a_rerun_continues_i
     assert [h["steps"] for h in history] == [4, 4, 4]
 
 
-def test_jobs_stop_their_cells_when_the_command_is_interrupted_alone(fake_mnist, tmp_path):
-    """A SIGINT to the command only (a supervisor's, ``kill -INT``) aborts the cells training in its
-    processes too, each keeping its checkpoint, instead of waiting for them to finish unrecorded."""
+@pytest.mark.parametrize("to", ["command", "group"])
+def test_jobs_stop_their_cells_on_ctrl_c_or_a_sigint_to_the_command_alone(fake_mnist, tmp_path, to):
+    """A terminal's Ctrl-C reaches every process of the group; a SIGINT to the command alone (a
+    supervisor's ``kill -INT``) aborts the cells training in its processes too, instead of waiting for them
+    to finish unrecorded. Either way each keeps its checkpoint, and nothing prints a traceback."""
+    import os
     import signal
     import subprocess
     import sys
@@ -231,15 +234,21 @@ def test_jobs_stop_their_cells_when_the_command_is_interrupted_alone(fake_mnist,
                "mnist", "--models", "ae", "--classes", "0,1", "--seeds", "2022", "--max-epochs", "5000",
                "--patience", "5000", "--jobs", "2", "--results", str(results),
                "--work", str(work)]  # fmt: skip
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     checkpoints = [work / f"mnist_roco_ae_{c}_2022_e5000" / "last.pt" for c in (0, 1)]
     deadline = time.monotonic() + 120
     while not all(c.exists() for c in checkpoints) and time.monotonic() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    if to == "group":
+        os.killpg(process.pid, signal.SIGINT)
+    else:
+        process.send_signal(signal.SIGINT)
     out, _ = process.communicate(timeout=60)
     assert process.returncode == 130, out
     assert all(c.exists() for c in checkpoints) and not results.exists()
+    assert "Traceback" not in out, out
     assert "stopped by Ctrl-C; a cell in training keeps its last whole epoch" in out
 
 

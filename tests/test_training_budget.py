@@ -144,6 +144,23 @@ def test_a_callers_own_ctrl_c_handler_is_left_in_place():
         signal.signal(signal.SIGINT, before)
 
 
+def test_ctrl_c_waits_while_a_checkpoint_pair_is_written():
+    """An abort between the best and the last checkpoint would resume a run whose state does not know its
+    best weights."""
+    from mnemo.training.trainer import ctrl_c_held
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    written = []
+    try:
+        with pytest.raises(KeyboardInterrupt), ctrl_c_held():
+            os.kill(os.getpid(), signal.SIGINT)
+            written.append("best")
+            written.append("last")
+        assert written == ["best", "last"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def test_the_time_budget_is_a_stop_request_and_a_progress_measure():
     stop = StopRequest(max_minutes=1e-4)  # 6 ms
     assert 0.0 <= stop.progress(0.0) < 1.0

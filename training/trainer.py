@@ -12,6 +12,7 @@ Ctrl-C aborts at once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,9 +21,10 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,6 +159,25 @@ def validation_loss(model: AnomalyModel, loader: Iterable, device: torch.device)
     return total / max(count, 1)
 
 
+@contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """A Ctrl-C during the block reaches its handler when the block ends (main thread only; elsewhere
+    Python delivers no signal). For a handler that aborts at once, as ``mnemo bench accuracy``'s does."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[Any] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[-1])
+        elif held and previous == signal.SIG_DFL:
+            raise KeyboardInterrupt
+
+
 def save_checkpoint(path: Path, model, optimizers, state: TrainState, run_config: dict) -> None:
     """Written beside ``path`` and renamed over it: a run killed mid-save (a one-class DAAD checkpoint is
     a few hundred MB) keeps its previous checkpoint whole, so it can still be resumed."""
@@ -206,15 +227,17 @@ def fit(
             record["val_loss"] = val = distributed.mean(validation_loss(model, val_loader, device))
             record["seconds"] = round(time.monotonic() - epoch_started, 2)  # training and validation
             state.history.append(record)
-            if val < state.best_val:
+            improved = val < state.best_val
+            if improved:
                 state.best_val, state.best_epoch, state.bad_epochs = val, state.epoch, 0
-                if main:
-                    save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
             else:
                 state.bad_epochs += 1
             state.train_seconds = time.monotonic() - started
             if main:
-                save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
+                with ctrl_c_held():  # best and last as a pair: a resumed run's state knows its best weights
+                    if improved:
+                        save_checkpoint(out_dir / CHECKPOINT_BEST, model, optimizers, state, run_config)
+                    save_checkpoint(out_dir / CHECKPOINT_LAST, model, optimizers, state, run_config)
                 loss, took = record.get("loss", math.nan), record["seconds"]
                 tqdm.write(f"epoch {state.epoch}: train loss {loss:.5g}  val loss {val:.5g}  ({took:.0f} s)")
         state.train_seconds = time.monotonic() - started  # a stop seen between epochs ends here too
