@@ -433,7 +433,8 @@ def run_in_processes(
                             if isinstance(error, KeyboardInterrupt)
                             else f"failed: {error!r}"
                         )
-                        print(f"accuracy: {cell.key} {said}, not recorded (log: {work})", flush=True)
+                        log = run_dir(cell, work).with_suffix(".log")
+                        print(f"accuracy: {cell.key} {said}, not recorded (its log: {log})", flush=True)
                         failure = failure or error
                     else:
                         yield cell, future.result()
