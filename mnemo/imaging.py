@@ -71,6 +71,12 @@ JPEG_MAX_SCANS = 100
 # Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
 JPEG_MAX_MARKERS = 4096
 JPEG_MAX_SKIPPED = 1 << 20  # bytes between its segments, which Pillow skips one at a time (20 MiB: 1 s)
+# Pillow also reads a GIF's blocks before its first image in Python, one sub-block (or stray byte) at a time
+# (2 million one-byte comment sub-blocks, 4 MB: 0.5 s), and decodes a run-length BMP in Python (8 MB of
+# one-pixel runs: 1 s). A GIF of more blocks than this before its image, or a run-length BMP larger than
+# this many bytes, is refused before Pillow reads it; cameras write neither.
+GIF_MAX_BLOCKS = 4096
+BMP_MAX_RLE_BYTES = 4 << 20
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -249,6 +255,10 @@ def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
         _check_png_chunks(data)
     elif data.startswith(_SIGNATURES[1]):
         _check_jpeg(data)
+    elif data.startswith(_SIGNATURES[2]):
+        _check_gif(data)
+    elif data.startswith(_SIGNATURES[3]):
+        _check_bmp(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -338,6 +348,37 @@ def _check_png_chunks(data: bytes) -> None:
             )
         if (kind == b"IHDR") != (count == 1):
             raise ImageDecodeError("truncated", "corrupt PNG: its header chunk (IHDR) must come first, once")
+
+
+def _check_gif(data: bytes) -> None:
+    """Refuse a GIF of more than ``GIF_MAX_BLOCKS`` extension sub-blocks and stray bytes before its first
+    image, walking no further than that (the image's own data Pillow reads in C)."""
+    flags = data[10] if len(data) > 10 else 0
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    steps = 0
+    while pos < len(data) and data[pos] not in b",;":  # an image descriptor or the trailer
+        steps += 1
+        if data[pos] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+            pos += 2
+            while pos < len(data) and data[pos] and steps <= GIF_MAX_BLOCKS:
+                pos += 1 + data[pos]
+                steps += 1
+        pos += 1
+        if steps > GIF_MAX_BLOCKS:
+            raise ImageDecodeError(
+                "too_large",
+                f"GIF holds more than {GIF_MAX_BLOCKS:,} blocks before its image; encoders write a few",
+            )
+
+
+def _check_bmp(data: bytes) -> None:
+    """Refuse a run-length BMP (RLE8, RLE4) of more than ``BMP_MAX_RLE_BYTES``."""
+    if len(data) > BMP_MAX_RLE_BYTES and data[30:34] in (b"\x01\0\0\0", b"\x02\0\0\0"):
+        raise ImageDecodeError(
+            "too_large",
+            f"run-length BMP of {len(data):,} bytes; Pillow decodes those in Python, up to "
+            f"{BMP_MAX_RLE_BYTES:,} bytes are accepted",
+        )
 
 
 def _check_jpeg(data: bytes) -> None:

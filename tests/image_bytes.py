@@ -76,6 +76,24 @@ def progressive_jpeg(image: Image.Image, repeats: int = 0) -> bytes:
     return data[:-2] + min(scans, key=len) * repeats + data[-2:]
 
 
+def gif_with_comment(image: Image.Image, sub_blocks: int) -> bytes:
+    """``image`` as a GIF whose first block is a comment of ``sub_blocks`` one-byte sub-blocks."""
+    gif = encode(image, "GIF")
+    flags = gif[10]
+    at = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    return gif[:at] + b"\x21\xfe" + b"\x01x" * sub_blocks + b"\x00" + gif[at:]
+
+
+def rle8_bmp(width: int, height: int) -> bytes:
+    """A gray run-length BMP (RLE8) of one-pixel runs: the most bytes per pixel Pillow decodes in Python."""
+    palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
+    pixels = (b"\x01\x07" * width + b"\x00\x00") * height + b"\x00\x01"  # runs, end of line, of bitmap
+    offset = 14 + 40 + len(palette)
+    head = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
+    return head + info + palette + pixels
+
+
 def ico_wrapping(png: bytes) -> bytes:
     """An ICO whose directory declares 256×256 and whose one entry is ``png``, of whatever size it is."""
     entry = struct.pack("<BBBBHHII", 0, 0, 0, 0, 1, 32, len(png), 6 + 16)
