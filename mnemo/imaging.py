@@ -76,6 +76,10 @@ JPEG_MAX_SKIPPED = 1 << 20  # bytes between its segments, which Pillow skips one
 # one-pixel runs: 1 s). A GIF of more blocks than this before its image, or a run-length BMP larger than
 # this many bytes, is refused before Pillow reads it; cameras write neither.
 GIF_MAX_BLOCKS = 4096
+# Pillow lists a TIFF's strips (or tiles) at open and reads them one by one in Python: 2 million one-byte
+# strips (17 MB) took 7 s and 650 MB. Writers cut an image into strips of about 8 KB (a few thousand for a
+# 40 MP frame) or tiles of 256 × 256; a TIFF of more, or of more tags than any writer sets, is refused.
+TIFF_MAX_STRIPS, TIFF_MAX_TAGS = 65536, 4096
 BMP_MAX_RLE_BYTES = 4 << 20
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
@@ -259,6 +263,8 @@ def _open_bytes(data: bytes, max_pixels: int) -> OpenImage:
         _check_gif(data)
     elif data.startswith(_SIGNATURES[3]):
         _check_bmp(data)
+    elif data[:4] in _TIFF_SIGNATURES:
+        _check_tiff(data)
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except UnidentifiedImageError:
@@ -381,6 +387,30 @@ def _check_bmp(data: bytes) -> None:
         )
 
 
+def _check_tiff(data: bytes) -> None:
+    """Refuse a TIFF (or BigTIFF) whose first image has more than ``TIFF_MAX_TAGS`` tags or more than
+    ``TIFF_MAX_STRIPS`` strip or tile offsets, read from its first directory before Pillow does."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")
+    offset_format, count_format, entry_format = ("Q", "Q", "HHQQ") if big else ("I", "H", "HHII")
+    try:
+        offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
+        tags = struct.unpack_from(order + count_format, data, offset)[0]
+        if tags > TIFF_MAX_TAGS:
+            raise ImageDecodeError("too_large", f"TIFF directory of {tags:,} tags; writers set a few dozen")
+        entry = struct.Struct(order + entry_format)
+        first = offset + struct.calcsize(order + count_format)
+        for tag, _, count, _ in entry.iter_unpack(data[first : first + tags * entry.size]):
+            if tag in _TIFF_OFFSET_TAGS and count > TIFF_MAX_STRIPS:
+                raise ImageDecodeError(
+                    "too_large",
+                    f"TIFF image cut into {count:,} strips or tiles, each read in Python; the limit is "
+                    f"{TIFF_MAX_STRIPS:,}",
+                )
+    except struct.error:
+        return  # a header or directory cut short: Pillow says so
+
+
 def _check_jpeg(data: bytes) -> None:
     """Refuse a JPEG whose header Pillow would read at length (``_jpeg_first_scan``) or of more than
     ``JPEG_MAX_SCANS`` scans. From the first scan on, the walk goes marker by marker as libjpeg does:
@@ -453,6 +483,8 @@ _PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}  # by colour type
 _PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
 # A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+_TIFF_OFFSET_TAGS = (273, 324)  # StripOffsets, TileOffsets
 _JPEG_STANDALONE = frozenset(
     {0x00, 0x01, *range(0xD0, 0xDA)}
 )  # markers without a length: RSTn, SOI, EOI, TEM

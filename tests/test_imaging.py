@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from tests.image_bytes import (
     png_with_empty_chunks,
     progressive_jpeg,
     rle8_bmp,
+    tiff_of_strips,
 )
 
 
@@ -230,6 +232,26 @@ def test_gif_blocks_and_run_length_bmps_that_pillow_reads_in_python_are_capped()
         with pytest.raises(ImageDecodeError, match=r"GIF holds more than 4,096 blocks|run-length BMP") as err:
             imaging.decode_image(flood)
         assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
+
+
+def test_a_tiff_cut_into_millions_of_strips_is_refused_before_pillow_lists_them():
+    """2 million one-byte strips (17 MB): Pillow took 3.4 s to open the file and as long to read it."""
+    assert imaging.decode_image(tiff_of_strips(1000)).shape == (1000, 1, 1)
+    pixels = (RNG.random((300, 200)) * 255).astype(np.uint8)
+    for options in (
+        {},
+        {"compression": "tiff_lzw"},
+        {"compression": "tiff_adobe_deflate"},
+        {"big_tiff": True},
+    ):
+        written = io.BytesIO()
+        Image.fromarray(pixels).save(written, "TIFF", **options)
+        assert np.array_equal(imaging.decode_image(written.getvalue())[..., 0], pixels), options
+    flood = tiff_of_strips(imaging.TIFF_MAX_STRIPS + 1)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="TIFF image cut into 65,537 strips or tiles") as err:
+        imaging.decode_image(flood)
+    assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
 
 
 def test_a_png_written_one_data_chunk_per_row_still_decodes():
