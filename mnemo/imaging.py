@@ -71,16 +71,22 @@ JPEG_MAX_SCANS = 100
 # Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
 JPEG_MAX_MARKERS = 4096
 JPEG_MAX_SKIPPED = 1 << 20  # bytes between its segments, which Pillow skips one at a time (20 MiB: 1 s)
-# Pillow also reads a GIF's blocks before its first image in Python, one sub-block (or stray byte) at a time
-# (2 million one-byte comment sub-blocks, 4 MB: 0.5 s), and decodes a run-length BMP in Python (8 MB of
-# one-pixel runs: 1 s). A GIF of more blocks than this before its image, or a run-length BMP larger than
-# this many bytes, is refused before Pillow reads it; cameras write neither.
-GIF_MAX_BLOCKS = 4096
-# Pillow lists a TIFF's strips (or tiles) at open and reads them one by one in Python: 2 million one-byte
-# strips (17 MB) took 7 s and 650 MB. Writers cut an image into strips of about 8 KB (a few thousand for a
-# 40 MP frame) or tiles of 256 × 256; a TIFF of more, or of more tags than any writer sets, is refused.
-TIFF_MAX_STRIPS, TIFF_MAX_TAGS = 65536, 4096
-BMP_MAX_RLE_BYTES = 4 << 20
+# Segments Pillow parses in Python before the first scan, by their total bytes: quantisation tables (re-sliced
+# after each: 318 segments of 1008 tables, 1 s), Exif (joined, then parsed: 2.6 million resolutions, 7 s;
+# the standard fits it in one 64 KB segment) and Photoshop resources (1.7 million, 0.8 s). One frame header.
+JPEG_SEGMENT_BUDGETS = {0xDB: 64 << 10, 0xE1: 256 << 10, 0xED: 1 << 20}  # DQT, APP1 (Exif), APP13
+# Pillow also reads a GIF's blocks before its first image in Python, one sub-block (or stray byte) at a time,
+# and decodes a run-length BMP in Python, pixel by pixel (an 8000 × 5000 RLE8 of 20 KB: 4 s). A GIF of more
+# blocks than this before its image, or a run-length BMP of more pixels or bytes than this, is refused.
+GIF_MAX_BLOCKS = 65536  # 16 MB of comment in full sub-blocks; 65 536 one-byte ones cost Pillow 15 ms
+BMP_MAX_RLE_PIXELS, BMP_MAX_RLE_BYTES = 4_000_000, 4 << 20
+# Pillow lists a TIFF's strips (or tiles) at open and reads them one by one in Python (2 million one-byte
+# strips, 17 MB: 7 s and 650 MB), turns each numeric tag value into a Python object (2.6 million
+# resolutions: 6 s), and libtiff inflates whole tiles however small the image (16384² tiles sharing one
+# compressed block: 0.24 s each). Refused: more tags, strips or tiles, or values of a tag, than a writer sets,
+# and tiles covering more than ``TIFF_MAX_TILE_FACTOR`` × the image (plus ``TIFF_TILE_SLACK`` pixels).
+TIFF_MAX_STRIPS, TIFF_MAX_TAGS, TIFF_MAX_VALUES, TIFF_MAX_RATIONALS = 65536, 4096, 262144, 4096
+TIFF_MAX_TILE_FACTOR, TIFF_TILE_SLACK = 4, 16_000_000
 # decode_for_model shrinks large images (JPEG DCT scaling, Pillow's box ``reduce``) no further than
 # REDUCING_GAP × the size the model needs, then resizes as floats; Pillow documents 3 as the gap from which
 # a reduce-then-resize is indistinguishable from a direct resize.
@@ -378,37 +384,72 @@ def _check_gif(data: bytes) -> None:
 
 
 def _check_bmp(data: bytes) -> None:
-    """Refuse a run-length BMP (RLE8, RLE4) of more than ``BMP_MAX_RLE_BYTES``."""
-    if len(data) > BMP_MAX_RLE_BYTES and data[30:34] in (b"\x01\0\0\0", b"\x02\0\0\0"):
+    """Refuse a run-length BMP (RLE8, RLE4) of more than ``BMP_MAX_RLE_PIXELS`` or ``BMP_MAX_RLE_BYTES``
+    (an OS/2 1.x header, of 12 bytes, has no compression field)."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40 or data[30:34] not in _BMP_RLE:
+        return
+    width, height = (abs(int.from_bytes(data[i : i + 4], "little", signed=True)) for i in (18, 22))
+    if width * height > BMP_MAX_RLE_PIXELS or len(data) > BMP_MAX_RLE_BYTES:
         raise ImageDecodeError(
             "too_large",
-            f"run-length BMP of {len(data):,} bytes; Pillow decodes those in Python, up to "
-            f"{BMP_MAX_RLE_BYTES:,} bytes are accepted",
+            f"run-length BMP of {width}×{height} pixels, {len(data):,} bytes: Pillow decodes those in "
+            f"Python, up to {BMP_MAX_RLE_PIXELS:,} pixels and {BMP_MAX_RLE_BYTES:,} bytes are accepted",
         )
 
 
 def _check_tiff(data: bytes) -> None:
-    """Refuse a TIFF (or BigTIFF) whose first image has more than ``TIFF_MAX_TAGS`` tags or more than
-    ``TIFF_MAX_STRIPS`` strip or tile offsets, read from its first directory before Pillow does."""
+    """Refuse a TIFF (or BigTIFF) whose first directory Pillow would read at length: more than
+    ``TIFF_MAX_TAGS`` tags, ``TIFF_MAX_STRIPS`` strips or tiles, ``TIFF_MAX_VALUES`` numbers
+    (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, or cut short."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
     offset_format, count_format, entry_format = ("Q", "Q", "HHQQ") if big else ("I", "H", "HHII")
     try:
         offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
         tags = struct.unpack_from(order + count_format, data, offset)[0]
-        if tags > TIFF_MAX_TAGS:
-            raise ImageDecodeError("too_large", f"TIFF directory of {tags:,} tags; writers set a few dozen")
-        entry = struct.Struct(order + entry_format)
-        first = offset + struct.calcsize(order + count_format)
-        for tag, _, count, _ in entry.iter_unpack(data[first : first + tags * entry.size]):
-            if tag in _TIFF_OFFSET_TAGS and count > TIFF_MAX_STRIPS:
-                raise ImageDecodeError(
-                    "too_large",
-                    f"TIFF image cut into {count:,} strips or tiles, each read in Python; the limit is "
-                    f"{TIFF_MAX_STRIPS:,}",
-                )
     except struct.error:
-        return  # a header or directory cut short: Pillow says so
+        return  # a header cut short: Pillow says so
+    if tags > TIFF_MAX_TAGS:
+        raise ImageDecodeError("too_large", f"TIFF directory of {tags:,} tags; writers set a few dozen")
+    entry = struct.Struct(order + entry_format)
+    first = offset + struct.calcsize(order + count_format)
+    table = data[first : first + tags * entry.size]
+    if len(table) < tags * entry.size:
+        raise ImageDecodeError("truncated", "TIFF directory is cut short")
+    sizes: dict[int, int] = {}
+    for tag, kind, count, value in entry.iter_unpack(table):
+        limit = _tiff_value_limit(tag, kind)
+        if limit is not None and count > limit:
+            raise ImageDecodeError(
+                "too_large",
+                f"TIFF tag {tag} holds {count:,} values, each read in Python; the limit is {limit:,}",
+            )
+        if tag in _TIFF_SIZE_TAGS and count == 1 and kind in _TIFF_INLINE_BITS:
+            bits = _TIFF_INLINE_BITS[kind]  # held in the value field's first bytes
+            field = 64 if big else 32
+            sizes[tag] = (value >> (field - bits) if order == ">" else value) & ((1 << bits) - 1)
+    _check_tiff_tiles(sizes)
+
+
+def _tiff_value_limit(tag: int, kind: int) -> int | None:
+    if tag in _TIFF_STRIP_TAGS:
+        return TIFF_MAX_STRIPS
+    if kind in (5, 10):  # RATIONAL, SRATIONAL: a Python object each
+        return TIFF_MAX_RATIONALS
+    return None if kind in (1, 2, 6, 7) else TIFF_MAX_VALUES  # bytes and text are sliced, not looped
+
+
+def _check_tiff_tiles(sizes: dict[int, int]) -> None:
+    """libtiff inflates a whole tile whatever part of it the image uses."""
+    width, height, tile_width, tile_height = (sizes.get(t, 0) for t in _TIFF_SIZE_TAGS)
+    if not (width and height and tile_width and tile_height):
+        return
+    covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
+    if covered > TIFF_MAX_TILE_FACTOR * width * height + TIFF_TILE_SLACK:
+        raise ImageDecodeError(
+            "too_large",
+            f"TIFF tiles of {tile_width}×{tile_height} cover {covered:,} pixels for a {width}×{height} image",
+        )
 
 
 def _check_jpeg(data: bytes) -> None:
@@ -439,8 +480,10 @@ def _check_jpeg(data: bytes) -> None:
 def _jpeg_first_scan(data: bytes) -> int | None:
     """The offset of a JPEG's first start-of-scan marker, walking its header as Pillow will (segments by
     their length, fill bytes one by one, other bytes between segments skipped), and refusing it past
-    ``JPEG_MAX_MARKERS`` markers and fill bytes or ``JPEG_MAX_SKIPPED`` other bytes."""
+    ``JPEG_MAX_MARKERS`` markers and fill bytes, ``JPEG_MAX_SKIPPED`` other bytes, a second frame header
+    or more bytes of a kind Pillow parses than ``JPEG_SEGMENT_BUDGETS`` allows."""
     pos, end, skipped = 2, len(data), 0
+    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0}
     for _ in range(JPEG_MAX_MARKERS):
         found = data.find(b"\xff", pos)
         if found < 0 or found + 4 > end:
@@ -458,12 +501,31 @@ def _jpeg_first_scan(data: bytes) -> int | None:
         elif marker in _JPEG_STANDALONE:
             pos += 2
         else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            _spend_jpeg_budget(spent, marker, length, data[pos + 4 : pos + 8])
+            pos += 2 + length
     raise ImageDecodeError(
         "too_large",
         f"JPEG header holds more than {JPEG_MAX_MARKERS:,} markers before its image data; cameras write a "
         "few dozen",
     )
+
+
+def _spend_jpeg_budget(spent: dict[int, int], marker: int, length: int, start: bytes) -> None:
+    """Count a header segment against its kind's budget (``JPEG_SEGMENT_BUDGETS``; APP1 only when it
+    holds Exif); a second frame header (SOFn) is refused, Pillow would parse every one."""
+    if marker in _JPEG_FRAME_MARKERS:
+        spent[_JPEG_FRAME] += 1
+        if spent[_JPEG_FRAME] > 1:
+            raise ImageDecodeError("too_large", "JPEG holds more than one frame header before its image data")
+    elif marker in spent and (marker != 0xE1 or start == b"Exif"):
+        spent[marker] += length
+        if spent[marker] > JPEG_SEGMENT_BUDGETS[marker]:
+            raise ImageDecodeError(
+                "too_large",
+                f"JPEG header holds more than {JPEG_SEGMENT_BUDGETS[marker]:,} bytes of 0xFF{marker:02X} "
+                "segments, parsed in Python; cameras write far fewer",
+            )
 
 
 def _png_chunks(data: bytes) -> Iterator[tuple[int, int, bytes]]:
@@ -484,7 +546,12 @@ _PNG_CHUNK, _PNG_IHDR = struct.Struct(">I4s"), struct.Struct(">IIBBBBB")
 # A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
-_TIFF_OFFSET_TAGS = (273, 324)  # StripOffsets, TileOffsets
+_TIFF_STRIP_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_TIFF_SIZE_TAGS = (256, 257, 322, 323)  # ImageWidth, ImageLength, TileWidth, TileLength
+_TIFF_INLINE_BITS = {3: 16, 4: 32, 16: 64}  # SHORT, LONG, LONG8: a single value sits in the entry itself
+_BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
+_JPEG_FRAME = -1  # the frame headers' count in ``_spend_jpeg_budget``
 _JPEG_STANDALONE = frozenset(
     {0x00, 0x01, *range(0xD0, 0xDA)}
 )  # markers without a length: RSTn, SOI, EOI, TEM

@@ -84,10 +84,12 @@ def gif_with_comment(image: Image.Image, sub_blocks: int) -> bytes:
     return gif[:at] + b"\x21\xfe" + b"\x01x" * sub_blocks + b"\x00" + gif[at:]
 
 
-def rle8_bmp(width: int, height: int) -> bytes:
-    """A gray run-length BMP (RLE8) of one-pixel runs: the most bytes per pixel Pillow decodes in Python."""
+def rle8_bmp(width: int, height: int, runs: bool = True) -> bytes:
+    """A gray run-length BMP (RLE8) of one-pixel runs (the most bytes per pixel Pillow decodes in Python),
+    or with ``runs=False`` of end-of-line codes alone (the fewest bytes for its pixels)."""
     palette = b"".join(struct.pack("<BBBB", i, i, i, 0) for i in range(256))
-    pixels = (b"\x01\x07" * width + b"\x00\x00") * height + b"\x00\x01"  # runs, end of line, of bitmap
+    row = b"\x01\x07" * width if runs else b""
+    pixels = (row + b"\x00\x00") * height + b"\x00\x01"  # runs, end of line; end of bitmap
     offset = 14 + 40 + len(palette)
     head = b"BM" + struct.pack("<IHHI", offset + len(pixels), 0, 0, offset)
     info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(pixels), 2835, 2835, 256, 0)
@@ -105,6 +107,35 @@ def tiff_of_strips(height: int) -> bytes:
     directory = struct.pack("<H", len(tags)) + b"".join(entry.pack(*t) for t in tags) + struct.pack("<I", 0)
     strips = np.arange(pixels, pixels + height, dtype="<u4").tobytes() + np.ones(height, "<u4").tobytes()
     return b"II*\0" + struct.pack("<I", 8) + directory + strips + bytes(height)
+
+
+def tiled_tiff(
+    width: int, height: int, tile: int, block: bytes, *, order: str = "<", deflate: bool = False
+) -> bytes:
+    """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it),
+    in either byte order; sizes as SHORTs (left-justified in big-endian entries), offsets as LONGs."""
+    tiles = -(-width // tile) * -(-height // tile)
+    entry = struct.Struct(order + "HHII")
+
+    def short(value: int) -> int:  # a SHORT sits in the entry's first two bytes
+        return value << 16 if order == ">" else value
+
+    directory_size = 2 + 13 * entry.size + 4
+    offsets = 8 + directory_size
+    counts = offsets + 4 * tiles
+    data = counts + 4 * tiles
+    tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, short(8)),
+            (259, 3, 1, short(8 if deflate else 1)), (262, 3, 1, short(1)), (277, 3, 1, short(1)),
+            (284, 3, 1, short(1)), (322, 3, 1, short(tile)), (323, 3, 1, short(tile)),
+            (324, 4, tiles, offsets), (325, 4, tiles, counts), (339, 3, 1, short(1)),
+            (282, 5, 1, data + len(block))]  # fmt: skip
+    directory = struct.pack(order + "H", len(tags)) + b"".join(entry.pack(*t) for t in tags)
+    arrays = struct.pack(f"{order}{tiles}I", *[data] * tiles) + struct.pack(
+        f"{order}{tiles}I", *[len(block)] * tiles
+    )
+    resolution = struct.pack(order + "II", 72, 1)
+    header = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8)
+    return header + directory + struct.pack(order + "I", 0) + arrays + block + resolution
 
 
 def ico_wrapping(png: bytes) -> bytes:

@@ -28,6 +28,7 @@ from tests.image_bytes import (
     progressive_jpeg,
     rle8_bmp,
     tiff_of_strips,
+    tiled_tiff,
 )
 
 
@@ -227,9 +228,11 @@ def test_gif_blocks_and_run_length_bmps_that_pillow_reads_in_python_are_capped()
     small = Image.fromarray(GRAY)
     assert imaging.decode_image(gif_with_comment(small, imaging.GIF_MAX_BLOCKS - 8)).shape == (6, 8, 3)
     assert imaging.decode_image(rle8_bmp(2000, 200)).shape == (200, 2000, 1)  # 0.8 MB of runs
-    for flood in (gif_with_comment(small, 2_000_000), rle8_bmp(2000, 2000)):
-        start = time.perf_counter()
-        with pytest.raises(ImageDecodeError, match=r"GIF holds more than 4,096 blocks|run-length BMP") as err:
+    for flood in (gif_with_comment(small, 2_000_000), rle8_bmp(2000, 2000), rle8_bmp(8000, 5000, runs=False)):
+        start = time.perf_counter()  # the last: 40 MP in 10 KB, 4 s of Python
+        with pytest.raises(
+            ImageDecodeError, match=r"GIF holds more than 65,536 blocks|run-length BMP"
+        ) as err:
             imaging.decode_image(flood)
         assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
 
@@ -249,9 +252,60 @@ def test_a_tiff_cut_into_millions_of_strips_is_refused_before_pillow_lists_them(
         assert np.array_equal(imaging.decode_image(written.getvalue())[..., 0], pixels), options
     flood = tiff_of_strips(imaging.TIFF_MAX_STRIPS + 1)
     start = time.perf_counter()
-    with pytest.raises(ImageDecodeError, match="TIFF image cut into 65,537 strips or tiles") as err:
+    with pytest.raises(ImageDecodeError, match="TIFF tag 273 holds 65,537 values") as err:
         imaging.decode_image(flood)
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
+
+
+@pytest.mark.parametrize("order", ["<", ">"], ids=["II", "MM"])
+def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
+    """libtiff inflates whole tiles (16384² tiles of a one-row image sharing one compressed block: 0.24 s
+    each); Pillow makes a Python object of every value of a tag (2.6 million resolutions: 6 s) and keeps
+    what it can read of a directory cut short."""
+    tile = bytes(range(256)) * 256
+    assert imaging.decode_image(tiled_tiff(512, 512, 256, tile, order=order))[1, :3, 0].tolist() == [0, 1, 2]
+    bomb = tiled_tiff(4 * 4096, 1, 4096, zlib.compress(bytes(4096 * 4096), 9), order=order, deflate=True)
+    with pytest.raises(ImageDecodeError, match=r"TIFF tiles of 4096×4096 cover 67,108,864 pixels"):
+        imaging.decode_image(bomb)
+    legit = bytearray(tiled_tiff(512, 512, 256, tile, order=order))
+    resolution = legit.index(struct.pack(order + "HHI", 282, 5, 1))
+    legit[resolution + 4 : resolution + 8] = struct.pack(order + "I", imaging.TIFF_MAX_RATIONALS + 1)
+    with pytest.raises(ImageDecodeError, match="TIFF tag 282 holds 4,097 values") as err:
+        imaging.decode_image(bytes(legit))
+    assert err.value.reason == "too_large"
+    cut = tiled_tiff(512, 512, 256, tile, order=order)[: 8 + 2 + 5 * 12 + 7]  # five whole entries of 13
+    with pytest.raises(ImageDecodeError, match="TIFF directory is cut short") as err:
+        imaging.decode_image(cut)
+    assert err.value.reason == "truncated"
+
+
+def test_an_os2_bmp_is_not_read_as_a_run_length_one():
+    """OS/2 1.x headers (12 bytes) have no compression field: bytes 30-33 are pixels there."""
+    width, height = 1500, 1000
+    pixels = bytearray(width * 3 * height)  # rows of 4500 bytes: no padding
+    pixels[4:8] = b"\x01\0\0\0"  # at file offset 30, where a Windows header keeps its compression
+    head = (
+        b"BM"
+        + struct.pack("<IHHI", 26 + len(pixels), 0, 0, 26)
+        + struct.pack("<IHHHH", 12, width, height, 1, 24)
+    )
+    assert len(head + pixels) > imaging.BMP_MAX_RLE_BYTES
+    assert imaging.decode_image(bytes(head + pixels)).shape == (height, width, 3)
+
+
+def test_jpeg_headers_that_pillow_parses_at_length_are_refused():
+    """A second frame header (Pillow appends a tuple per component triplet: 20 MB, 0.6 GB) and Exif split
+    over many segments (joined, then parsed: 2.6 million resolutions, 7 s)."""
+    jpeg = encode(Image.fromarray(GRAY), "JPEG")
+    frame = jpeg.index(b"\xff\xc0")
+    frame_header = jpeg[frame : frame + 2 + int.from_bytes(jpeg[frame + 2 : frame + 4], "big")]
+    with pytest.raises(ImageDecodeError, match="more than one frame header"):
+        imaging.decode_image(jpeg[:frame] + frame_header + jpeg[frame:])
+    exif = b"\xff\xe1" + (2 + 6 + 60000).to_bytes(2, "big") + b"Exif\0\0" + bytes(60000)
+    assert imaging.decode_image(jpeg[:2] + exif + jpeg[2:]).shape == (6, 8, 1)  # one full segment
+    with pytest.raises(ImageDecodeError, match="bytes of 0xFFE1 segments") as err:
+        imaging.decode_image(jpeg[:2] + exif * 5 + jpeg[2:])
+    assert err.value.reason == "too_large"
 
 
 def test_a_png_written_one_data_chunk_per_row_still_decodes():
