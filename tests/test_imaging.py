@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from mnemo import imaging
+from mnemo import costly_formats, imaging
 from mnemo.imaging import ImageDecodeError, Preprocessing
 from tests.image_bytes import (
     encode,
@@ -176,7 +176,11 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_pillow_decodes_them():
     flat = Image.new("L", (4000, 4000), 128)
     normal = progressive_jpeg(Image.fromarray((RNG.random((64, 48, 3)) * 255).astype(np.uint8)))
     assert imaging.decode_image(normal).shape == (64, 48, 3)  # libjpeg's progressive script: 10 scans
-    assert imaging.decode_image(progressive_jpeg(flat, imaging.JPEG_MAX_SCANS - 7)).shape == (4000, 4000, 1)
+    assert imaging.decode_image(progressive_jpeg(flat, costly_formats.JPEG_MAX_SCANS - 7)).shape == (
+        4000,
+        4000,
+        1,
+    )
     flood = progressive_jpeg(flat, 1000)
     second_scan = flood.index(b"\xff\xda", flood.index(b"\xff\xda") + 2)
     hidden = flood[:second_scan] + b"\xff\xfe\x00\x04\xff\xd9" + flood[second_scan:]
@@ -192,7 +196,9 @@ def test_a_jpeg_header_flooded_with_markers_is_refused_before_pillow_reads_them(
     """Pillow reads a JPEG's header in Python: a million empty comments (4 MB) took 1 s."""
     jpeg = encode(Image.fromarray(GRAY), "JPEG")
     at = 4 + int.from_bytes(jpeg[4:6], "big")  # after SOI and the APP0 segment
-    assert imaging.decode_image(jpeg[:at] + filler * (imaging.JPEG_MAX_MARKERS - 16) + jpeg[at:]).shape == (
+    assert imaging.decode_image(
+        jpeg[:at] + filler * (costly_formats.JPEG_MAX_MARKERS - 16) + jpeg[at:]
+    ).shape == (
         6,
         8,
         1,
@@ -209,12 +215,12 @@ def test_junk_between_jpeg_segments_is_capped_and_bytes_beside_the_image_are_not
     at = 4 + int.from_bytes(jpeg[4:6], "big")
     assert imaging.decode_image(jpeg[:at] + bytes(1000) + jpeg[at:]).shape == (6, 8, 1)
     with pytest.raises(ImageDecodeError, match="bytes outside its segments") as err:
-        imaging.decode_image(jpeg[:at] + bytes(imaging.JPEG_MAX_SKIPPED + 1) + jpeg[at:])
+        imaging.decode_image(jpeg[:at] + bytes(costly_formats.JPEG_MAX_SKIPPED + 1) + jpeg[at:])
     assert err.value.reason == "too_large"
     # arbitrary bytes hold an FF DA pair every 64 KiB: a large ICC profile (in APP2 segments before the
     # image) and a trailer after its end (a phone's motion photo) are not scans
     noise = RNG.integers(0, 256, 8 << 20, dtype=np.uint8).tobytes()
-    assert noise.count(b"\xff\xda") > imaging.JPEG_MAX_SCANS
+    assert noise.count(b"\xff\xda") > costly_formats.JPEG_MAX_SCANS
     icc = b"".join(
         b"\xff\xe2" + (2 + 14 + 60000).to_bytes(2, "big") + b"ICC_PROFILE\0" + bytes([i + 1, 34])
         + noise[i * 60000 : (i + 1) * 60000]
@@ -226,7 +232,7 @@ def test_junk_between_jpeg_segments_is_capped_and_bytes_beside_the_image_are_not
 def test_gif_blocks_and_run_length_bmps_that_pillow_reads_in_python_are_capped():
     """2 million one-byte comment sub-blocks (4 MB) took Pillow 0.5 s, 8 MB of one-pixel BMP runs 1 s."""
     small = Image.fromarray(GRAY)
-    assert imaging.decode_image(gif_with_comment(small, imaging.GIF_MAX_BLOCKS - 8)).shape == (6, 8, 3)
+    assert imaging.decode_image(gif_with_comment(small, costly_formats.GIF_MAX_BLOCKS - 8)).shape == (6, 8, 3)
     assert imaging.decode_image(rle8_bmp(2000, 200)).shape == (200, 2000, 1)  # 0.8 MB of runs
     for flood in (gif_with_comment(small, 2_000_000), rle8_bmp(2000, 2000), rle8_bmp(8000, 5000, runs=False)):
         start = time.perf_counter()  # the last: 40 MP in 10 KB, 4 s of Python
@@ -250,7 +256,7 @@ def test_a_tiff_cut_into_millions_of_strips_is_refused_before_pillow_lists_them(
         written = io.BytesIO()
         Image.fromarray(pixels).save(written, "TIFF", **options)
         assert np.array_equal(imaging.decode_image(written.getvalue())[..., 0], pixels), options
-    flood = tiff_of_strips(imaging.TIFF_MAX_STRIPS + 1)
+    flood = tiff_of_strips(costly_formats.TIFF_MAX_STRIPS + 1)
     start = time.perf_counter()
     with pytest.raises(ImageDecodeError, match="TIFF tag 273 holds 65,537 values") as err:
         imaging.decode_image(flood)
@@ -269,7 +275,7 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
         imaging.decode_image(bomb)
     legit = bytearray(tiled_tiff(512, 512, 256, tile, order=order))
     resolution = legit.index(struct.pack(order + "HHI", 282, 5, 1))
-    legit[resolution + 4 : resolution + 8] = struct.pack(order + "I", imaging.TIFF_MAX_RATIONALS + 1)
+    legit[resolution + 4 : resolution + 8] = struct.pack(order + "I", costly_formats.TIFF_MAX_RATIONALS + 1)
     with pytest.raises(ImageDecodeError, match="TIFF tag 282 holds 4,097 values") as err:
         imaging.decode_image(bytes(legit))
     assert err.value.reason == "too_large"
@@ -289,7 +295,7 @@ def test_an_os2_bmp_is_not_read_as_a_run_length_one():
         + struct.pack("<IHHI", 26 + len(pixels), 0, 0, 26)
         + struct.pack("<IHHHH", 12, width, height, 1, 24)
     )
-    assert len(head + pixels) > imaging.BMP_MAX_RLE_BYTES
+    assert len(head + pixels) > costly_formats.BMP_MAX_RLE_BYTES
     assert imaging.decode_image(bytes(head + pixels)).shape == (height, width, 3)
 
 

@@ -1,0 +1,241 @@
+"""Uploads built to cost Pillow far more than their declared size: refused before Pillow reads them.
+
+The declared pixel count (``mnemo.imaging``) bounds what a decoder allocates, not what some of Pillow's
+readers spend: they loop in Python over a file's structure (JPEG header segments, GIF blocks, TIFF strips
+and tag values, run-length BMP pixels), and libjpeg and libtiff do work a small file can multiply (a pass
+over the image per JPEG scan, a whole tile inflated per TIFF tile). Each check walks no further than its
+limit; the limits sit far above what cameras and common writers produce (docs/security.md).
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+
+# A JPEG scan is one pass over every block of the image, however few bytes it takes: a progressive encoder
+# writes about 10 (libjpeg's script), but a file may repeat one thousands of times (1000 empty scans of a
+# 16-megapixel frame: 94 KB that took 9.4 s to decode). Counted, then refused, before Pillow decodes.
+JPEG_MAX_SCANS = 100
+# Pillow reads a JPEG's header (its marker segments, and the fill bytes allowed before each, up to the first
+# scan) in Python, one at a time: a million empty comments (4 MB) took 1 s, 4 MB of fill bytes as long.
+# Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
+JPEG_MAX_MARKERS = 4096
+JPEG_MAX_SKIPPED = 1 << 20  # bytes between its segments, which Pillow skips one at a time (20 MiB: 1 s)
+# Segments Pillow parses in Python before the first scan, by their total bytes: quantisation tables (re-sliced
+# after each: 318 segments of 1008 tables, 1 s), Exif (joined, then parsed: 2.6 million resolutions, 7 s;
+# the standard fits it in one 64 KB segment) and Photoshop resources (1.7 million, 0.8 s). One frame header.
+JPEG_SEGMENT_BUDGETS = {0xDB: 64 << 10, 0xE1: 256 << 10, 0xED: 1 << 20}  # DQT, APP1 (Exif), APP13
+# Pillow also reads a GIF's blocks before its first image in Python, one sub-block (or stray byte) at a time,
+# and decodes a run-length BMP in Python, pixel by pixel (an 8000 × 5000 RLE8 of 20 KB: 4 s). A GIF of more
+# blocks than this before its image, or a run-length BMP of more pixels or bytes than this, is refused.
+GIF_MAX_BLOCKS = 65536  # 16 MB of comment in full sub-blocks; 65 536 one-byte ones cost Pillow 15 ms
+BMP_MAX_RLE_PIXELS, BMP_MAX_RLE_BYTES = 4_000_000, 4 << 20
+# Pillow lists a TIFF's strips (or tiles) at open and reads them one by one in Python (2 million one-byte
+# strips, 17 MB: 7 s and 650 MB), turns each numeric tag value into a Python object (2.6 million
+# resolutions: 6 s), and libtiff inflates whole tiles however small the image (16384² tiles sharing one
+# compressed block: 0.24 s each). Refused: more tags, strips or tiles, or values of a tag, than a writer sets,
+# and tiles covering more than ``TIFF_MAX_TILE_FACTOR`` × the image (plus ``TIFF_TILE_SLACK`` pixels).
+TIFF_MAX_STRIPS, TIFF_MAX_TAGS, TIFF_MAX_VALUES, TIFF_MAX_RATIONALS = 65536, 4096, 262144, 4096
+TIFF_MAX_TILE_FACTOR, TIFF_TILE_SLACK = 4, 16_000_000
+
+# A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
+_JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
+_TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
+_TIFF_STRIP_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+_TIFF_SIZE_TAGS = (256, 257, 322, 323)  # ImageWidth, ImageLength, TileWidth, TileLength
+_TIFF_INLINE_BITS = {3: 16, 4: 32, 16: 64}  # SHORT, LONG, LONG8: a single value sits in the entry itself
+_BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
+_JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
+_JPEG_FRAME = -1  # the frame headers' count in ``_spend_jpeg_budget``
+_JPEG_STANDALONE = frozenset(
+    {0x00, 0x01, *range(0xD0, 0xDA)}
+)  # markers without a length: RSTn, SOI, EOI, TEM
+
+
+class Refused(Exception):
+    """(reason, message) as ``mnemo.imaging.ImageDecodeError`` takes them."""
+
+
+def refusal(data: bytes) -> tuple[str, str] | None:
+    """Why ``data`` (a JPEG, GIF, BMP or TIFF by its first bytes) is refused, or None."""
+    check = next((c for prefixes, c in _CHECKS if data.startswith(prefixes)), None)
+    try:
+        if check is not None:
+            check(data)
+    except Refused as refused:
+        return refused.args[0], refused.args[1]
+    return None
+
+
+def _check_gif(data: bytes) -> None:
+    """Refuse a GIF of more than ``GIF_MAX_BLOCKS`` extension sub-blocks and stray bytes before its first
+    image, walking no further than that (the image's own data Pillow reads in C)."""
+    flags = data[10] if len(data) > 10 else 0
+    pos = 13 + (3 << ((flags & 7) + 1) if flags & 0x80 else 0)  # after the global colour table
+    steps = 0
+    while pos < len(data) and data[pos] not in b",;":  # an image descriptor or the trailer
+        steps += 1
+        if data[pos] == 0x21:  # an extension: its label, then sub-blocks up to an empty one
+            pos += 2
+            while pos < len(data) and data[pos] and steps <= GIF_MAX_BLOCKS:
+                pos += 1 + data[pos]
+                steps += 1
+        pos += 1
+        if steps > GIF_MAX_BLOCKS:
+            raise Refused(
+                "too_large",
+                f"GIF holds more than {GIF_MAX_BLOCKS:,} blocks before its image; encoders write a few",
+            )
+
+
+def _check_bmp(data: bytes) -> None:
+    """Refuse a run-length BMP (RLE8, RLE4) of more than ``BMP_MAX_RLE_PIXELS`` or ``BMP_MAX_RLE_BYTES``
+    (an OS/2 1.x header, of 12 bytes, has no compression field)."""
+    if len(data) < 34 or int.from_bytes(data[14:18], "little") < 40 or data[30:34] not in _BMP_RLE:
+        return
+    width, height = (abs(int.from_bytes(data[i : i + 4], "little", signed=True)) for i in (18, 22))
+    if width * height > BMP_MAX_RLE_PIXELS or len(data) > BMP_MAX_RLE_BYTES:
+        raise Refused(
+            "too_large",
+            f"run-length BMP of {width}×{height} pixels, {len(data):,} bytes: Pillow decodes those in "
+            f"Python, up to {BMP_MAX_RLE_PIXELS:,} pixels and {BMP_MAX_RLE_BYTES:,} bytes are accepted",
+        )
+
+
+def _check_tiff(data: bytes) -> None:
+    """Refuse a TIFF (or BigTIFF) whose first directory Pillow would read at length: more than
+    ``TIFF_MAX_TAGS`` tags, ``TIFF_MAX_STRIPS`` strips or tiles, ``TIFF_MAX_VALUES`` numbers
+    (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, or cut short."""
+    order = "<" if data[:2] == b"II" else ">"
+    big = data[2:4] in (b"+\0", b"\0+")
+    offset_format, count_format, entry_format = ("Q", "Q", "HHQQ") if big else ("I", "H", "HHII")
+    try:
+        offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
+        tags = struct.unpack_from(order + count_format, data, offset)[0]
+    except struct.error:
+        return  # a header cut short: Pillow says so
+    if tags > TIFF_MAX_TAGS:
+        raise Refused("too_large", f"TIFF directory of {tags:,} tags; writers set a few dozen")
+    entry = struct.Struct(order + entry_format)
+    first = offset + struct.calcsize(order + count_format)
+    table = data[first : first + tags * entry.size]
+    if len(table) < tags * entry.size:
+        raise Refused("truncated", "TIFF directory is cut short")
+    sizes: dict[int, int] = {}
+    for tag, kind, count, value in entry.iter_unpack(table):
+        limit = _tiff_value_limit(tag, kind)
+        if limit is not None and count > limit:
+            raise Refused(
+                "too_large",
+                f"TIFF tag {tag} holds {count:,} values, each read in Python; the limit is {limit:,}",
+            )
+        if tag in _TIFF_SIZE_TAGS and count == 1 and kind in _TIFF_INLINE_BITS:
+            bits = _TIFF_INLINE_BITS[kind]  # held in the value field's first bytes
+            field = 64 if big else 32
+            sizes[tag] = (value >> (field - bits) if order == ">" else value) & ((1 << bits) - 1)
+    _check_tiff_tiles(sizes)
+
+
+def _tiff_value_limit(tag: int, kind: int) -> int | None:
+    if tag in _TIFF_STRIP_TAGS:
+        return TIFF_MAX_STRIPS
+    if kind in (5, 10):  # RATIONAL, SRATIONAL: a Python object each
+        return TIFF_MAX_RATIONALS
+    return None if kind in (1, 2, 6, 7) else TIFF_MAX_VALUES  # bytes and text are sliced, not looped
+
+
+def _check_tiff_tiles(sizes: dict[int, int]) -> None:
+    """libtiff inflates a whole tile whatever part of it the image uses."""
+    width, height, tile_width, tile_height = (sizes.get(t, 0) for t in _TIFF_SIZE_TAGS)
+    if not (width and height and tile_width and tile_height):
+        return
+    covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
+    if covered > TIFF_MAX_TILE_FACTOR * width * height + TIFF_TILE_SLACK:
+        raise Refused(
+            "too_large",
+            f"TIFF tiles of {tile_width}×{tile_height} cover {covered:,} pixels for a {width}×{height} image",
+        )
+
+
+def _check_jpeg(data: bytes) -> None:
+    """Refuse a JPEG whose header Pillow would read at length (``_jpeg_first_scan``) or of more than
+    ``JPEG_MAX_SCANS`` scans. From the first scan on, the walk goes marker by marker as libjpeg does:
+    entropy-coded data is skipped in C (an 0xFF there is followed by 0x00 or a restart marker), segments
+    between scans by their length, and it ends at the image's end (EOI), so what a file carries after its
+    image (a camera's second picture, a phone's video) is not counted."""
+    pos = _jpeg_first_scan(data)
+    scans = others = 0
+    while pos is not None and (found := _JPEG_MARKER.search(data, pos)) is not None:
+        pos, marker = found.start(), data[found.start() + 1]
+        if marker == 0xD9:  # EOI
+            return
+        if marker == 0xDA:
+            scans += 1
+        else:
+            others += 1
+        if scans > JPEG_MAX_SCANS or others > JPEG_MAX_MARKERS:
+            raise Refused(
+                "too_large",
+                f"JPEG holds more than {JPEG_MAX_SCANS} scans (each a pass over the whole image) or "
+                f"{JPEG_MAX_MARKERS:,} segments between them; encoders write about 10 scans",
+            )
+        pos += 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+
+
+def _jpeg_first_scan(data: bytes) -> int | None:
+    """The offset of a JPEG's first start-of-scan marker, walking its header as Pillow will (segments by
+    their length, fill bytes one by one, other bytes between segments skipped), and refusing it past
+    ``JPEG_MAX_MARKERS`` markers and fill bytes, ``JPEG_MAX_SKIPPED`` other bytes, a second frame header
+    or more bytes of a kind Pillow parses than ``JPEG_SEGMENT_BUDGETS`` allows."""
+    pos, end, skipped = 2, len(data), 0
+    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0}
+    for _ in range(JPEG_MAX_MARKERS):
+        found = data.find(b"\xff", pos)
+        if found < 0 or found + 4 > end:
+            return None
+        skipped += found - pos
+        if skipped > JPEG_MAX_SKIPPED:
+            raise Refused(
+                "too_large", f"JPEG header holds more than {JPEG_MAX_SKIPPED:,} bytes outside its segments"
+            )
+        marker, pos = data[found + 1], found
+        if marker == 0xDA:  # the first scan: libjpeg reads the rest
+            return pos
+        if marker == 0xFF:  # a fill byte
+            pos += 1
+        elif marker in _JPEG_STANDALONE:
+            pos += 2
+        else:
+            length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+            _spend_jpeg_budget(spent, marker, length, data[pos + 4 : pos + 8])
+            pos += 2 + length
+    raise Refused(
+        "too_large",
+        f"JPEG header holds more than {JPEG_MAX_MARKERS:,} markers before its image data; cameras write a "
+        "few dozen",
+    )
+
+
+def _spend_jpeg_budget(spent: dict[int, int], marker: int, length: int, start: bytes) -> None:
+    """Count a header segment against its kind's budget (``JPEG_SEGMENT_BUDGETS``; APP1 only when it
+    holds Exif); a second frame header (SOFn) is refused, Pillow would parse every one."""
+    if marker in _JPEG_FRAME_MARKERS:
+        spent[_JPEG_FRAME] += 1
+        if spent[_JPEG_FRAME] > 1:
+            raise Refused("too_large", "JPEG holds more than one frame header before its image data")
+    elif marker in spent and (marker != 0xE1 or start == b"Exif"):
+        spent[marker] += length
+        if spent[marker] > JPEG_SEGMENT_BUDGETS[marker]:
+            raise Refused(
+                "too_large",
+                f"JPEG header holds more than {JPEG_SEGMENT_BUDGETS[marker]:,} bytes of 0xFF{marker:02X} "
+                "segments, parsed in Python; cameras write far fewer",
+            )
+
+
+_CHECKS = (
+    (b"\xff\xd8\xff", _check_jpeg),
+    (b"GIF8", _check_gif),
+    (b"BM", _check_bmp),
+    (_TIFF_SIGNATURES, _check_tiff),
+)
