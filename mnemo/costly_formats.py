@@ -47,9 +47,8 @@ _TIFF_INLINE_BITS = {3: 16, 4: 32, 16: 64}  # SHORT, LONG, LONG8: a single value
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
 _JPEG_FRAME = -1  # the frame headers' count in ``_spend_jpeg_budget``
-_JPEG_STANDALONE = frozenset(
-    {0x00, 0x01, *range(0xD0, 0xDA)}
-)  # markers without a length: RSTn, SOI, EOI, TEM
+# Markers without a length: TEM, RSTn, SOI, EOI (and a stuffed 0x00).
+_JPEG_STANDALONE = frozenset({0x00, 0x01, *range(0xD0, 0xDA)})
 
 
 class Refused(Exception):

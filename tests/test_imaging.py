@@ -235,7 +235,7 @@ def test_gif_blocks_and_run_length_bmps_that_pillow_reads_in_python_are_capped()
     assert imaging.decode_image(gif_with_comment(small, costly_formats.GIF_MAX_BLOCKS - 8)).shape == (6, 8, 3)
     assert imaging.decode_image(rle8_bmp(2000, 200)).shape == (200, 2000, 1)  # 0.8 MB of runs
     for flood in (gif_with_comment(small, 2_000_000), rle8_bmp(2000, 2000), rle8_bmp(8000, 5000, runs=False)):
-        start = time.perf_counter()  # the last: 40 MP in 10 KB, 4 s of Python
+        start = time.perf_counter()  # the last: 40 MP in 10 KB, seconds of Python
         with pytest.raises(
             ImageDecodeError, match=r"GIF holds more than 65,536 blocks|run-length BMP"
         ) as err:
