@@ -25,18 +25,21 @@ def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarra
     (directory / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(header + labels.tobytes()))
 
 
-@pytest.fixture
-def fake_mnist(tmp_path) -> Path:
+def write_fake_mnist(root: Path, train: int) -> Path:
     """A tiny MNIST-shaped set: class 0 is a bright square, the others faint noise, so AUROC is defined."""
-    root = tmp_path / "data"
     (root / "mnist").mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for split, n in (("train", 120), ("test", 40)):
+    for split, n in (("train", train), ("test", 40)):
         labels = (np.arange(n) % 10).astype(np.uint8)
         images = rng.integers(0, 40, (n, 28, 28), dtype=np.uint8)
         images[labels == 0, 8:20, 8:20] = 250
         write_idx(root / "mnist", split, images, labels)
     return root
+
+
+@pytest.fixture
+def fake_mnist(tmp_path) -> Path:
+    return write_fake_mnist(tmp_path / "data", train=120)
 
 
 def test_plan_applies_each_model_where_its_paper_does():
@@ -166,14 +169,8 @@ def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_p
 
 @pytest.fixture
 def fake_mnist_of_steps(tmp_path) -> Path:
-    """Like ``fake_mnist`` with 1200 training images: several steps an epoch at the protocol's batch 256."""
-    root = tmp_path / "steps"
-    (root / "mnist").mkdir(parents=True)
-    rng = np.random.default_rng(1)
-    for split, n in (("train", 1200), ("test", 40)):
-        labels = (np.arange(n) % 10).astype(np.uint8)
-        write_idx(root / "mnist", split, rng.integers(0, 255, (n, 28, 28), dtype=np.uint8), labels)
-    return root
+    """``fake_mnist`` with 1200 training images: several steps an epoch at the protocol's batch 256."""
+    return write_fake_mnist(tmp_path / "steps", train=1200)
 
 
 def test_ctrl_c_stops_the_cell_mid_epoch_records_nothing_and_a_rerun_continues_its_last_whole_epoch(
