@@ -16,6 +16,7 @@ import struct
 # writes about 10 (libjpeg's script), but a file may repeat one thousands of times (1000 empty scans of a
 # 16-megapixel frame: 94 KB that took 9.4 s to decode). Counted, then refused, before Pillow decodes.
 JPEG_MAX_SCANS = 100
+JPEG_SCAN_PIXELS = 32 * 40_000_000  # and scans × pixels: a 40 MP frame may have 32 scans (89 of one: 2.7 s)
 # Pillow reads a JPEG's header (its marker segments, and the fill bytes allowed before each, up to the first
 # scan) in Python, one at a time: a million empty comments (4 MB) took 1 s, 4 MB of fill bytes as long.
 # Cameras write a few dozen segments; a header of more than this many is refused before Pillow reads it.
@@ -43,10 +44,14 @@ _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
 _TIFF_STRIP_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 _TIFF_SIZE_TAGS = (256, 257, 322, 323)  # ImageWidth, ImageLength, TileWidth, TileLength
-_TIFF_INLINE_BITS = {3: 16, 4: 32, 16: 64}  # SHORT, LONG, LONG8: a single value sits in the entry itself
+# The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
+_TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
-_JPEG_FRAME = -1  # the frame headers' count in ``_spend_jpeg_budget``
+_JPEG_FRAME, _JPEG_PIXELS = (
+    -1,
+    -2,
+)  # the frame headers' count and the frame's pixels in ``_spend_jpeg_budget``
 # Markers without a length: TEM, RSTn, SOI, EOI (and a stuffed 0x00).
 _JPEG_STANDALONE = frozenset({0x00, 0x01, *range(0xD0, 0xDA)})
 
@@ -107,7 +112,7 @@ def _check_tiff(data: bytes) -> None:
     (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, or cut short."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
-    offset_format, count_format, entry_format = ("Q", "Q", "HHQQ") if big else ("I", "H", "HHII")
+    offset_format, count_format, entry_format = ("Q", "Q", "HHQ8s") if big else ("I", "H", "HHI4s")
     try:
         offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
         tags = struct.unpack_from(order + count_format, data, offset)[0]
@@ -128,11 +133,24 @@ def _check_tiff(data: bytes) -> None:
                 "too_large",
                 f"TIFF tag {tag} holds {count:,} values, each read in Python; the limit is {limit:,}",
             )
-        if tag in _TIFF_SIZE_TAGS and count == 1 and kind in _TIFF_INLINE_BITS:
-            bits = _TIFF_INLINE_BITS[kind]  # held in the value field's first bytes
-            field = 64 if big else 32
-            sizes[tag] = (value >> (field - bits) if order == ">" else value) & ((1 << bits) - 1)
+        if tag in _TIFF_SIZE_TAGS:
+            sizes[tag] = _tiff_first_integer(data, order, kind, count, value)
     _check_tiff_tiles(sizes)
+
+
+def _tiff_first_integer(data: bytes, order: str, kind: int, count: int, field: bytes) -> int:
+    """A size tag's (first) value, in whichever integer type it is written (libtiff takes signed ones too),
+    from the entry's value field or where that field points; refused when it is no integer."""
+    if kind not in _TIFF_INTEGERS or count < 1:
+        raise Refused("truncated", f"TIFF size tag of type {kind} × {count}: not an integer")
+    code = order + _TIFF_INTEGERS[kind]
+    size = struct.calcsize(code)
+    if size * count > len(field):  # the values live elsewhere: the field holds their offset
+        at = int.from_bytes(field, "little" if order == "<" else "big")
+        field = data[at : at + size]
+        if len(field) < size:
+            raise Refused("truncated", "TIFF size tag points past the file's end")
+    return struct.unpack_from(code, field)[0]
 
 
 def _tiff_value_limit(tag: int, kind: int) -> int | None:
@@ -146,8 +164,8 @@ def _tiff_value_limit(tag: int, kind: int) -> int | None:
 def _check_tiff_tiles(sizes: dict[int, int]) -> None:
     """libtiff inflates a whole tile whatever part of it the image uses."""
     width, height, tile_width, tile_height = (sizes.get(t, 0) for t in _TIFF_SIZE_TAGS)
-    if not (width and height and tile_width and tile_height):
-        return
+    if min(width, height, tile_width, tile_height) <= 0:
+        return  # untiled, or sizes Pillow refuses itself
     covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
     if covered > TIFF_MAX_TILE_FACTOR * width * height + TIFF_TILE_SLACK:
         raise Refused(
@@ -162,9 +180,13 @@ def _check_jpeg(data: bytes) -> None:
     entropy-coded data is skipped in C (an 0xFF there is followed by 0x00 or a restart marker), segments
     between scans by their length, and it ends at the image's end (EOI), so what a file carries after its
     image (a camera's second picture, a phone's video) is not counted."""
-    pos = _jpeg_first_scan(data)
+    first = _jpeg_first_scan(data)
+    if first is None:
+        return  # no image data: Pillow says so
+    pos, pixels = first
+    most = max(1, min(JPEG_MAX_SCANS, JPEG_SCAN_PIXELS // max(pixels, 1)))
     scans = others = 0
-    while pos is not None and (found := _JPEG_MARKER.search(data, pos)) is not None:
+    while (found := _JPEG_MARKER.search(data, pos)) is not None:
         pos, marker = found.start(), data[found.start() + 1]
         if marker == 0xD9:  # EOI
             return
@@ -172,22 +194,23 @@ def _check_jpeg(data: bytes) -> None:
             scans += 1
         else:
             others += 1
-        if scans > JPEG_MAX_SCANS or others > JPEG_MAX_MARKERS:
+        if scans > most or others > JPEG_MAX_MARKERS:
             raise Refused(
                 "too_large",
-                f"JPEG holds more than {JPEG_MAX_SCANS} scans (each a pass over the whole image) or "
+                f"JPEG holds more than {most} scans (each a pass over its {pixels:,} pixels) or "
                 f"{JPEG_MAX_MARKERS:,} segments between them; encoders write about 10 scans",
             )
         pos += 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 
-def _jpeg_first_scan(data: bytes) -> int | None:
-    """The offset of a JPEG's first start-of-scan marker, walking its header as Pillow will (segments by
+def _jpeg_first_scan(data: bytes) -> tuple[int, int] | None:
+    """The offset of a JPEG's first start-of-scan marker and its frame's pixels (from the frame header,
+    SOFn; 0 when it has none), walking its header as Pillow will (segments by
     their length, fill bytes one by one, other bytes between segments skipped), and refusing it past
     ``JPEG_MAX_MARKERS`` markers and fill bytes, ``JPEG_MAX_SKIPPED`` other bytes, a second frame header
     or more bytes of a kind Pillow parses than ``JPEG_SEGMENT_BUDGETS`` allows."""
     pos, end, skipped = 2, len(data), 0
-    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0}
+    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0, _JPEG_PIXELS: 0}
     for _ in range(JPEG_MAX_MARKERS):
         found = data.find(b"\xff", pos)
         if found < 0 or found + 4 > end:
@@ -199,14 +222,14 @@ def _jpeg_first_scan(data: bytes) -> int | None:
             )
         marker, pos = data[found + 1], found
         if marker == 0xDA:  # the first scan: libjpeg reads the rest
-            return pos
+            return pos, spent[_JPEG_PIXELS]
         if marker == 0xFF:  # a fill byte
             pos += 1
         elif marker in _JPEG_STANDALONE:
             pos += 2
         else:
             length = int.from_bytes(data[pos + 2 : pos + 4], "big")
-            _spend_jpeg_budget(spent, marker, length, data[pos + 4 : pos + 8])
+            _spend_jpeg_budget(spent, marker, length, data[pos + 4 : pos + 9])
             pos += 2 + length
     raise Refused(
         "too_large",
@@ -216,13 +239,16 @@ def _jpeg_first_scan(data: bytes) -> int | None:
 
 
 def _spend_jpeg_budget(spent: dict[int, int], marker: int, length: int, start: bytes) -> None:
-    """Count a header segment against its kind's budget (``JPEG_SEGMENT_BUDGETS``; APP1 only when it
-    holds Exif); a second frame header (SOFn) is refused, Pillow would parse every one."""
+    """Count a header segment (``start``: its first payload bytes) against its kind's budget
+    (``JPEG_SEGMENT_BUDGETS``; APP1 only when it holds Exif); the frame header (SOFn) gives the image's
+    pixels, and a second one is refused, Pillow would parse every one."""
     if marker in _JPEG_FRAME_MARKERS:
         spent[_JPEG_FRAME] += 1
         if spent[_JPEG_FRAME] > 1:
             raise Refused("too_large", "JPEG holds more than one frame header before its image data")
-    elif marker in spent and (marker != 0xE1 or start == b"Exif"):
+        if len(start) == 5:  # precision, then height and width
+            spent[_JPEG_PIXELS] = int.from_bytes(start[1:3], "big") * int.from_bytes(start[3:5], "big")
+    elif marker in spent and (marker != 0xE1 or start[:4] == b"Exif"):
         spent[marker] += length
         if spent[marker] > JPEG_SEGMENT_BUDGETS[marker]:
             raise Refused(

@@ -110,23 +110,32 @@ def tiff_of_strips(height: int) -> bytes:
 
 
 def tiled_tiff(
-    width: int, height: int, tile: int, block: bytes, *, order: str = "<", deflate: bool = False
+    width: int,
+    height: int,
+    tile: int,
+    block: bytes,
+    *,
+    order: str = "<",
+    deflate: bool = False,
+    tile_kind: int = 3,
 ) -> bytes:
     """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it),
-    in either byte order; sizes as SHORTs (left-justified in big-endian entries), offsets as LONGs."""
+    in either byte order; sizes as SHORTs (left-justified in big-endian entries; the tile's as SLONGs with
+    ``tile_kind=9``), offsets as LONGs."""
     tiles = -(-width // tile) * -(-height // tile)
     entry = struct.Struct(order + "HHII")
 
     def short(value: int) -> int:  # a SHORT sits in the entry's first two bytes
         return value << 16 if order == ">" else value
 
+    tile_size = short(tile) if tile_kind == 3 else tile
     directory_size = 2 + 13 * entry.size + 4
     offsets = 8 + directory_size
     counts = offsets + 4 * tiles
     data = counts + 4 * tiles
     tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, short(8)),
             (259, 3, 1, short(8 if deflate else 1)), (262, 3, 1, short(1)), (277, 3, 1, short(1)),
-            (284, 3, 1, short(1)), (322, 3, 1, short(tile)), (323, 3, 1, short(tile)),
+            (284, 3, 1, short(1)), (322, tile_kind, 1, tile_size), (323, tile_kind, 1, tile_size),
             (324, 4, tiles, offsets), (325, 4, tiles, counts), (339, 3, 1, short(1)),
             (282, 5, 1, data + len(block))]  # fmt: skip
     directory = struct.pack(order + "H", len(tags)) + b"".join(entry.pack(*t) for t in tags)

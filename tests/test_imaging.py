@@ -176,19 +176,24 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_pillow_decodes_them():
     flat = Image.new("L", (4000, 4000), 128)
     normal = progressive_jpeg(Image.fromarray((RNG.random((64, 48, 3)) * 255).astype(np.uint8)))
     assert imaging.decode_image(normal).shape == (64, 48, 3)  # libjpeg's progressive script: 10 scans
-    assert imaging.decode_image(progressive_jpeg(flat, costly_formats.JPEG_MAX_SCANS - 7)).shape == (
-        4000,
-        4000,
-        1,
-    )
+    allowed = min(costly_formats.JPEG_MAX_SCANS, costly_formats.JPEG_SCAN_PIXELS // 4000**2)  # 80 at 16 MP
+    assert imaging.decode_image(progressive_jpeg(flat, allowed - 7)).shape == (4000, 4000, 1)  # 6 + 73 scans
     flood = progressive_jpeg(flat, 1000)
     second_scan = flood.index(b"\xff\xda", flood.index(b"\xff\xda") + 2)
     hidden = flood[:second_scan] + b"\xff\xfe\x00\x04\xff\xd9" + flood[second_scan:]
     for data in (flood, hidden):
         start = time.perf_counter()
-        with pytest.raises(ImageDecodeError, match="JPEG holds more than 100 scans") as err:
+        with pytest.raises(ImageDecodeError, match="JPEG holds more than 80 scans") as err:
             imaging.decode_image(data)
         assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
+
+
+def test_the_scans_a_jpeg_may_hold_shrink_as_its_frame_grows():
+    """Each scan is a pass over every block: 89 scans of a 40 MP frame took 2.7 s against 0.34 s for 10."""
+    small, large = Image.new("L", (1000, 1000), 128), Image.new("L", (8000, 5000), 128)
+    assert imaging.decode_image(progressive_jpeg(small, 34)).shape == (1000, 1000, 1)  # 6 + 34 scans
+    with pytest.raises(ImageDecodeError, match=r"more than 32 scans .* its 40,000,000 pixels"):
+        imaging.decode_image(progressive_jpeg(large, 34))
 
 
 @pytest.mark.parametrize("filler", [b"\xff\xfe\x00\x02", b"\xff"], ids=["empty-comments", "fill-bytes"])
@@ -270,9 +275,11 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
     what it can read of a directory cut short."""
     tile = bytes(range(256)) * 256
     assert imaging.decode_image(tiled_tiff(512, 512, 256, tile, order=order))[1, :3, 0].tolist() == [0, 1, 2]
-    bomb = tiled_tiff(4 * 4096, 1, 4096, zlib.compress(bytes(4096 * 4096), 9), order=order, deflate=True)
-    with pytest.raises(ImageDecodeError, match=r"TIFF tiles of 4096×4096 cover 67,108,864 pixels"):
-        imaging.decode_image(bomb)
+    inflating = zlib.compress(bytes(4096 * 4096), 9)
+    for kind in (3, 9):  # tile sizes as SHORT, or as SLONG (libtiff takes signed types too)
+        bomb = tiled_tiff(4 * 4096, 1, 4096, inflating, order=order, deflate=True, tile_kind=kind)
+        with pytest.raises(ImageDecodeError, match=r"TIFF tiles of 4096×4096 cover 67,108,864 pixels"):
+            imaging.decode_image(bomb)
     legit = bytearray(tiled_tiff(512, 512, 256, tile, order=order))
     resolution = legit.index(struct.pack(order + "HHI", 282, 5, 1))
     legit[resolution + 4 : resolution + 8] = struct.pack(order + "I", costly_formats.TIFF_MAX_RATIONALS + 1)
@@ -283,6 +290,16 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
     with pytest.raises(ImageDecodeError, match="TIFF directory is cut short") as err:
         imaging.decode_image(cut)
     assert err.value.reason == "truncated"
+
+
+def test_a_png_of_more_than_one_icc_profile_is_refused():
+    """Pillow inflates every iCCP chunk (up to 1 MB) and keeps the last: 20 MB of 1 KB ones took 12 s."""
+    profile = png_chunk(b"iCCP", b"p\0\0" + zlib.compress(bytes(1 << 20), 9))
+    png = encode(Image.fromarray(GRAY))
+    assert imaging.decode_image(png[:33] + profile + png[33:]).shape == (6, 8, 1)
+    with pytest.raises(ImageDecodeError, match="more than one ICC profile") as err:
+        imaging.decode_image(png[:33] + profile * 2 + png[33:])
+    assert err.value.reason == "too_large"
 
 
 def test_an_os2_bmp_is_not_read_as_a_run_length_one():
