@@ -211,7 +211,7 @@ def _jpeg_first_scan(data: bytes) -> tuple[int, int] | None:
     or more bytes of a kind Pillow parses than ``JPEG_SEGMENT_BUDGETS`` allows."""
     pos, end, skipped = 2, len(data), 0
     spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0, _JPEG_PIXELS: 0}
-    for _ in range(JPEG_MAX_MARKERS):
+    for _ in range(JPEG_MAX_MARKERS + 1):  # up to that many, then the first scan
         found = data.find(b"\xff", pos)
         if found < 0 or found + 4 > end:
             return None

@@ -172,9 +172,9 @@ def ctrl_c_held() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-        if held and callable(previous):
-            previous(signal.SIGINT, held[-1])
-        elif held and previous == signal.SIG_DFL:
+        for frame in held if callable(previous) else ():
+            previous(signal.SIGINT, frame)  # each in turn: the trainer's second Ctrl-C aborts
+        if held and previous == signal.SIG_DFL:
             raise KeyboardInterrupt
 
 
