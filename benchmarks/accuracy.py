@@ -261,14 +261,11 @@ def run_cell(
 
     cfg = run_config(cell, data_root, work, patience, device)
     started = time.perf_counter()
-    out, earlier = train_or_resume(cfg)
+    with ctrl_c_aborts():  # never the trainer's finish-the-run stop: it would record a cell cut short
+        out, earlier = train_or_resume(cfg)
     seconds = time.perf_counter() - started + (earlier or 0.0)
     cfg = run_cfg.load(out / "config.yaml")  # as trained: in_channels read from the images, optim resolved
     report = json.loads((out / "report.json").read_text())
-    if report.get("stop_reason") == "interrupted":  # the trainer's own Ctrl-C (outside ``run``): not a result
-        print(f"accuracy: {cell.key} was cut short by Ctrl-C after {report['epochs']} epochs: not recorded",
-              flush=True)  # fmt: skip
-        raise KeyboardInterrupt
     image, pixel = report["test"]["image"], report["test"].get("pixel", {})
     if not keep:
         shutil.rmtree(out, ignore_errors=True)
@@ -352,7 +349,7 @@ def run(
               "the cores and train less than one alone would", flush=True)  # fmt: skip
     meta = {"machine": machine(), "commit": git_commit(repo)}
     cell_args = CellArgs(data_root, work, patience, device, keep=True)  # removed here once recorded
-    with ctrl_c_aborts():
+    try:
         finished = (
             run_in_processes(todo, cell_args, jobs, threads) if jobs > 1 else run_in_turn(todo, cell_args)
         )
@@ -370,6 +367,10 @@ def run(
                 f"F1 {record['f1']:.4f}  {record['epochs']} epochs, {record['seconds']:.0f} s",
                 flush=True,
             )
+    except KeyboardInterrupt:
+        print("accuracy: stopped by Ctrl-C; a cell in training keeps its last whole epoch, and a rerun "
+              "continues it (a real-defect cell, under a time budget, starts over)", flush=True)  # fmt: skip
+        raise
     if markdown_path is not None:
         write_markdown(results, markdown_path)
     return results
@@ -377,22 +378,16 @@ def run(
 
 @contextlib.contextmanager
 def ctrl_c_aborts() -> Iterator[None]:
-    """Ctrl-C raises ``KeyboardInterrupt`` here at once, in the main thread (the trainer then leaves it
-    be), and the command says how to go on."""
-    previous = (
-        signal.signal(signal.SIGINT, _abort)
-        if threading.current_thread() is threading.main_thread()
-        else None
-    )
+    """Ctrl-C raises ``KeyboardInterrupt`` at once in the block (main thread only; the trainer then leaves
+    the handler be), so a cell keeps its last whole epoch's checkpoint; the previous handler after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _abort)
     try:
         yield
-    except KeyboardInterrupt:
-        print("accuracy: stopped by Ctrl-C; a cell in training keeps its last whole epoch, and a rerun "
-              "continues it (a real-defect cell, under a time budget, starts over)", flush=True)  # fmt: skip
-        raise
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, previous)
 
 
 def _abort(signum: int, frame: Any) -> None:
@@ -449,7 +444,7 @@ def run_in_processes(
 
 
 def _init_worker(threads: int) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle: a Ctrl-C is for the cell in training, if any
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # idle; ``run_cell`` aborts on Ctrl-C while it trains
     if threads:
         from mnemo.training.trainer import set_threads
 
@@ -462,9 +457,5 @@ def run_cell_logged(
     """``run_cell`` with its output in ``work/<cell>.log`` (cells side by side would interleave theirs)."""
     work.mkdir(parents=True, exist_ok=True)
     log_path = run_dir(cell, work).with_suffix(".log")
-    signal.signal(signal.SIGINT, _abort)  # the cell aborts at once, as in ``run`` (see ``ctrl_c_aborts``)
-    try:
-        with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-            return run_cell(cell, data_root, work, patience, device, keep)
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with open(log_path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        return run_cell(cell, data_root, work, patience, device, keep)
