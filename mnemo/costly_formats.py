@@ -3,8 +3,9 @@
 The declared pixel count (``mnemo.imaging``) bounds what a decoder allocates, not what some of Pillow's
 readers spend: they loop in Python over a file's structure (JPEG header segments, GIF blocks, TIFF strips
 and tag values, run-length BMP pixels), and libjpeg and libtiff do work a small file can multiply (a pass
-over the image per JPEG scan, a whole tile inflated per TIFF tile). Each check walks no further than its
-limit; the limits sit far above what cameras and common writers produce (docs/security.md).
+over the image per JPEG scan, in a JPEG or in each JPEG strip of a TIFF; a whole tile inflated per TIFF
+tile). Each check walks no further than its limit; the limits sit far above what cameras and common writers
+produce (docs/security.md).
 """
 
 from __future__ import annotations
@@ -38,20 +39,24 @@ BMP_MAX_RLE_PIXELS, BMP_MAX_RLE_BYTES = 4_000_000, 4 << 20
 # and tiles covering more than ``TIFF_MAX_TILE_FACTOR`` × the image (plus ``TIFF_TILE_SLACK`` pixels).
 TIFF_MAX_STRIPS, TIFF_MAX_TAGS, TIFF_MAX_VALUES, TIFF_MAX_RATIONALS = 65536, 4096, 262144, 4096
 TIFF_MAX_TILE_FACTOR, TIFF_TILE_SLACK = 4, 16_000_000
+# A JPEG-compressed TIFF's strips (or tiles) are each a JPEG stream that libtiff decodes scan by scan, up to
+# 100 scans each: 100 strips sharing one 3 KB stream of 96 scans made a 36 MP image that took 3.7 s. Their
+# scans are counted as a JPEG's are, strip by strip, against the same scans × pixels budget.
+_TIFF_JPEG = (6, 7)  # Compression: old-style JPEG, JPEG
 
 # A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
 _TIFF_STRIP_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
 _TIFF_SIZE_TAGS = (256, 257, 322, 323)  # ImageWidth, ImageLength, TileWidth, TileLength
+_TIFF_COMPRESSION, _TIFF_ROWS_PER_STRIP, _TIFF_JPEG_STREAM = 259, 278, (513, 514)  # old-style JPEG's stream
+_TIFF_READ_TAGS = frozenset({*_TIFF_STRIP_TAGS, *_TIFF_SIZE_TAGS, *_TIFF_JPEG_STREAM, 259, 278})
 # The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
-_JPEG_FRAME, _JPEG_PIXELS = (
-    -1,
-    -2,
-)  # the frame headers' count and the frame's pixels in ``_spend_jpeg_budget``
+# The frame headers' count and the frame's pixels in ``_spend_jpeg_budget``.
+_JPEG_FRAME, _JPEG_PIXELS = -1, -2
 # Markers without a length: TEM, RSTn, SOI, EOI (and a stuffed 0x00).
 _JPEG_STANDALONE = frozenset({0x00, 0x01, *range(0xD0, 0xDA)})
 
@@ -125,7 +130,7 @@ def _check_tiff(data: bytes) -> None:
     table = data[first : first + tags * entry.size]
     if len(table) < tags * entry.size:
         raise Refused("truncated", "TIFF directory is cut short")
-    sizes: dict[int, int] = {}
+    fields: dict[int, tuple[int, int, bytes]] = {}
     for tag, kind, count, value in entry.iter_unpack(table):
         limit = _tiff_value_limit(tag, kind)
         if limit is not None and count > limit:
@@ -133,24 +138,28 @@ def _check_tiff(data: bytes) -> None:
                 "too_large",
                 f"TIFF tag {tag} holds {count:,} values, each read in Python; the limit is {limit:,}",
             )
-        if tag in _TIFF_SIZE_TAGS:
-            sizes[tag] = _tiff_first_integer(data, order, kind, count, value)
+        if tag in _TIFF_READ_TAGS:
+            fields[tag] = kind, count, value
+    sizes = {tag: _tiff_integers(data, order, *fields[tag])[0] for tag in _TIFF_SIZE_TAGS if tag in fields}
     _check_tiff_tiles(sizes)
+    compression = fields.get(_TIFF_COMPRESSION)
+    if compression is not None and _tiff_integers(data, order, *compression)[0] in _TIFF_JPEG:
+        _check_tiff_jpeg(data, {tag: _tiff_integers(data, order, *field) for tag, field in fields.items()})
 
 
-def _tiff_first_integer(data: bytes, order: str, kind: int, count: int, field: bytes) -> int:
-    """A size tag's (first) value, in whichever integer type it is written (libtiff takes signed ones too),
-    from the entry's value field or where that field points; refused when it is no integer."""
+def _tiff_integers(data: bytes, order: str, kind: int, count: int, field: bytes) -> tuple[int, ...]:
+    """A tag's values, in whichever integer type they are written (libtiff takes signed sizes too), from the
+    entry's value field or where that field points; refused when they are no integers or lie past the end."""
     if kind not in _TIFF_INTEGERS or count < 1:
-        raise Refused("truncated", f"TIFF size tag of type {kind} × {count}: not an integer")
-    code = order + _TIFF_INTEGERS[kind]
+        raise Refused("truncated", f"TIFF tag of type {kind} × {count}: not an integer")
+    code = f"{order}{count}{_TIFF_INTEGERS[kind]}"
     size = struct.calcsize(code)
-    if size * count > len(field):  # the values live elsewhere: the field holds their offset
+    if size > len(field):  # the values live elsewhere: the field holds their offset
         at = int.from_bytes(field, "little" if order == "<" else "big")
         field = data[at : at + size]
         if len(field) < size:
-            raise Refused("truncated", "TIFF size tag points past the file's end")
-    return struct.unpack_from(code, field)[0]
+            raise Refused("truncated", "TIFF tag points past the file's end")
+    return struct.unpack_from(code, field)
 
 
 def _tiff_value_limit(tag: int, kind: int) -> int | None:
@@ -171,6 +180,32 @@ def _check_tiff_tiles(sizes: dict[int, int]) -> None:
         raise Refused(
             "too_large",
             f"TIFF tiles of {tile_width}×{tile_height} cover {covered:,} pixels for a {width}×{height} image",
+        )
+
+
+def _check_tiff_jpeg(data: bytes, values: dict[int, tuple[int, ...]]) -> None:
+    """Refuse a JPEG-compressed TIFF whose strips' (or tiles') scans, each a pass over its strip's pixels,
+    cost more than a JPEG may (``JPEG_SCAN_PIXELS``). Strips sharing bytes are walked once; strips that
+    overlap into more bytes than the file holds are refused, so the walk never passes the file's length."""
+    width, height, tile_width, tile_height = (values.get(t, (0,))[0] for t in _TIFF_SIZE_TAGS)
+    tiled = tile_width > 0 and tile_height > 0
+    rows = min(values.get(_TIFF_ROWS_PER_STRIP, (height,))[0], height)
+    pixels = tile_width * tile_height if tiled else width * rows
+    offsets, counts = (values.get(t, ()) for t in (_TIFF_STRIP_TAGS[2:] if tiled else _TIFF_STRIP_TAGS[:2]))
+    streams = [(offset, count, pixels) for offset, count in zip(offsets, counts, strict=False)]
+    if all(t in values for t in _TIFF_JPEG_STREAM):  # old-style JPEG's one stream for the whole image
+        streams.append((values[513][0], values[514][0], width * height))
+    if sum(min(count, len(data)) for _, count in set((o, c) for o, c, _ in streams)) > 2 * len(data):
+        raise Refused("too_large", "TIFF's JPEG strips overlap into more bytes than the file holds")
+    # Each FF DA pair counts as a scan: a baseline strip holds one, and the pair appears nowhere else in a
+    # strip but its tables, where it only errs towards refusing (counted in C, however many strips).
+    scans = {(o, c): data.count(b"\xff\xda", o, o + c) for o, c, _ in streams}
+    spent = sum(scans[o, c] * p for o, c, p in streams)
+    if spent > JPEG_SCAN_PIXELS:
+        raise Refused(
+            "too_large",
+            f"TIFF's JPEG strips hold {spent:,} scan-pixels (each scan a pass over its strip's pixels); "
+            f"the limit is {JPEG_SCAN_PIXELS:,}",
         )
 
 

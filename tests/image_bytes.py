@@ -116,12 +116,12 @@ def tiled_tiff(
     block: bytes,
     *,
     order: str = "<",
-    deflate: bool = False,
+    compression: int = 1,
     tile_kind: int = 3,
 ) -> bytes:
-    """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it),
-    in either byte order; sizes as SHORTs (left-justified in big-endian entries; the tile's as SLONGs with
-    ``tile_kind=9``), offsets as LONGs."""
+    """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it;
+    ``compression``: TIFF's code, 8 deflate, 7 JPEG), in either byte order; sizes as SHORTs
+    (left-justified in big-endian entries; the tile's as SLONGs with ``tile_kind=9``), offsets as LONGs."""
     tiles = -(-width // tile) * -(-height // tile)
     entry = struct.Struct(order + "HHII")
 
@@ -134,7 +134,7 @@ def tiled_tiff(
     counts = offsets + 4 * tiles
     data = counts + 4 * tiles
     tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, short(8)),
-            (259, 3, 1, short(8 if deflate else 1)), (262, 3, 1, short(1)), (277, 3, 1, short(1)),
+            (259, 3, 1, short(compression)), (262, 3, 1, short(1)), (277, 3, 1, short(1)),
             (284, 3, 1, short(1)), (322, tile_kind, 1, tile_size), (323, tile_kind, 1, tile_size),
             (324, 4, tiles, offsets), (325, 4, tiles, counts), (339, 3, 1, short(1)),
             (282, 5, 1, data + len(block))]  # fmt: skip

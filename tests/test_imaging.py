@@ -277,7 +277,7 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
     assert imaging.decode_image(tiled_tiff(512, 512, 256, tile, order=order))[1, :3, 0].tolist() == [0, 1, 2]
     inflating = zlib.compress(bytes(4096 * 4096), 9)
     for kind in (3, 9):  # tile sizes as SHORT, or as SLONG (libtiff takes signed types too)
-        bomb = tiled_tiff(4 * 4096, 1, 4096, inflating, order=order, deflate=True, tile_kind=kind)
+        bomb = tiled_tiff(4 * 4096, 1, 4096, inflating, order=order, compression=8, tile_kind=kind)
         with pytest.raises(ImageDecodeError, match=r"TIFF tiles of 4096×4096 cover 67,108,864 pixels"):
             imaging.decode_image(bomb)
     legit = bytearray(tiled_tiff(512, 512, 256, tile, order=order))
@@ -290,6 +290,28 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
     with pytest.raises(ImageDecodeError, match="TIFF directory is cut short") as err:
         imaging.decode_image(cut)
     assert err.value.reason == "truncated"
+
+
+def test_a_jpeg_compressed_tiff_pays_for_its_strips_scans_as_a_jpeg_does():
+    """libtiff decodes each JPEG strip or tile scan by scan (up to 100 each): 100 strips sharing one 3 KB
+    stream of 96 scans made a 36 MP image that took 3.7 s. Tiles sharing a progressive stream of 6 scans
+    decode; of 96 (16.8 MP × 96 scans) they are refused, as are tiles whose streams overlap past the file."""
+
+    def tiles(scans: int) -> bytes:
+        block = progressive_jpeg(Image.new("L", (512, 512), 128), scans - 6)
+        return tiled_tiff(4096, 4096, 512, block, compression=7)
+
+    assert imaging.decode_image(tiles(6)).shape == (4096, 4096, 1)
+    start = time.perf_counter()
+    with pytest.raises(ImageDecodeError, match="TIFF's JPEG strips hold 1,610,612,736 scan-pixels") as err:
+        imaging.decode_image(tiles(96))
+    assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
+    staggered = bytearray(tiles(6))
+    offsets = 8 + 2 + 13 * 12 + 4  # the tile offsets follow the directory
+    first = struct.unpack_from("<I", staggered, offsets)[0]
+    struct.pack_into("<64I", staggered, offsets, *range(first, first + 64))
+    with pytest.raises(ImageDecodeError, match="strips overlap into more bytes than the file holds"):
+        imaging.decode_image(bytes(staggered))
 
 
 def test_a_png_of_more_than_one_icc_profile_is_refused():
