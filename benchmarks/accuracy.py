@@ -327,18 +327,7 @@ def run(
         raise ValueError(f"jobs must be >= 1, got {jobs}")
     repo = Path(__file__).resolve().parents[1]
     results = load_results(results_path)
-    planned = {c.key: c for c in cells}
-    outdated = [r for r in results["records"] if r["key"] in planned and is_outdated(r, planned[r["key"]])]
-    for record in outdated:
-        print(f"accuracy: {record['key']} was trained with {record['model_config']}; the plan now says "
-              f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
-    results["records"] = [r for r in results["records"] if r not in outdated]
-    done = {r["key"] for r in results["records"]}
-    todo = [c for c in cells if c.key not in done]
-    if not keep_runs:  # a run stopped between saving a record and removing its directory left this
-        for cell in cells:
-            if cell.key in done:
-                shutil.rmtree(run_dir(cell, work), ignore_errors=True)
+    todo = cells_to_run(results, cells, work, keep_runs)
     jobs = min(jobs, len(todo)) or 1
     logs = f" in {jobs} processes (logs: {work}/<cell>.log)" if jobs > 1 else ""
     print(
@@ -374,6 +363,23 @@ def run(
     if markdown_path is not None:
         write_markdown(results, markdown_path)
     return results
+
+
+def cells_to_run(results: dict[str, Any], cells: list[Cell], work: Path, keep_runs: bool) -> list[Cell]:
+    """The cells without a record in ``results``, whose records the plan has outdated (a model config
+    changed) are dropped from it; unless ``keep_runs``, the run directories of recorded cells are removed
+    (a run stopped between saving its record and removing its directory left one)."""
+    planned = {c.key: c for c in cells}
+    outdated = [r for r in results["records"] if r["key"] in planned and is_outdated(r, planned[r["key"]])]
+    for record in outdated:
+        print(f"accuracy: {record['key']} was trained with {record['model_config']}; the plan now says "
+              f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
+    results["records"] = [r for r in results["records"] if r not in outdated]
+    done = {r["key"] for r in results["records"]}
+    for cell in cells:
+        if cell.key in done and not keep_runs:
+            shutil.rmtree(run_dir(cell, work), ignore_errors=True)
+    return [c for c in cells if c.key not in done]
 
 
 @contextlib.contextmanager

@@ -189,7 +189,8 @@ def _check_tiff_jpeg(data: bytes, values: dict[int, tuple[int, ...]]) -> None:
     overlap into more bytes than the file holds are refused, so the walk never passes the file's length."""
     width, height, tile_width, tile_height = (values.get(t, (0,))[0] for t in _TIFF_SIZE_TAGS)
     tiled = tile_width > 0 and tile_height > 0
-    rows = min(values.get(_TIFF_ROWS_PER_STRIP, (height,))[0], height)
+    rows = values.get(_TIFF_ROWS_PER_STRIP, (height,))[0]
+    rows = rows if 0 < rows < height else height  # none, zero or more than the image: one strip of it all
     pixels = tile_width * tile_height if tiled else width * rows
     offsets, counts = (values.get(t, ()) for t in (_TIFF_STRIP_TAGS[2:] if tiled else _TIFF_STRIP_TAGS[:2]))
     streams = [(offset, count, pixels) for offset, count in zip(offsets, counts, strict=False)]
