@@ -2,17 +2,24 @@
 # python3 (>= 3.11) and make. Override TORCH to pick a build, e.g. TORCH="torch==2.13.0+cu126".
 PYTHON ?= python3
 VENV ?= .venv
-TORCH ?= torch==2.13.0
+DEFAULT_TORCH := torch==2.13.0
+TORCH ?= $(DEFAULT_TORCH)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo-bundle test browser haproxy format clean docker docker-test
+.PHONY: FORCE install run demo-bundle test browser haproxy format clean docker docker-test
 
-$(STAMP): pyproject.toml
+# Installed again when pyproject.toml changes, or when a TORCH given to make (command line or environment)
+# names another build than .venv holds (.venv/.torch; a .venv without it holds the default).
+INSTALLED_TORCH = $(or $(shell cat $(VENV)/.torch 2>/dev/null),$(DEFAULT_TORCH))
+$(STAMP): pyproject.toml $(if $(and $(filter-out file,$(origin TORCH)),$(filter-out $(TORCH),$(INSTALLED_TORCH))),FORCE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet "$(TORCH)"
 	$(BIN)/pip install --quiet -e ".[train,dev]"
+	echo "$(TORCH)" > $(VENV)/.torch
 	touch $(STAMP)
+
+FORCE:
 
 install: $(STAMP)  ## create .venv with everything needed to train, serve and test
 

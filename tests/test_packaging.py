@@ -8,6 +8,7 @@ install it into a fresh virtual environment, as a user's ``pip install`` would.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -70,3 +71,22 @@ def test_installed_wheel_beside_a_foreign_models_package(wheel: Path, tmp_path: 
     who, path = both.stdout.rsplit(" ", 1)
     assert who == "the user"
     assert Path(path.strip()).is_relative_to(fresh_site), "mnemo.models must come from the installed wheel"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="no make")
+def test_make_installs_torch_again_only_when_a_given_torch_differs_from_the_venvs(tmp_path):
+    """``make install TORCH=...`` swaps the build in an existing .venv; later plain ``make`` keeps it."""
+    venv_dir = tmp_path / "venv"
+    venv_dir.mkdir()
+    (venv_dir / ".installed").touch()  # newer than pyproject.toml: installed
+
+    def plan(*args: str) -> str:
+        cmd = ["make", "-n", "-C", str(ROOT), f"VENV={venv_dir}", "install", *args]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+
+    assert "pip install" not in plan()  # a .venv without .torch holds the default
+    assert 'pip install --quiet "torch==9.9"' in plan("TORCH=torch==9.9")
+    (venv_dir / ".torch").write_text("torch==9.9\n")
+    assert "pip install" not in plan()  # plain make keeps the build installed
+    assert "pip install" not in plan("TORCH=torch==9.9")
+    assert 'pip install --quiet "torch==2.13.0"' in plan("TORCH=torch==2.13.0")
