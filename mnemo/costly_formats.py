@@ -10,8 +10,10 @@ produce (docs/security.md).
 
 from __future__ import annotations
 
+import itertools
 import re
 import struct
+from typing import NamedTuple
 
 # A JPEG scan is one pass over every block of the image, however few bytes it takes: a progressive encoder
 # writes about 10 (libjpeg's script), but a file may repeat one thousands of times (1000 empty scans of a
@@ -41,16 +43,22 @@ TIFF_MAX_STRIPS, TIFF_MAX_TAGS, TIFF_MAX_VALUES, TIFF_MAX_RATIONALS = 65536, 409
 TIFF_MAX_TILE_FACTOR, TIFF_TILE_SLACK = 4, 16_000_000
 # A JPEG-compressed TIFF's strips (or tiles) are each a JPEG stream that libtiff decodes scan by scan, up to
 # 100 scans each: 100 strips sharing one 3 KB stream of 96 scans made a 36 MP image that took 3.7 s. Their
-# scans are counted as a JPEG's are, strip by strip, against the same scans × pixels budget.
+# scans are counted as a JPEG's are, strip by strip, against the same scans × pixels budget, and a strip's
+# frame may not be larger than the strip (libtiff decodes a last strip's taller frame whole).
 _TIFF_JPEG = (6, 7)  # Compression: old-style JPEG, JPEG
 
 # A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
 _TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, either byte order
-_TIFF_STRIP_TAGS = (273, 279, 324, 325)  # StripOffsets, StripByteCounts, TileOffsets, TileByteCounts
+# libtiff takes strip and tile tags alike: StripOffsets or TileOffsets, StripByteCounts or TileByteCounts.
+_TIFF_OFFSET_TAGS, _TIFF_COUNT_TAGS = (273, 324), (279, 325)
 _TIFF_SIZE_TAGS = (256, 257, 322, 323)  # ImageWidth, ImageLength, TileWidth, TileLength
 _TIFF_COMPRESSION, _TIFF_ROWS_PER_STRIP, _TIFF_JPEG_STREAM = 259, 278, (513, 514)  # old-style JPEG's stream
-_TIFF_READ_TAGS = frozenset({*_TIFF_STRIP_TAGS, *_TIFF_SIZE_TAGS, *_TIFF_JPEG_STREAM, 259, 278})
+_TIFF_READ_TAGS = frozenset(
+    {*_TIFF_OFFSET_TAGS, *_TIFF_COUNT_TAGS, *_TIFF_SIZE_TAGS, *_TIFF_JPEG_STREAM, 259, 278}
+)
+# A JPEG frame header: SOFn, its length for 1–4 components, its precision; then height and width.
+_JPEG_SOF = re.compile(rb"\xff[\xc0-\xc3\xc5-\xc7\xc9-\xcb\xcd-\xcf]\x00[\x0b\x0e\x11\x14][\x08\x0c\x10]")
 # The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
@@ -111,16 +119,52 @@ def _check_bmp(data: bytes) -> None:
         )
 
 
+class _TiffDirectory(NamedTuple):
+    """A TIFF's first directory as libtiff reads it: the tags ``_TIFF_READ_TAGS`` names, by (type, count,
+    value field), their values read only when asked for."""
+
+    data: bytes
+    order: str
+    fields: dict[int, tuple[int, int, bytes]]
+
+    def first(self, tag: int, default: int = 0) -> int:
+        """A tag's first value (its only one for the size tags), ``default`` when it is absent."""
+        return self.values(self.fields[tag], 1)[0] if tag in self.fields else default
+
+    def either(self, tags: tuple[int, int]) -> tuple[int, ...]:
+        """The values of whichever of two tags libtiff takes alike is present (refused when both are)."""
+        present = [self.fields[t] for t in tags if t in self.fields]
+        if len(present) > 1:
+            raise Refused("not_an_image", f"TIFF directory holds both tags {tags[0]} and {tags[1]}")
+        return self.values(present[0], present[0][1]) if present else ()
+
+    def values(self, field: tuple[int, int, bytes], wanted: int) -> tuple[int, ...]:
+        """The first ``wanted`` values of an integer tag (libtiff takes signed sizes too), from the entry's
+        value field or where that field points; refused when they are no integers or lie past the end."""
+        kind, count, value = field
+        if kind not in _TIFF_INTEGERS or count < 1:
+            raise Refused("truncated", f"TIFF tag of type {kind} × {count}: not an integer")
+        item = struct.calcsize(_TIFF_INTEGERS[kind])
+        if item * count > len(value):  # the values live elsewhere: the field holds their offset
+            at = int.from_bytes(value, "little" if self.order == "<" else "big")
+            value = self.data[at : at + item * wanted]
+            if len(value) < item * wanted:
+                raise Refused("truncated", "TIFF tag points past the file's end")
+        return struct.unpack_from(f"{self.order}{wanted}{_TIFF_INTEGERS[kind]}", value)
+
+
 def _check_tiff(data: bytes) -> None:
     """Refuse a TIFF (or BigTIFF) whose first directory Pillow would read at length: more than
     ``TIFF_MAX_TAGS`` tags, ``TIFF_MAX_STRIPS`` strips or tiles, ``TIFF_MAX_VALUES`` numbers
-    (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, or cut short."""
+    (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, JPEG strips costing
+    more than a JPEG may, a tag this check reads given twice (libtiff keeps the first copy, Pillow the
+    last), or cut short."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
     offset_format, count_format, entry_format = ("Q", "Q", "HHQ8s") if big else ("I", "H", "HHI4s")
     try:
         offset = struct.unpack_from(order + offset_format, data, 8 if big else 4)[0]
-        tags = struct.unpack_from(order + count_format, data, offset)[0]
+        tags = struct.unpack_from(order + count_format, data, offset)[0] if offset < len(data) else 0
     except struct.error:
         return  # a header cut short: Pillow says so
     if tags > TIFF_MAX_TAGS:
@@ -138,41 +182,28 @@ def _check_tiff(data: bytes) -> None:
                 "too_large",
                 f"TIFF tag {tag} holds {count:,} values, each read in Python; the limit is {limit:,}",
             )
+        if tag in fields:
+            raise Refused(
+                "not_an_image", f"TIFF directory holds tag {tag} twice; readers differ on which counts"
+            )
         if tag in _TIFF_READ_TAGS:
             fields[tag] = kind, count, value
-    sizes = {tag: _tiff_integers(data, order, *fields[tag])[0] for tag in _TIFF_SIZE_TAGS if tag in fields}
-    _check_tiff_tiles(sizes)
-    compression = fields.get(_TIFF_COMPRESSION)
-    if compression is not None and _tiff_integers(data, order, *compression)[0] in _TIFF_JPEG:
-        _check_tiff_jpeg(data, {tag: _tiff_integers(data, order, *field) for tag, field in fields.items()})
-
-
-def _tiff_integers(data: bytes, order: str, kind: int, count: int, field: bytes) -> tuple[int, ...]:
-    """A tag's values, in whichever integer type they are written (libtiff takes signed sizes too), from the
-    entry's value field or where that field points; refused when they are no integers or lie past the end."""
-    if kind not in _TIFF_INTEGERS or count < 1:
-        raise Refused("truncated", f"TIFF tag of type {kind} × {count}: not an integer")
-    code = f"{order}{count}{_TIFF_INTEGERS[kind]}"
-    size = struct.calcsize(code)
-    if size > len(field):  # the values live elsewhere: the field holds their offset
-        at = int.from_bytes(field, "little" if order == "<" else "big")
-        field = data[at : at + size]
-        if len(field) < size:
-            raise Refused("truncated", "TIFF tag points past the file's end")
-    return struct.unpack_from(code, field)
+    directory = _TiffDirectory(data, order, fields)
+    _check_tiff_tiles(*(directory.first(t) for t in _TIFF_SIZE_TAGS))
+    if directory.first(_TIFF_COMPRESSION, 1) in _TIFF_JPEG:
+        _check_tiff_jpeg(directory)
 
 
 def _tiff_value_limit(tag: int, kind: int) -> int | None:
-    if tag in _TIFF_STRIP_TAGS:
+    if tag in _TIFF_OFFSET_TAGS or tag in _TIFF_COUNT_TAGS:
         return TIFF_MAX_STRIPS
     if kind in (5, 10):  # RATIONAL, SRATIONAL: a Python object each
         return TIFF_MAX_RATIONALS
     return None if kind in (1, 2, 6, 7) else TIFF_MAX_VALUES  # bytes and text are sliced, not looped
 
 
-def _check_tiff_tiles(sizes: dict[int, int]) -> None:
+def _check_tiff_tiles(width: int, height: int, tile_width: int, tile_height: int) -> None:
     """libtiff inflates a whole tile whatever part of it the image uses."""
-    width, height, tile_width, tile_height = (sizes.get(t, 0) for t in _TIFF_SIZE_TAGS)
     if min(width, height, tile_width, tile_height) <= 0:
         return  # untiled, or sizes Pillow refuses itself
     covered = -(-width // tile_width) * tile_width * -(-height // tile_height) * tile_height
@@ -183,31 +214,61 @@ def _check_tiff_tiles(sizes: dict[int, int]) -> None:
         )
 
 
-def _check_tiff_jpeg(data: bytes, values: dict[int, tuple[int, ...]]) -> None:
+def _check_tiff_jpeg(directory: _TiffDirectory) -> None:
     """Refuse a JPEG-compressed TIFF whose strips' (or tiles') scans, each a pass over its strip's pixels,
-    cost more than a JPEG may (``JPEG_SCAN_PIXELS``). Strips sharing bytes are walked once; strips that
-    overlap into more bytes than the file holds are refused, so the walk never passes the file's length."""
-    width, height, tile_width, tile_height = (values.get(t, (0,))[0] for t in _TIFF_SIZE_TAGS)
-    tiled = tile_width > 0 and tile_height > 0
-    rows = values.get(_TIFF_ROWS_PER_STRIP, (height,))[0]
-    rows = rows if 0 < rows < height else height  # none, zero or more than the image: one strip of it all
-    pixels = tile_width * tile_height if tiled else width * rows
-    offsets, counts = (values.get(t, ()) for t in (_TIFF_STRIP_TAGS[2:] if tiled else _TIFF_STRIP_TAGS[:2]))
-    streams = [(offset, count, pixels) for offset, count in zip(offsets, counts, strict=False)]
-    if all(t in values for t in _TIFF_JPEG_STREAM):  # old-style JPEG's one stream for the whole image
-        streams.append((values[513][0], values[514][0], width * height))
-    if sum(min(count, len(data)) for _, count in set((o, c) for o, c, _ in streams)) > 2 * len(data):
+    cost more than a JPEG may (``JPEG_SCAN_PIXELS``), or whose strip holds a frame larger than the strip.
+    Strips sharing bytes are walked once; strips that overlap into more bytes than the file holds are
+    refused, so the walk never passes twice the file's length."""
+    data, streams = directory.data, _tiff_jpeg_streams(directory)
+    if sum(count for _, count in {(offset, count) for offset, count, _ in streams}) > 2 * len(data):
         raise Refused("too_large", "TIFF's JPEG strips overlap into more bytes than the file holds")
-    # Each FF DA pair counts as a scan: a baseline strip holds one, and the pair appears nowhere else in a
-    # strip but its tables, where it only errs towards refusing (counted in C, however many strips).
-    scans = {(o, c): data.count(b"\xff\xda", o, o + c) for o, c, _ in streams}
-    spent = sum(scans[o, c] * p for o, c, p in streams)
+    scans = {stream: _jpeg_strip_scans(data, *stream) for stream in set(streams)}
+    spent = sum(scans[stream] * stream[2][0] * stream[2][1] for stream in streams)
     if spent > JPEG_SCAN_PIXELS:
         raise Refused(
             "too_large",
             f"TIFF's JPEG strips hold {spent:,} scan-pixels (each scan a pass over its strip's pixels); "
             f"the limit is {JPEG_SCAN_PIXELS:,}",
         )
+
+
+def _tiff_jpeg_streams(directory: _TiffDirectory) -> list[tuple[int, int, tuple[int, int]]]:
+    """Each strip's (or tile's) JPEG stream as (offset, bytes, the strip's width and height), read as libtiff
+    reads them: strip and tile tags alike, a missing or zero byte count running to the file's end, strips
+    outside the file left out (libtiff fails on them); and old-style JPEG's stream for the whole image."""
+    first, end = directory.first, len(directory.data)
+    width, height = first(256), first(257)
+    if 322 in directory.fields or 323 in directory.fields:  # tiled
+        segment = first(322), first(323)
+    else:
+        rows = first(_TIFF_ROWS_PER_STRIP, height)
+        segment = width, rows if 0 < rows < height else height  # none, zero or past the image: one strip
+    offsets, counts = directory.either(_TIFF_OFFSET_TAGS), directory.either(_TIFF_COUNT_TAGS)
+    streams = [
+        (o, c, segment) for o, c in itertools.zip_longest(offsets, counts[: len(offsets)], fillvalue=0)
+    ]
+    if all(t in directory.fields for t in _TIFF_JPEG_STREAM):
+        streams.append((first(513), first(514), (width, height)))
+    return [(o, c if 0 < c < end - o else end - o, size) for o, c, size in streams if 0 <= o < end]
+
+
+def _jpeg_strip_scans(data: bytes, start: int, size: int, segment: tuple[int, int]) -> int:
+    """The scans of the JPEG stream of ``size`` bytes at ``start``, refused when a frame header in it
+    declares more than ``segment`` (width, height). Each FF DA pair counts as a scan, each run of bytes
+    shaped like a frame header as a frame (neither occurs in entropy-coded data: a baseline strip holds one
+    of each), so bytes that merely look like them only err towards refusing; counted in C."""
+    end = start + size
+    for number, frame in enumerate(_JPEG_SOF.finditer(data, start, end)):
+        height, width = (
+            struct.unpack_from(">HH", data, frame.end()) if frame.end() + 4 <= len(data) else (0, 0)
+        )
+        if number > 3 or width > segment[0] or height > segment[1]:
+            raise Refused(
+                "too_large",
+                f"TIFF's JPEG strip of {segment[0]}×{segment[1]} holds a frame of {width}×{height} "
+                "(or several frames); libtiff would decode it whole",
+            )
+    return data.count(b"\xff\xda", start, end)
 
 
 def _check_jpeg(data: bytes) -> None:

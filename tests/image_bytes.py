@@ -109,6 +109,24 @@ def tiff_of_strips(height: int) -> bytes:
     return b"II*\0" + struct.pack("<I", 8) + directory + strips + bytes(height)
 
 
+def tiff_of_entries(entries: list[tuple[int, int, list[int] | None]], payload: bytes) -> bytes:
+    """A little-endian TIFF of one directory: ``entries`` (tag, type 3 SHORT / 4 LONG / 1 BYTE, values) in
+    the order given (repeats kept), values inline when they fit in the entry, else after the directory;
+    a value of None is the payload's offset (the payload comes last)."""
+    kinds = {1: "B", 3: "H", 4: "I"}
+    first = 8 + 2 + 12 * len(entries) + 4  # where out-of-line values start
+    spill = sum(4 * len(v or [0]) for _, _, v in entries)  # an upper bound: the payload goes after
+    payload_at, table, extra = first + spill, b"", b""
+    for tag, kind, values in entries:
+        values = [payload_at if v is None else v for v in (values or [None])]
+        raw = struct.pack(f"<{len(values)}{kinds[kind]}", *values)
+        field = raw.ljust(4, b"\0") if len(raw) <= 4 else struct.pack("<I", first + len(extra))
+        extra += b"" if len(raw) <= 4 else raw
+        table += struct.pack("<HHI", tag, kind, len(values)) + field
+    head = b"II*\0" + struct.pack("<IH", 8, len(entries)) + table + bytes(4) + extra
+    return head.ljust(payload_at, b"\0") + payload
+
+
 def tiled_tiff(
     width: int,
     height: int,

@@ -27,6 +27,7 @@ from tests.image_bytes import (
     png_with_empty_chunks,
     progressive_jpeg,
     rle8_bmp,
+    tiff_of_entries,
     tiff_of_strips,
     tiled_tiff,
 )
@@ -312,6 +313,57 @@ def test_a_jpeg_compressed_tiff_pays_for_its_strips_scans_as_a_jpeg_does():
     struct.pack_into("<64I", staggered, offsets, *range(first, first + 64))
     with pytest.raises(ImageDecodeError, match="strips overlap into more bytes than the file holds"):
         imaging.decode_image(bytes(staggered))
+
+
+def _jpeg_tiff(width: int, height: int, jpeg: bytes, *extra: tuple, count: int | None = -1) -> bytes:
+    """A gray JPEG-compressed TIFF of one strip, ``jpeg``, of byte count ``count`` (-1: its length; None:
+    no such tag), then the ``extra`` entries (tag, type, values)."""
+    entries = [(256, 4, [width]), (257, 4, [height]), (258, 3, [8]), (259, 3, [7]), (262, 3, [1]),
+               (273, 4, None), (277, 3, [1]), (278, 4, [height])]  # fmt: skip
+    if count is not None:
+        entries.append((279, 4, [len(jpeg) if count < 0 else count]))
+    return tiff_of_entries([*entries, *extra], jpeg)
+
+
+def test_a_jpeg_compressed_tiff_is_read_as_libtiff_reads_it():
+    """A review's bypasses, each decoded by libtiff in 2-4 s from at most 260 KB: a strip byte count of zero
+    or none (libtiff reads to the file's end), a strip holding a frame far taller than the image (libtiff
+    decodes a last strip's frame whole: 8000x8000 behind an 8000x8 image), a tag given twice (libtiff keeps
+    the first copy, Pillow the last), tiles listed under the strip tags (libtiff takes them alike)."""
+    jpeg = progressive_jpeg(Image.new("L", (4000, 4000), 128), 90)  # 96 scans of 16 MP: over the budget
+    tiles = tiled_tiff(4096, 4096, 512, progressive_jpeg(Image.new("L", (512, 512), 128), 90), compression=7)
+    offsets, counts = (struct.pack("<HH", tag, 4) for tag in (324, 325))
+    strip_offsets, strip_counts = (struct.pack("<HH", tag, 4) for tag in (273, 279))
+    cases = [
+        ("hold 1,536,000,000 scan-pixels", _jpeg_tiff(4000, 4000, jpeg, count=0)),
+        ("hold 1,536,000,000 scan-pixels", _jpeg_tiff(4000, 4000, jpeg, count=None)),
+        ("frame of 4000×4000", _jpeg_tiff(4000, 8, encode(Image.new("L", (4000, 4000), 128), "JPEG"))),
+        ("tag 259 twice", _jpeg_tiff(4000, 4000, jpeg, (259, 3, [8]))),
+        ("hold 1,610,612,736", tiles.replace(offsets, strip_offsets).replace(counts, strip_counts)),
+        ("both tags 273 and 324", tiles.replace(counts, strip_offsets)),
+    ]
+    for said, data in cases:
+        with pytest.raises(ImageDecodeError, match=said):
+            imaging.decode_image(data)
+    small = _jpeg_tiff(64, 48, encode(Image.new("L", (64, 48), 9), "JPEG"))
+    assert imaging.decode_image(small)[0, 0, 0] == 9
+
+
+def test_tiff_directories_of_huge_counts_or_offsets_cost_the_check_nothing():
+    """A size tag of 20 million BYTE values took the check 1.5 s and 1 GB while it unpacked them all; a
+    BigTIFF directory offset past 2**63 raised an OverflowError out of the check."""
+    values = 20_000_000
+    entries = [(256, 1, [7]), (257, 4, [8]), (259, 3, [7]), (273, 4, None), (279, 4, [1])]
+    tiff = tiff_of_entries(entries, b"\x07" * values)
+    blob = len(tiff) - values
+    flood = tiff.replace(struct.pack("<HHIB3x", 256, 1, 1, 7), struct.pack("<HHII", 256, 1, values, blob))
+    start = time.perf_counter()
+    assert costly_formats.refusal(flood) is None  # a width of 7: Pillow says what it makes of the rest
+    assert time.perf_counter() - start < 0.5
+    far = b"II+\0" + struct.pack("<HHQ", 8, 0, 2**63)
+    assert costly_formats.refusal(far) is None
+    with pytest.raises(ImageDecodeError):
+        imaging.decode_image(far)
 
 
 def test_a_png_of_more_than_one_icc_profile_is_refused():
