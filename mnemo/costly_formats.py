@@ -41,11 +41,19 @@ BMP_MAX_RLE_PIXELS, BMP_MAX_RLE_BYTES = 4_000_000, 4 << 20
 # and tiles covering more than ``TIFF_MAX_TILE_FACTOR`` × the image (plus ``TIFF_TILE_SLACK`` pixels).
 TIFF_MAX_STRIPS, TIFF_MAX_TAGS, TIFF_MAX_VALUES, TIFF_MAX_RATIONALS = 65536, 4096, 262144, 4096
 TIFF_MAX_TILE_FACTOR, TIFF_TILE_SLACK = 4, 16_000_000
+# Arithmetic-coded scans cost libjpeg about 3.5 times a Huffman-coded one's per pixel, in a few bytes each
+# (76 refinement scans of a 4096² frame: 1 KB, 3.2 s): each weighs this many scans in the budget.
+JPEG_ARITHMETIC_WEIGHT = 4
+# libtiff decodes a strip as often as it is listed, however many strips share its bytes (16 000 strips of
+# one 200 KB stream: 6.4 s from 328 KB): strips may read at most this many times the file's bytes in all.
+TIFF_MAX_READ_FACTOR = 2
 # A JPEG-compressed TIFF's strips (or tiles) are each a JPEG stream that libtiff decodes scan by scan, up to
 # 100 scans each: 100 strips sharing one 3 KB stream of 96 scans made a 36 MP image that took 3.7 s. Their
-# scans are counted as a JPEG's are, strip by strip, against the same scans × pixels budget, and a strip's
-# frame may not be larger than the strip (libtiff decodes a last strip's taller frame whole).
+# scans are counted as a JPEG's are, strip by strip, against the same scans × pixels budget (a strip's
+# pixels rounded up to whole 16-pixel blocks, as libjpeg decodes them: 65 000 one-row strips cost 16-row
+# ones), and a strip's frame may not be larger than the strip (libtiff decodes a taller one whole).
 _TIFF_JPEG = (6, 7)  # Compression: old-style JPEG, JPEG
+_JPEG_BLOCK = 16  # the largest block libjpeg decodes at once (an MCU of 2 × 2 subsampled 8 × 8 blocks)
 
 # A marker: 0xFF then neither 0x00 (a stuffed data byte), a restart marker (0xD0–0xD7) nor 0xFF (a fill byte).
 _JPEG_MARKER = re.compile(rb"\xff[\x01-\xcf\xd8-\xfe]")
@@ -57,14 +65,18 @@ _TIFF_COMPRESSION, _TIFF_ROWS_PER_STRIP, _TIFF_JPEG_STREAM = 259, 278, (513, 514
 _TIFF_READ_TAGS = frozenset(
     {*_TIFF_OFFSET_TAGS, *_TIFF_COUNT_TAGS, *_TIFF_SIZE_TAGS, *_TIFF_JPEG_STREAM, 259, 278}
 )
-# A JPEG frame header: SOFn, its length for 1–4 components, its precision; then height and width.
-_JPEG_SOF = re.compile(rb"\xff[\xc0-\xc3\xc5-\xc7\xc9-\xcb\xcd-\xcf]\x00[\x0b\x0e\x11\x14][\x08\x0c\x10]")
+# A JPEG frame header: SOFn, its length for 1–10 components (libjpeg's most), a precision of 1–16 bits;
+# then height and width. Arithmetic-coded frames: SOF9–11, SOF13–15.
+_JPEG_SOF = re.compile(
+    rb"\xff([\xc0-\xc3\xc5-\xc7\xc9-\xcb\xcd-\xcf])\x00[\x0b\x0e\x11\x14\x17\x1a\x1d\x20\x23\x26][\x01-\x10]"
+)
+_JPEG_ARITHMETIC = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
-# The frame headers' count and the frame's pixels in ``_spend_jpeg_budget``.
-_JPEG_FRAME, _JPEG_PIXELS = -1, -2
+# The frame headers' count, the frame's pixels and its scans' weight in ``_spend_jpeg_budget``.
+_JPEG_FRAME, _JPEG_PIXELS, _JPEG_WEIGHT = -1, -2, -3
 # Markers without a length: TEM, RSTn, SOI, EOI (and a stuffed 0x00).
 _JPEG_STANDALONE = frozenset({0x00, 0x01, *range(0xD0, 0xDA)})
 
@@ -157,8 +169,9 @@ def _check_tiff(data: bytes) -> None:
     """Refuse a TIFF (or BigTIFF) whose first directory Pillow would read at length: more than
     ``TIFF_MAX_TAGS`` tags, ``TIFF_MAX_STRIPS`` strips or tiles, ``TIFF_MAX_VALUES`` numbers
     (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, JPEG strips costing
-    more than a JPEG may, a tag this check reads given twice (libtiff keeps the first copy, Pillow the
-    last), or cut short."""
+    more than a JPEG may, compressed strips sharing bytes past ``TIFF_MAX_READ_FACTOR`` times the file, a tag
+    this check reads given twice (libtiff keeps the first copy, a reader may keep the last: refused, so
+    there is no doubt which one the check saw), or cut short."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
     offset_format, count_format, entry_format = ("Q", "Q", "HHQ8s") if big else ("I", "H", "HHI4s")
@@ -190,8 +203,16 @@ def _check_tiff(data: bytes) -> None:
             fields[tag] = kind, count, value
     directory = _TiffDirectory(data, order, fields)
     _check_tiff_tiles(*(directory.first(t) for t in _TIFF_SIZE_TAGS))
-    if directory.first(_TIFF_COMPRESSION, 1) in _TIFF_JPEG:
-        _check_tiff_jpeg(directory)
+    compression, strips = directory.first(_TIFF_COMPRESSION, 1), _tiff_strips(directory)
+    read = sum(count for _, count, _ in strips)
+    if compression != 1 and read > TIFF_MAX_READ_FACTOR * len(data):
+        raise Refused(
+            "too_large",
+            f"TIFF's strips read {read:,} bytes from a file of {len(data):,}: they share bytes, and each is "
+            "decoded as often as it is listed",
+        )
+    if compression in _TIFF_JPEG:
+        _check_tiff_jpeg(directory, strips)
 
 
 def _tiff_value_limit(tag: int, kind: int) -> int | None:
@@ -214,16 +235,32 @@ def _check_tiff_tiles(width: int, height: int, tile_width: int, tile_height: int
         )
 
 
-def _check_tiff_jpeg(directory: _TiffDirectory) -> None:
-    """Refuse a JPEG-compressed TIFF whose strips' (or tiles') scans, each a pass over its strip's pixels,
-    cost more than a JPEG may (``JPEG_SCAN_PIXELS``), or whose strip holds a frame larger than the strip.
-    Strips sharing bytes are walked once; strips that overlap into more bytes than the file holds are
-    refused, so the walk never passes twice the file's length."""
-    data, streams = directory.data, _tiff_jpeg_streams(directory)
-    if sum(count for _, count in {(offset, count) for offset, count, _ in streams}) > 2 * len(data):
-        raise Refused("too_large", "TIFF's JPEG strips overlap into more bytes than the file holds")
-    scans = {stream: _jpeg_strip_scans(data, *stream) for stream in set(streams)}
-    spent = sum(scans[stream] * stream[2][0] * stream[2][1] for stream in streams)
+def _tiff_strips(directory: _TiffDirectory) -> list[tuple[int, int, tuple[int, int]]]:
+    """Each strip (or tile) as (offset, bytes, the strip's width and height), read as libtiff reads them:
+    strip and tile tags alike, a missing or zero byte count running to the file's end (libtiff's estimate),
+    strips outside the file or at its start (a sparse file's empty tiles) left out."""
+    first, end = directory.first, len(directory.data)
+    if 322 in directory.fields or 323 in directory.fields:  # tiled
+        segment = first(322), first(323)
+    else:
+        width, height, rows = first(256), first(257), first(_TIFF_ROWS_PER_STRIP)
+        segment = width, rows if 0 < rows < height else height  # none, zero or past the image: one strip
+    offsets, counts = directory.either(_TIFF_OFFSET_TAGS), directory.either(_TIFF_COUNT_TAGS)
+    pairs = itertools.zip_longest(offsets, counts[: len(offsets)], fillvalue=0)
+    return [(o, c if 0 < c < end - o else end - o, segment) for o, c in pairs if 0 < o < end]
+
+
+def _check_tiff_jpeg(directory: _TiffDirectory, strips: list[tuple[int, int, tuple[int, int]]]) -> None:
+    """Refuse a JPEG-compressed TIFF whose strips' (or tiles') scans, each a pass over its strip's pixels
+    (in whole blocks), cost more than a JPEG may (``JPEG_SCAN_PIXELS``), or whose strip holds a frame
+    larger than the strip. Strips sharing bytes are walked once (and all of them read at most
+    ``TIFF_MAX_READ_FACTOR`` times the file's bytes: ``_check_tiff``); old-style JPEG adds its one stream
+    for the whole image."""
+    data, first = directory.data, directory.first
+    if all(t in directory.fields for t in _TIFF_JPEG_STREAM) and 0 < first(513) < len(data):
+        strips = [*strips, (first(513), min(first(514), len(data) - first(513)), (first(256), first(257)))]
+    scans = {strip: _jpeg_strip_scans(data, *strip) for strip in set(strips)}
+    spent = sum(scans[strip] * _blocks(strip[2][0]) * _blocks(strip[2][1]) for strip in strips)
     if spent > JPEG_SCAN_PIXELS:
         raise Refused(
             "too_large",
@@ -232,32 +269,18 @@ def _check_tiff_jpeg(directory: _TiffDirectory) -> None:
         )
 
 
-def _tiff_jpeg_streams(directory: _TiffDirectory) -> list[tuple[int, int, tuple[int, int]]]:
-    """Each strip's (or tile's) JPEG stream as (offset, bytes, the strip's width and height), read as libtiff
-    reads them: strip and tile tags alike, a missing or zero byte count running to the file's end, strips
-    outside the file left out (libtiff fails on them); and old-style JPEG's stream for the whole image."""
-    first, end = directory.first, len(directory.data)
-    width, height = first(256), first(257)
-    if 322 in directory.fields or 323 in directory.fields:  # tiled
-        segment = first(322), first(323)
-    else:
-        rows = first(_TIFF_ROWS_PER_STRIP, height)
-        segment = width, rows if 0 < rows < height else height  # none, zero or past the image: one strip
-    offsets, counts = directory.either(_TIFF_OFFSET_TAGS), directory.either(_TIFF_COUNT_TAGS)
-    streams = [
-        (o, c, segment) for o, c in itertools.zip_longest(offsets, counts[: len(offsets)], fillvalue=0)
-    ]
-    if all(t in directory.fields for t in _TIFF_JPEG_STREAM):
-        streams.append((first(513), first(514), (width, height)))
-    return [(o, c if 0 < c < end - o else end - o, size) for o, c, size in streams if 0 <= o < end]
+def _blocks(pixels: int) -> int:
+    """``pixels`` rounded up to whole ``_JPEG_BLOCK``s, as libjpeg decodes them."""
+    return -(-pixels // _JPEG_BLOCK) * _JPEG_BLOCK
 
 
 def _jpeg_strip_scans(data: bytes, start: int, size: int, segment: tuple[int, int]) -> int:
-    """The scans of the JPEG stream of ``size`` bytes at ``start``, refused when a frame header in it
-    declares more than ``segment`` (width, height). Each FF DA pair counts as a scan, each run of bytes
-    shaped like a frame header as a frame (neither occurs in entropy-coded data: a baseline strip holds one
-    of each), so bytes that merely look like them only err towards refusing; counted in C."""
-    end = start + size
+    """The scans of the JPEG stream of ``size`` bytes at ``start`` (arithmetic-coded ones weighing
+    ``JPEG_ARITHMETIC_WEIGHT``), refused when a frame header in it declares more than ``segment`` (width,
+    height). Each FF DA pair counts as a scan, each run of bytes shaped like a frame header as a frame
+    (neither occurs in entropy-coded data: a baseline strip holds one of each), so bytes that merely look
+    like them only err towards refusing; counted in C."""
+    end, weight = start + size, 1
     for number, frame in enumerate(_JPEG_SOF.finditer(data, start, end)):
         height, width = (
             struct.unpack_from(">HH", data, frame.end()) if frame.end() + 4 <= len(data) else (0, 0)
@@ -268,7 +291,9 @@ def _jpeg_strip_scans(data: bytes, start: int, size: int, segment: tuple[int, in
                 f"TIFF's JPEG strip of {segment[0]}×{segment[1]} holds a frame of {width}×{height} "
                 "(or several frames); libtiff would decode it whole",
             )
-    return data.count(b"\xff\xda", start, end)
+        if frame[1][0] in _JPEG_ARITHMETIC:
+            weight = JPEG_ARITHMETIC_WEIGHT
+    return weight * data.count(b"\xff\xda", start, end)
 
 
 def _check_jpeg(data: bytes) -> None:
@@ -280,8 +305,9 @@ def _check_jpeg(data: bytes) -> None:
     first = _jpeg_first_scan(data)
     if first is None:
         return  # no image data: Pillow says so
-    pos, pixels = first
-    most = max(1, min(JPEG_MAX_SCANS, JPEG_SCAN_PIXELS // max(pixels, 1)))
+    pos, pixels, weight = first
+    most = max(1, min(JPEG_MAX_SCANS, JPEG_SCAN_PIXELS // max(pixels * weight, 1)))
+    coding = ", arithmetic-coded: each weighing 4" if weight > 1 else ""
     scans = others = 0
     while (found := _JPEG_MARKER.search(data, pos)) is not None:
         pos, marker = found.start(), data[found.start() + 1]
@@ -294,20 +320,21 @@ def _check_jpeg(data: bytes) -> None:
         if scans > most or others > JPEG_MAX_MARKERS:
             raise Refused(
                 "too_large",
-                f"JPEG holds more than {most} scans (each a pass over its {pixels:,} pixels) or "
+                f"JPEG holds more than {most} scans (each a pass over its {pixels:,} pixels{coding}) or "
                 f"{JPEG_MAX_MARKERS:,} segments between them; encoders write about 10 scans",
             )
         pos += 2 if marker in _JPEG_STANDALONE else 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
 
 
-def _jpeg_first_scan(data: bytes) -> tuple[int, int] | None:
-    """The offset of a JPEG's first start-of-scan marker and its frame's pixels (from the frame header,
-    SOFn; 0 when it has none), walking its header as Pillow will (segments by
+def _jpeg_first_scan(data: bytes) -> tuple[int, int, int] | None:
+    """The offset of a JPEG's first start-of-scan marker, its frame's pixels (from the frame header,
+    SOFn; 0 when it has none) and its scans' weight (``JPEG_ARITHMETIC_WEIGHT`` if arithmetic-coded, else
+    1), walking its header as Pillow will (segments by
     their length, fill bytes one by one, other bytes between segments skipped), and refusing it past
     ``JPEG_MAX_MARKERS`` markers and fill bytes, ``JPEG_MAX_SKIPPED`` other bytes, a second frame header
     or more bytes of a kind Pillow parses than ``JPEG_SEGMENT_BUDGETS`` allows."""
     pos, end, skipped = 2, len(data), 0
-    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0, _JPEG_PIXELS: 0}
+    spent = dict.fromkeys(JPEG_SEGMENT_BUDGETS, 0) | {_JPEG_FRAME: 0, _JPEG_PIXELS: 0, _JPEG_WEIGHT: 1}
     for _ in range(JPEG_MAX_MARKERS + 1):  # up to that many, then the first scan
         found = data.find(b"\xff", pos)
         if found < 0 or found + 4 > end:
@@ -319,7 +346,7 @@ def _jpeg_first_scan(data: bytes) -> tuple[int, int] | None:
             )
         marker, pos = data[found + 1], found
         if marker == 0xDA:  # the first scan: libjpeg reads the rest
-            return pos, spent[_JPEG_PIXELS]
+            return pos, spent[_JPEG_PIXELS], spent[_JPEG_WEIGHT]
         if marker == 0xFF:  # a fill byte
             pos += 1
         elif marker in _JPEG_STANDALONE:
@@ -345,6 +372,7 @@ def _spend_jpeg_budget(spent: dict[int, int], marker: int, length: int, start: b
             raise Refused("too_large", "JPEG holds more than one frame header before its image data")
         if len(start) == 5:  # precision, then height and width
             spent[_JPEG_PIXELS] = int.from_bytes(start[1:3], "big") * int.from_bytes(start[3:5], "big")
+        spent[_JPEG_WEIGHT] = JPEG_ARITHMETIC_WEIGHT if marker in _JPEG_ARITHMETIC else 1
     elif marker in spent and (marker != 0xE1 or start[:4] == b"Exif"):
         spent[marker] += length
         if spent[marker] > JPEG_SEGMENT_BUDGETS[marker]:

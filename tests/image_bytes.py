@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -109,16 +110,20 @@ def tiff_of_strips(height: int) -> bytes:
     return b"II*\0" + struct.pack("<I", 8) + directory + strips + bytes(height)
 
 
-def tiff_of_entries(entries: list[tuple[int, int, list[int] | None]], payload: bytes) -> bytes:
+def tiff_of_entries(entries: list[tuple[int, int, Any]], payload: bytes) -> bytes:
     """A little-endian TIFF of one directory: ``entries`` (tag, type 3 SHORT / 4 LONG / 1 BYTE, values) in
     the order given (repeats kept), values inline when they fit in the entry, else after the directory;
-    a value of None is the payload's offset (the payload comes last)."""
+    values of None are the payload's offset, or a function of it gives them (the payload comes last)."""
     kinds = {1: "B", 3: "H", 4: "I"}
     first = 8 + 2 + 12 * len(entries) + 4  # where out-of-line values start
-    spill = sum(4 * len(v or [0]) for _, _, v in entries)  # an upper bound: the payload goes after
+    spill = sum(4 * len(v(0) if callable(v) else v or [0]) for _, _, v in entries)  # the payload goes after
     payload_at, table, extra = first + spill, b"", b""
-    for tag, kind, values in entries:
-        values = [payload_at if v is None else v for v in (values or [None])]
+    for tag, kind, given in entries:
+        values = (
+            given(payload_at)
+            if callable(given)
+            else [payload_at if v is None else v for v in given or [None]]
+        )
         raw = struct.pack(f"<{len(values)}{kinds[kind]}", *values)
         field = raw.ljust(4, b"\0") if len(raw) <= 4 else struct.pack("<I", first + len(extra))
         extra += b"" if len(raw) <= 4 else raw
@@ -136,10 +141,12 @@ def tiled_tiff(
     order: str = "<",
     compression: int = 1,
     tile_kind: int = 3,
+    shared: bool = True,
 ) -> bytes:
-    """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it;
-    ``compression``: TIFF's code, 8 deflate, 7 JPEG), in either byte order; sizes as SHORTs
-    (left-justified in big-endian entries; the tile's as SLONGs with ``tile_kind=9``), offsets as LONGs."""
+    """A gray TIFF of ``tile``² tiles, every one stored as ``block`` (one copy, all offsets pointing at it,
+    or with ``shared=False`` a copy each; ``compression``: TIFF's code, 8 deflate, 7 JPEG), in either byte
+    order; sizes as SHORTs (left-justified in big-endian entries; the tile's as SLONGs with
+    ``tile_kind=9``), offsets as LONGs."""
     tiles = -(-width // tile) * -(-height // tile)
     entry = struct.Struct(order + "HHII")
 
@@ -151,18 +158,18 @@ def tiled_tiff(
     offsets = 8 + directory_size
     counts = offsets + 4 * tiles
     data = counts + 4 * tiles
+    stored = block if shared else block * tiles
     tags = [(256, 4, 1, width), (257, 4, 1, height), (258, 3, 1, short(8)),
             (259, 3, 1, short(compression)), (262, 3, 1, short(1)), (277, 3, 1, short(1)),
             (284, 3, 1, short(1)), (322, tile_kind, 1, tile_size), (323, tile_kind, 1, tile_size),
             (324, 4, tiles, offsets), (325, 4, tiles, counts), (339, 3, 1, short(1)),
-            (282, 5, 1, data + len(block))]  # fmt: skip
+            (282, 5, 1, data + len(stored))]  # fmt: skip
     directory = struct.pack(order + "H", len(tags)) + b"".join(entry.pack(*t) for t in tags)
-    arrays = struct.pack(f"{order}{tiles}I", *[data] * tiles) + struct.pack(
-        f"{order}{tiles}I", *[len(block)] * tiles
-    )
+    starts = [data if shared else data + i * len(block) for i in range(tiles)]
+    arrays = struct.pack(f"{order}{tiles}I", *starts) + struct.pack(f"{order}{tiles}I", *[len(block)] * tiles)
     resolution = struct.pack(order + "II", 72, 1)
     header = (b"II*\0" if order == "<" else b"MM\0*") + struct.pack(order + "I", 8)
-    return header + directory + struct.pack(order + "I", 0) + arrays + block + resolution
+    return header + directory + struct.pack(order + "I", 0) + arrays + stored + resolution
 
 
 def ico_wrapping(png: bytes) -> bytes:

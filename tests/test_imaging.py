@@ -295,24 +295,21 @@ def test_tiff_directories_that_cost_more_than_their_image_are_refused(order):
 
 def test_a_jpeg_compressed_tiff_pays_for_its_strips_scans_as_a_jpeg_does():
     """libtiff decodes each JPEG strip or tile scan by scan (up to 100 each): 100 strips sharing one 3 KB
-    stream of 96 scans made a 36 MP image that took 3.7 s. Tiles sharing a progressive stream of 6 scans
-    decode; of 96 (16.8 MP × 96 scans) they are refused, as are tiles whose streams overlap past the file."""
+    stream of 96 scans made a 36 MP image that took 3.7 s. Tiles of a progressive stream of 6 scans each
+    decode; of 96 (16.8 MP × 96 scans) they are refused. Strips are decoded as often as they are listed
+    (16 000 sharing one 200 KB stream: 6.4 s): sharing bytes past twice the file's length is refused."""
 
-    def tiles(scans: int) -> bytes:
+    def tiles(scans: int, shared: bool = False) -> bytes:
         block = progressive_jpeg(Image.new("L", (512, 512), 128), scans - 6)
-        return tiled_tiff(4096, 4096, 512, block, compression=7)
+        return tiled_tiff(4096, 4096, 512, block, compression=7, shared=shared)
 
     assert imaging.decode_image(tiles(6)).shape == (4096, 4096, 1)
     start = time.perf_counter()
     with pytest.raises(ImageDecodeError, match="TIFF's JPEG strips hold 1,610,612,736 scan-pixels") as err:
         imaging.decode_image(tiles(96))
     assert err.value.reason == "too_large" and time.perf_counter() - start < 0.05
-    staggered = bytearray(tiles(6))
-    offsets = 8 + 2 + 13 * 12 + 4  # the tile offsets follow the directory
-    first = struct.unpack_from("<I", staggered, offsets)[0]
-    struct.pack_into("<64I", staggered, offsets, *range(first, first + 64))
-    with pytest.raises(ImageDecodeError, match="strips overlap into more bytes than the file holds"):
-        imaging.decode_image(bytes(staggered))
+    with pytest.raises(ImageDecodeError, match="bytes from a file of 1,996: they share bytes"):
+        imaging.decode_image(tiles(6, shared=True))
 
 
 def _jpeg_tiff(width: int, height: int, jpeg: bytes, *extra: tuple, count: int | None = -1) -> bytes:
@@ -329,9 +326,10 @@ def test_a_jpeg_compressed_tiff_is_read_as_libtiff_reads_it():
     """A review's bypasses, each decoded by libtiff in 2-4 s from at most 260 KB: a strip byte count of zero
     or none (libtiff reads to the file's end), a strip holding a frame far taller than the image (libtiff
     decodes a last strip's frame whole: 8000x8000 behind an 8000x8 image), a tag given twice (libtiff keeps
-    the first copy, Pillow the last), tiles listed under the strip tags (libtiff takes them alike)."""
+    the first copy, the check kept the last), tiles listed under the strip tags (libtiff takes them alike)."""
     jpeg = progressive_jpeg(Image.new("L", (4000, 4000), 128), 90)  # 96 scans of 16 MP: over the budget
-    tiles = tiled_tiff(4096, 4096, 512, progressive_jpeg(Image.new("L", (512, 512), 128), 90), compression=7)
+    block = progressive_jpeg(Image.new("L", (512, 512), 128), 90)
+    tiles = tiled_tiff(4096, 4096, 512, block, compression=7, shared=False)
     offsets, counts = (struct.pack("<HH", tag, 4) for tag in (324, 325))
     strip_offsets, strip_counts = (struct.pack("<HH", tag, 4) for tag in (273, 279))
     cases = [
@@ -347,6 +345,34 @@ def test_a_jpeg_compressed_tiff_is_read_as_libtiff_reads_it():
             imaging.decode_image(data)
     small = _jpeg_tiff(64, 48, encode(Image.new("L", (64, 48), 9), "JPEG"))
     assert imaging.decode_image(small)[0, 0, 0] == 9
+
+
+def test_what_libjpeg_spends_more_on_is_charged_more():
+    """A second review's bypasses: arithmetic-coded scans cost about 3.5 times a Huffman one's (76 of a
+    4096² frame in 1 KB: 3.2 s), thin strips are decoded in whole 16-row blocks (65 000 one-row strips:
+    6.7 s), a frame of 5 components escaped the frame-header check (8000×16000 behind 8000×8: 1 GB)."""
+    flat = Image.new("L", (4000, 4000), 128)
+    progressive = progressive_jpeg(flat, 20)  # 26 scans of 16 MP: within 80 as Huffman, over 20 as arithmetic
+    assert imaging.decode_image(progressive).shape == (4000, 4000, 1)
+    arithmetic = progressive.replace(b"\xff\xc2", b"\xff\xca", 1)  # SOF10: progressive, arithmetic-coded
+    with pytest.raises(ImageDecodeError, match=r"more than 20 scans .* arithmetic-coded") as err:
+        imaging.decode_image(arithmetic)
+    assert err.value.reason == "too_large"
+    row = progressive_jpeg(Image.new("L", (8000, 1), 128), 90)  # 96 scans of one row, a copy per strip
+    strips = 105  # 96 × 8000 × 16 rows × 105 = 1.29 billion scan-pixels; 81 million counted by rows
+    entries = [(256, 4, [8000]), (257, 4, [strips]), (258, 3, [8]), (259, 3, [7]), (262, 3, [1]),
+               (273, 4, lambda at: [at + i * len(row) for i in range(strips)]), (277, 3, [1]), (278, 4, [1]),
+               (279, 4, [len(row)] * strips)]  # fmt: skip
+    with pytest.raises(ImageDecodeError, match="hold 1,290,240,000 scan-pixels"):
+        imaging.decode_image(tiff_of_entries(entries, row * strips))
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return b"\xff" + bytes([marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+    components = b"".join(bytes([i, 0x11, 0]) for i in range(1, 6))
+    five = b"\xff\xd8" + segment(0xC2, struct.pack(">BHHB", 8, 16000, 8000, 5) + components) + b"\xff\xd9"
+    with pytest.raises(ImageDecodeError, match="frame of 8000×16000"):
+        imaging.decode_image(_jpeg_tiff(8000, 8, five, (277, 3, [5])))
 
 
 def test_tiff_directories_of_huge_counts_or_offsets_cost_the_check_nothing():
