@@ -212,7 +212,7 @@ def _check_tiff(data: bytes) -> None:
             "decoded as often as it is listed",
         )
     if compression in _TIFF_JPEG:
-        _check_tiff_jpeg(directory, strips)
+        _check_tiff_jpeg(data, strips)
 
 
 def _tiff_value_limit(tag: int, kind: int) -> int | None:
@@ -238,7 +238,8 @@ def _check_tiff_tiles(width: int, height: int, tile_width: int, tile_height: int
 def _tiff_strips(directory: _TiffDirectory) -> list[tuple[int, int, tuple[int, int]]]:
     """Each strip (or tile) as (offset, bytes, the strip's width and height), read as libtiff reads them:
     strip and tile tags alike, a missing or zero byte count running to the file's end (libtiff's estimate),
-    strips outside the file or at its start (a sparse file's empty tiles) left out."""
+    strips outside the file or at its start (a sparse file's empty tiles) left out; and old-style JPEG's
+    stream for the whole image (JPEGInterchangeFormat) as one more."""
     first, end = directory.first, len(directory.data)
     if 322 in directory.fields or 323 in directory.fields:  # tiled
         segment = first(322), first(323)
@@ -246,19 +247,17 @@ def _tiff_strips(directory: _TiffDirectory) -> list[tuple[int, int, tuple[int, i
         width, height, rows = first(256), first(257), first(_TIFF_ROWS_PER_STRIP)
         segment = width, rows if 0 < rows < height else height  # none, zero or past the image: one strip
     offsets, counts = directory.either(_TIFF_OFFSET_TAGS), directory.either(_TIFF_COUNT_TAGS)
-    pairs = itertools.zip_longest(offsets, counts[: len(offsets)], fillvalue=0)
-    return [(o, c if 0 < c < end - o else end - o, segment) for o, c in pairs if 0 < o < end]
+    strips = [(o, c, segment) for o, c in itertools.zip_longest(offsets, counts[: len(offsets)], fillvalue=0)]
+    if all(t in directory.fields for t in _TIFF_JPEG_STREAM):
+        strips.append((first(513), first(514), (first(256), first(257))))
+    return [(o, c if 0 < c < end - o else end - o, size) for o, c, size in strips if 0 < o < end]
 
 
-def _check_tiff_jpeg(directory: _TiffDirectory, strips: list[tuple[int, int, tuple[int, int]]]) -> None:
+def _check_tiff_jpeg(data: bytes, strips: list[tuple[int, int, tuple[int, int]]]) -> None:
     """Refuse a JPEG-compressed TIFF whose strips' (or tiles') scans, each a pass over its strip's pixels
     (in whole blocks), cost more than a JPEG may (``JPEG_SCAN_PIXELS``), or whose strip holds a frame
     larger than the strip. Strips sharing bytes are walked once (and all of them read at most
-    ``TIFF_MAX_READ_FACTOR`` times the file's bytes: ``_check_tiff``); old-style JPEG adds its one stream
-    for the whole image."""
-    data, first = directory.data, directory.first
-    if all(t in directory.fields for t in _TIFF_JPEG_STREAM) and 0 < first(513) < len(data):
-        strips = [*strips, (first(513), min(first(514), len(data) - first(513)), (first(256), first(257)))]
+    ``TIFF_MAX_READ_FACTOR`` times the file's bytes: ``_check_tiff``)."""
     scans = {strip: _jpeg_strip_scans(data, *strip) for strip in set(strips)}
     spent = sum(scans[strip] * _blocks(strip[2][0]) * _blocks(strip[2][1]) for strip in strips)
     if spent > JPEG_SCAN_PIXELS:
