@@ -73,6 +73,9 @@ _JPEG_SOF = re.compile(
 _JPEG_ARITHMETIC = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
+# Bytes a value of each TIFF type takes (unknown types: 1): libtiff copies every tag's values and keeps them
+# while the file is open, however many tags share their bytes (4000 tags sharing one 250 KB run: 1.2 GB).
+_TIFF_TYPE_BYTES = {3: 2, 8: 2, 4: 4, 9: 4, 11: 4, 13: 4, 5: 8, 10: 8, 12: 8, 16: 8, 17: 8, 18: 8}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
 # The frame headers' count, the frame's pixels and its scans' weight in ``_spend_jpeg_budget``.
@@ -169,9 +172,10 @@ def _check_tiff(data: bytes) -> None:
     """Refuse a TIFF (or BigTIFF) whose first directory Pillow would read at length: more than
     ``TIFF_MAX_TAGS`` tags, ``TIFF_MAX_STRIPS`` strips or tiles, ``TIFF_MAX_VALUES`` numbers
     (``TIFF_MAX_RATIONALS`` fractions) in a tag, tiles covering far more than the image, JPEG strips costing
-    more than a JPEG may, compressed strips sharing bytes past ``TIFF_MAX_READ_FACTOR`` times the file, a tag
-    this check reads given twice (libtiff keeps the first copy, a reader may keep the last: refused, so
-    there is no doubt which one the check saw), or cut short."""
+    more than a JPEG may, compressed strips sharing bytes past ``TIFF_MAX_READ_FACTOR`` times the file, tags
+    whose values take more bytes than the file holds (they share them), a tag this check reads given twice
+    (libtiff keeps the first copy, a reader may keep the last: refused, so there is no doubt which one the
+    check saw), or cut short."""
     order = "<" if data[:2] == b"II" else ">"
     big = data[2:4] in (b"+\0", b"\0+")
     offset_format, count_format, entry_format = ("Q", "Q", "HHQ8s") if big else ("I", "H", "HHI4s")
@@ -188,6 +192,7 @@ def _check_tiff(data: bytes) -> None:
     if len(table) < tags * entry.size:
         raise Refused("truncated", "TIFF directory is cut short")
     fields: dict[int, tuple[int, int, bytes]] = {}
+    values = 0  # bytes of values kept outside the entries
     for tag, kind, count, value in entry.iter_unpack(table):
         limit = _tiff_value_limit(tag, kind)
         if limit is not None and count > limit:
@@ -201,6 +206,14 @@ def _check_tiff(data: bytes) -> None:
             )
         if tag in _TIFF_READ_TAGS:
             fields[tag] = kind, count, value
+        size = count * _TIFF_TYPE_BYTES.get(kind, 1)
+        values += size if size > len(value) else 0
+    if values > len(data):
+        raise Refused(
+            "too_large",
+            f"TIFF tags hold {values:,} bytes of values in a file of {len(data):,}: they share bytes, and "
+            "libtiff keeps a copy of each",
+        )
     directory = _TiffDirectory(data, order, fields)
     _check_tiff_tiles(*(directory.first(t) for t in _TIFF_SIZE_TAGS))
     compression, strips = directory.first(_TIFF_COMPRESSION, 1), _tiff_strips(directory)

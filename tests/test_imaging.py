@@ -375,6 +375,26 @@ def test_what_libjpeg_spends_more_on_is_charged_more():
         imaging.decode_image(_jpeg_tiff(8000, 8, five, (277, 3, [5])))
 
 
+def test_tiff_tags_sharing_their_values_are_refused():
+    """libtiff copies every tag's values and keeps them while the file is open, however many tags point at
+    the same bytes: 4000 tags sharing one 250 KB run took 1.2 GB and 1.6 s from a 298 KB Deflate TIFF."""
+    strip, run = zlib.compress(bytes(64 * 64)), bytes(100_000)
+
+    def tiff(tags: int) -> bytes:
+        entries = [(256, 3, [64]), (257, 3, [64]), (258, 3, [8]), (259, 3, [8]), (262, 3, [1]),
+                   (273, 4, None), (277, 3, [1]), (278, 3, [64]), (279, 4, [len(strip)])]  # fmt: skip
+        entries += [(40000 + i, 4, lambda at: [at + len(strip)]) for i in range(tags)]
+        data = bytearray(tiff_of_entries(entries, strip + run))
+        for i in range(tags):  # each an UNDEFINED run of bytes: the one after the strip
+            struct.pack_into("<HI", data, data.index(struct.pack("<HHI", 40000 + i, 4, 1)) + 2, 7, len(run))
+        return bytes(data)
+
+    assert imaging.decode_image(tiff(1)).shape == (64, 64, 1)
+    with pytest.raises(ImageDecodeError, match="TIFF tags hold 4,000,000 bytes of values") as err:
+        imaging.decode_image(tiff(40))
+    assert err.value.reason == "too_large"
+
+
 def test_tiff_directories_of_huge_counts_or_offsets_cost_the_check_nothing():
     """A size tag of 20 million BYTE values took the check 1.5 s and 1 GB while it unpacked them all; a
     BigTIFF directory offset past 2**63 raised an OverflowError out of the check."""
