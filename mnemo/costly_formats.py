@@ -65,12 +65,6 @@ _TIFF_COMPRESSION, _TIFF_ROWS_PER_STRIP, _TIFF_JPEG_STREAM = 259, 278, (513, 514
 _TIFF_READ_TAGS = frozenset(
     {*_TIFF_OFFSET_TAGS, *_TIFF_COUNT_TAGS, *_TIFF_SIZE_TAGS, *_TIFF_JPEG_STREAM, 259, 278}
 )
-# A JPEG frame header: SOFn, its length for 1–10 components (libjpeg's most), a precision of 1–16 bits;
-# then height and width. Arithmetic-coded frames: SOF9–11, SOF13–15.
-_JPEG_SOF = re.compile(
-    rb"\xff([\xc0-\xc3\xc5-\xc7\xc9-\xcb\xcd-\xcf])\x00[\x0b\x0e\x11\x14\x17\x1a\x1d\x20\x23\x26][\x01-\x10]"
-)
-_JPEG_ARITHMETIC = frozenset({0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
 # The integer types by TIFF code: BYTE, SHORT, LONG, SBYTE, SSHORT, SLONG, LONG8, SLONG8.
 _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "q"}
 # Bytes a value of each TIFF type takes (unknown types: 1): libtiff copies every tag's values and keeps them
@@ -78,6 +72,16 @@ _TIFF_INTEGERS = {1: "B", 3: "H", 4: "I", 6: "b", 8: "h", 9: "i", 16: "Q", 17: "
 _TIFF_TYPE_BYTES = {3: 2, 8: 2, 4: 4, 9: 4, 11: 4, 13: 4, 5: 8, 10: 8, 12: 8, 16: 8, 17: 8, 18: 8}
 _BMP_RLE = (b"\x01\0\0\0", b"\x02\0\0\0")  # BI_RLE8, BI_RLE4
 _JPEG_FRAME_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # SOF0–15 (not DHT, JPG, DAC)
+_JPEG_ARITHMETIC = frozenset(m for m in _JPEG_FRAME_MARKERS if m >= 0xC9)  # SOF9–11, SOF13–15
+# A JPEG frame header: SOFn, its length for 1–10 components (libjpeg's most), a precision of 1–16 bits;
+# then height and width.
+_JPEG_SOF = re.compile(
+    rb"\xff(["
+    + re.escape(bytes(sorted(_JPEG_FRAME_MARKERS)))
+    + rb"])\x00["
+    + bytes(8 + 3 * components for components in range(1, 11))
+    + rb"][\x01-\x10]"
+)
 # The frame headers' count, the frame's pixels and its scans' weight in ``_spend_jpeg_budget``.
 _JPEG_FRAME, _JPEG_PIXELS, _JPEG_WEIGHT = -1, -2, -3
 # Markers without a length: TEM, RSTn, SOI, EOI (and a stuffed 0x00).
@@ -216,9 +220,12 @@ def _check_tiff(data: bytes) -> None:
         )
     directory = _TiffDirectory(data, order, fields)
     _check_tiff_tiles(*(directory.first(t) for t in _TIFF_SIZE_TAGS))
-    compression, strips = directory.first(_TIFF_COMPRESSION, 1), _tiff_strips(directory)
+    compression = directory.first(_TIFF_COMPRESSION, 1)
+    if compression == 1:
+        return  # uncompressed strips cost what their pixels do, however they share bytes
+    strips = _tiff_strips(directory)
     read = sum(count for _, count, _ in strips)
-    if compression != 1 and read > TIFF_MAX_READ_FACTOR * len(data):
+    if read > TIFF_MAX_READ_FACTOR * len(data):
         raise Refused(
             "too_large",
             f"TIFF's strips read {read:,} bytes from a file of {len(data):,}: they share bytes, and each is "

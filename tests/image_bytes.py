@@ -99,15 +99,10 @@ def rle8_bmp(width: int, height: int, runs: bool = True) -> bytes:
 
 def tiff_of_strips(height: int) -> bytes:
     """A 1-pixel-wide gray TIFF of ``height`` one-byte strips (one row each), little-endian."""
-    entry = struct.Struct("<HHII")
-    offsets = 8 + 2 + 10 * entry.size + 4
-    counts, pixels = offsets + 4 * height, offsets + 8 * height
-    tags = [(256, 4, 1, 1), (257, 4, 1, height), (258, 3, 1, 8), (259, 3, 1, 1), (262, 3, 1, 1),
-            (273, 4, height, offsets), (277, 3, 1, 1), (278, 4, 1, 1), (279, 4, height, counts),
-            (284, 3, 1, 1)]  # fmt: skip
-    directory = struct.pack("<H", len(tags)) + b"".join(entry.pack(*t) for t in tags) + struct.pack("<I", 0)
-    strips = np.arange(pixels, pixels + height, dtype="<u4").tobytes() + np.ones(height, "<u4").tobytes()
-    return b"II*\0" + struct.pack("<I", 8) + directory + strips + bytes(height)
+    entries = [(256, 4, [1]), (257, 4, [height]), (258, 3, [8]), (259, 3, [1]), (262, 3, [1]),
+               (273, 4, lambda at: list(range(at, at + height))), (277, 3, [1]), (278, 4, [1]),
+               (279, 4, [1] * height), (284, 3, [1])]  # fmt: skip
+    return tiff_of_entries(entries, bytes(height))
 
 
 def tiff_of_entries(entries: list[tuple[int, int, Any]], payload: bytes) -> bytes:
