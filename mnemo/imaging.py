@@ -192,12 +192,14 @@ def open_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> OpenI
         raise ImageDecodeError(exc.reason, f"{source}: {exc}") from None
 
 
-def decode_image(source: Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode bytes or a file into float32 pixels [H, W, C] (C = 1 or 3) on the 0…255 scale, full size.
+def decode_image(source: OpenImage | Source, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode bytes, a file or an ``OpenImage`` (which it closes) into float32 pixels [H, W, C] (C = 1 or
+    3) on the 0…255 scale, full size.
 
     Errors as ``open_image``. Multi-frame files (GIF, TIFF stacks) give their first frame.
     """
-    with open_image(source, max_pixels=max_pixels) as opened:
+    opened = source if isinstance(source, OpenImage) else open_image(source, max_pixels=max_pixels)
+    with opened:
         _load(opened)
         return image_to_pixels(opened.image)
 

@@ -111,6 +111,28 @@ def test_ground_truth_masks_saved_as_labels_or_as_white_on_black_mark_the_same_p
     assert masks["blank"].sum() == 0 and masks["000"].sum() == 0
 
 
+def test_a_palette_mask_marks_every_label_that_is_not_black(tmp_path):
+    """VOC-style palette masks hold one colour per defect id, dark ones (64, 0, 0) beside bright ones
+    (128, 0, 0): every pixel whose colour is not black is a defect, where the same colours saved as RGB
+    read as brightness (the dark label is lost, as the docs say)."""
+    labels = np.zeros((8, 8), np.uint8)
+    labels[0, :2], labels[7, 6:] = 1, 8  # VOC's ids 1 (128, 0, 0) and 8 (64, 0, 0)
+    voc = [0, 0, 0] * 256
+    voc[3:6], voc[24:27] = [128, 0, 0], [64, 0, 0]
+    palette = Image.fromarray(labels, "P")
+    palette.putpalette(voc)
+    for name in ("palette", "rgb"):
+        save(tmp_path / "test" / "crack" / f"{name}.png", np.full((8, 8), 200))
+    (tmp_path / "ground_truth" / "crack").mkdir(parents=True)
+    palette.save(tmp_path / "ground_truth" / "crack" / "palette_mask.png")
+    palette.convert("RGB").save(tmp_path / "ground_truth" / "crack" / "rgb_mask.png")
+    save(tmp_path / "test" / "good" / "000.png", np.full((8, 8), 100))
+    dataset = datasets.ImageFolderDataset(datasets.mvtec_samples(tmp_path, "test"), PREP)
+    masks = {Path(item["path"]).stem: item["mask"][0] for item in dataset}
+    assert torch.equal(masks["palette"], torch.from_numpy(labels > 0).float())
+    assert torch.equal(masks["rgb"], torch.from_numpy(labels == 1).float())
+
+
 def test_a_folder_of_masks_per_image_marks_their_union(tmp_path):
     """MVTec LOCO: ``ground_truth/<defect>/<stem>/000.png, 001.png, ...``, one mask per defect."""
     save(tmp_path / "test" / "good" / "000.png", np.full((8, 8), 100))
@@ -227,6 +249,11 @@ def test_folder_errors_are_clear(tmp_path):
         splits.train[0]
     message = str(raised.value)
     assert message.startswith("cannot read ") and message.count("broken.png") == 1  # the path said once
+    whole = tmp_path / "bad" / "train" / "good" / "cut.png"
+    save(whole, np.random.default_rng(0).integers(0, 255, (64, 64)))
+    whole.write_bytes(whole.read_bytes()[:-200])  # the header reads; the pixels run out
+    with pytest.raises(DatasetError, match=r"^cannot read .*cut\.png: truncated or corrupt PNG data"):
+        datasets.folder_splits(tmp_path / "bad", PREP, val_fraction=0.0).train[1]
 
 
 def write_idx(directory, split, images, labels, gz: bool) -> None:

@@ -184,19 +184,24 @@ class SampleDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def _decode(self, path: Path) -> np.ndarray:
+    def _decode(self, path: Path, *, labels: bool = False) -> np.ndarray:
+        """A file's pixels (``decode_image``); with ``labels``, as ``defect_pixels`` of a mask instead."""
         try:
-            return decode_image(path, max_pixels=self.max_pixels)
-        except ImageDecodeError as exc:  # its message starts with the path
-            raise DatasetError(f"cannot read {exc}") from None
+            opened = open_image(path, max_pixels=self.max_pixels)
+            palette = opened.image.mode in ("P", "PA")
+            pixels = decode_image(opened)
+        except ImageDecodeError as exc:  # opening names the path, decoding does not
+            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
+            raise DatasetError(f"cannot read {message}") from None
         except OSError as exc:
             raise DatasetError(f"cannot read {path}: {exc}") from None
+        return defect_pixels(pixels, palette=palette) if labels else pixels
 
     def _defect_pixels(self, mask_path: Path) -> np.ndarray:
         """float32 [H, W, 1], 1 on the defect: a mask file's (``defect_pixels``), or the union of a folder
         of masks (MVTec LOCO keeps one per defect in ``ground_truth/<defect>/<stem>/``)."""
         paths = image_files(mask_path) if mask_path.is_dir() else [mask_path]
-        masks = [defect_pixels(self._decode(path)) for path in paths]
+        masks = [self._decode(path, labels=True) for path in paths]
         if not masks or len({m.shape for m in masks}) > 1:
             sizes = sorted({f"{m.shape[1]}×{m.shape[0]}" for m in masks})
             raise DatasetError(f"the masks in {mask_path} must be one image size, got {sizes or 'none'}")
@@ -267,16 +272,17 @@ class ImageFolderDataset(SampleDataset):
         return sized[..., 0][None]
 
 
-def defect_pixels(mask: np.ndarray) -> np.ndarray:
+def defect_pixels(mask: np.ndarray, *, palette: bool = False) -> np.ndarray:
     """A decoded ground-truth mask [H, W, C] on the 0…255 scale → float32 [H, W, 1], 1 on the defect.
 
     White on black (MVTec's 0/255, with a JPEG's noise, stray dark values or the soft edges of a resized
     mask): pixels brighter than mid-grey. A mask with nothing that bright holds labels, not brightness
     (0/1 as several sets save them, or defect ids 1, 2, …, near-black to the eye): its non-zero pixels.
-    A label map mixing dark and bright labels (ids 1 and 200, palette colours such as VOC's) reads as
-    white on black and loses its dark labels: save such masks as 0/255."""
+    A ``palette`` image (PNG/GIF/TIFF mode P: lossless, one colour per label, VOC-style) is a label map
+    whatever its colours: every pixel that is not black. A grey label map mixing dark and bright labels
+    (ids 1 and 200) reads as white on black and loses its dark labels: save such masks as 0/255."""
     gray = mask.max(axis=-1, keepdims=True)
-    cut = 127.5 if gray.max() > 127.5 else 0.0
+    cut = 127.5 if gray.max() > 127.5 and not palette else 0.0
     return (gray > cut).astype(np.float32)
 
 
