@@ -40,6 +40,7 @@ from mnemo.benchmarks.accuracy_plan import (
     TEXTURE_OPTIM,
     TEXTURE_SET,
     Cell,
+    architecture,
     model_overrides,
 )
 from mnemo.benchmarks.accuracy_report import write_markdown
@@ -166,7 +167,7 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
         return real_run_config(cell, data_root, work, device)
     optim = TEXTURE_OPTIM if cell.dataset == TEXTURE_DATASET else {}
     return run_cfg.RunConfig(
-        model=cell.model,
+        model=architecture(cell.model),
         model_config=model_overrides(cell.dataset, cell.model),
         data=data_config(cell, data_root, work),
         optim=run_cfg.OptimConfig(max_epochs=cell.max_epochs, patience=patience, **optim),

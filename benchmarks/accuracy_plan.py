@@ -5,6 +5,8 @@ A *cell* is one (dataset, protocol, model, class, seed) training run; ``plan`` l
 Which models run where (papers 000/001, paper 003 table 2):
 
 * ``roco`` on every IDX dataset: ae, memae, memorizer (N = 8 on MNIST, 10 elsewhere, paper 000 §4.5), rftm;
+  and each of them with ``+bank`` (``memorizer+bank``): the same training, scored with a latent bank of
+  every training image (``models/memory/latent_bank.py``; our extension, asked for by name only);
 * ``one_class`` on MNIST: daad and daad_plus (paper 003 table 2: its full method is daad_plus, with the
   adversarial alignment score) and anomem, all at 32 px gray (see ``MODEL_OVERRIDES``);
 * ``real`` on real-defect folders (``REAL_DATASETS``, e.g. elpv-mono): each model with its shipped recipe
@@ -31,6 +33,8 @@ DATASETS = {"mnist": "mnist", "fashion-mnist": "fashion-mnist", "kmnist": "kmnis
 TEXTURE_DATASET = "textures"  # generated on the spot by training.synthetic; class i = TEXTURES[i]
 ROCO_MODELS = ("ae", "memae", "memorizer", "rftm")
 ONE_CLASS_MODELS = ("daad", "daad_plus", "anomem")
+BANK = "+bank"  # a ROCO model's name + this: scored with a latent bank (never in the default lists)
+BANK_SIZE = 65536  # latents kept: every training image of a ROCO split (about 48 000–54 000)
 ONE_CLASS_DATASETS = ("mnist",)
 TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore")
 # Real defects (issue "real defects"): MVTec-layout folders under --data, each model trained with its
@@ -106,10 +110,17 @@ class Cell:
         )
 
 
+def architecture(model: str) -> str:
+    """The registered model a benchmark name trains (``memorizer+bank`` trains ``memorizer``)."""
+    return model.removesuffix(BANK)
+
+
 def model_overrides(dataset: str, model: str) -> dict[str, Any]:
     if dataset == TEXTURE_DATASET:
         return dict(TEXTURE_OVERRIDES[model])
-    return {**MODEL_OVERRIDES.get(("*", model), {}), **MODEL_OVERRIDES.get((dataset, model), {})}
+    base = architecture(model)
+    bank = {"latent_bank": BANK_SIZE} if model != base else {}
+    return {**MODEL_OVERRIDES.get(("*", base), {}), **MODEL_OVERRIDES.get((dataset, base), {}), **bank}
 
 
 def plan(
@@ -140,13 +151,13 @@ def classes_of(dataset: str, classes: Iterable[int]) -> list[int]:
 
 
 def protocol_of(dataset: str, model: str) -> str | None:
-    """``roco`` for the papers 000/001 models, ``one_class`` for DAAD/AnoMem on MNIST, ``synthetic`` for
-    every model on the textures, else None."""
+    """``roco`` for the papers 000/001 models (with or without ``+bank``), ``one_class`` for DAAD/AnoMem
+    on MNIST, ``synthetic`` for every model on the textures, else None."""
     if dataset == TEXTURE_DATASET:
         return "synthetic" if model in TEXTURE_MODELS else None
     if dataset in REAL_DATASETS:
         return "real" if model in REAL_RECIPES else None
-    if model in ROCO_MODELS:
+    if model in ROCO_MODELS or (model.endswith(BANK) and architecture(model) in ROCO_MODELS):
         return "roco"
     if model in ONE_CLASS_MODELS and dataset in ONE_CLASS_DATASETS:
         return "one_class"

@@ -15,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from mnemo.benchmarks import paper_tables
-from mnemo.benchmarks.accuracy_plan import FULL_EPOCHS, PAPER_MAX_EPOCHS, SEEDS, TEXTURE_DATASET
+from mnemo.benchmarks.accuracy_plan import (
+    BANK,
+    FULL_EPOCHS,
+    PAPER_MAX_EPOCHS,
+    ROCO_MODELS,
+    SEEDS,
+    TEXTURE_DATASET,
+)
 from mnemo.training.synthetic import TEXTURES
 
 METRICS = {
@@ -25,6 +32,7 @@ METRICS = {
     "real": ("auroc", "auprc"),
 }
 MODEL_ORDER = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore")
+MODEL_ORDER += tuple(m + BANK for m in ROCO_MODELS)
 # Measured outside this benchmark on the same elpv-mono test cells, ~15 min of 2 CPU cores each (issue
 # "real defects"): what a user gets elsewhere, for scale. Image AUROC %.
 REAL_REFERENCES = {
@@ -114,11 +122,18 @@ def _real_notes(dataset: str, models: list[str], records: list[dict]) -> list[st
 def _metric_table(
     dataset: str, protocol: str, metric: str, models: list[str], records: list[dict]
 ) -> list[str]:
-    """One row per class, ours (and the paper's, where a paper has the cell) per model, then the average."""
-    has_paper = protocol in ("roco", "one_class")
+    """One row per class, ours (and the paper's, where a paper has the cell) per model, then the average.
+    A ``+bank`` model is ours alone: no paper scores with a latent bank."""
+    protocol_has_paper = protocol in ("roco", "one_class")
     names = TEXTURES if dataset == TEXTURE_DATASET else paper_tables.CLASS_NAMES.get(dataset, [dataset])
-    labels = ("ours", "paper") if has_paper else ("",)
-    header = ["class"] + [f"{m} {label}".strip() for m in models for label in labels]
+
+    def with_paper(model: str) -> bool:
+        return protocol_has_paper and not model.endswith(BANK)
+
+    labels = {
+        m: ("ours", "paper") if with_paper(m) else ("ours",) if protocol_has_paper else ("",) for m in models
+    }
+    header = ["class"] + [f"{m} {label}".strip() for m in models for label in labels[m]]
     title = metric.upper().replace("_", " ")
     lines = [f"### {title}", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     classes = sorted({r["target_class"] for r in records})
@@ -128,12 +143,12 @@ def _metric_table(
             cell = [r for r in records if r["model"] == m and r["target_class"] == c]
             values = [r[metric] for r in cell if metric in r]
             row.append(_mean_std(values))
-            row += [_paper_cell(dataset, protocol, metric, m, c)] if has_paper else []
+            row += [_paper_cell(dataset, protocol, metric, m, c)] if with_paper(m) else []
         lines.append("| " + " | ".join(row) + " |")
     avg = ["**AVG**"]
     for m in models:
         avg.append(_average(records, m, metric, len(names) or 10))
-        avg += [_paper_cell(dataset, protocol, metric, m, 10)] if has_paper else []
+        avg += [_paper_cell(dataset, protocol, metric, m, 10)] if with_paper(m) else []
     lines += ["| " + " | ".join(avg) + " |", ""]
     return lines
 

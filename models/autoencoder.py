@@ -12,6 +12,7 @@ image's conv latent (512×16×16) per sample would make Memorizer's W_S 131072²
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ import torch.nn as nn
 from mnemo.models.backbones import ConvAutoencoder, FCAutoencoder
 from mnemo.models.base import ModelConfig, ReconstructionModel
 from mnemo.models.memory import MemAEMemory, MultiRoundMemory, TwinMemory
+from mnemo.models.memory.latent_bank import LatentBank
 from mnemo.models.memory.memae import attention_entropy
 from mnemo.models.registry import register_model
 
@@ -30,6 +32,9 @@ class AutoencoderConfig(ModelConfig):
     hidden_dims: tuple[int, ...] = (512, 256, 128)  # fc: FC1..FC3 widths, mirrored by the decoder
     conv_widths: tuple[int, ...] = (64, 128, 256, 512)  # conv: Conv1..Conv4 channels
     memory_granularity: str = "auto"  # "sample", "position" or "auto" (see module docstring)
+    # Training latents kept to score by (models/memory/latent_bank.py; our extension, off = the papers'
+    # reconstruction score): the error plus the distances to the nearest kept latent, standardised.
+    latent_bank: int = 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,8 @@ class MemoryAutoencoder(ReconstructionModel):
             dim *= self.backbone.latent_side**2
         self.memory: nn.Module | None = memory_factory(dim) if memory_factory else None
         self.entropy_weight = entropy_weight
+        flat = self.backbone.latent_dim * (self.backbone.latent_side**2 if config.backbone == "conv" else 1)
+        self.bank = LatentBank(config.latent_bank, flat) if config.latent_bank else None
 
     def to_queries(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() == 2:
@@ -89,7 +96,10 @@ class MemoryAutoencoder(ReconstructionModel):
         return q.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
     def reconstruct(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        z = self.backbone.encode(x)
+        return self.decode(self.backbone.encode(x))
+
+    def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The latent through the memory (when there is one) and the decoder."""
         aux: dict[str, torch.Tensor] = {}
         if self.memory is not None:
             read, weights = self.memory(self.to_queries(z))
@@ -97,6 +107,46 @@ class MemoryAutoencoder(ReconstructionModel):
             if self.entropy_weight > 0 and self.training:
                 aux["entropy"] = self.entropy_weight * attention_entropy(weights)
         return self.backbone.decode(z), aux
+
+    def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The papers' reconstruction score, or with a latent bank its three standardised cues; the
+        heatmap is the reconstruction error's either way."""
+        if self.bank is None:
+            return super().score(x)
+        z = self.backbone.encode(x)
+        err = ((x - self.decode(z)[0]) ** 2).mean(dim=1, keepdim=True)
+        return self.bank.score(z.flatten(1), err.mean(dim=(1, 2, 3))), self.blur(err)
+
+    def after_fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Fill the latent bank (when configured) from the training images: a uniform sample of
+        ``latent_bank`` of them, kept in one pass by random keys (reproducible: a fixed generator)."""
+        if self.bank is None:
+            return
+        device = next(self.parameters()).device
+        keys, latents, errors = torch.empty(0), torch.empty(0, self.bank.items.shape[1]), torch.empty(0)
+        generator = torch.Generator().manual_seed(0)
+        was_training = self.training
+        self.eval()
+        with torch.inference_mode():
+            for batch in batches:
+                x = batch.to(device)
+                z = self.backbone.encode(x)
+                error = ((x - self.decode(z)[0]) ** 2).mean(dim=(1, 2, 3))
+                keys = torch.cat([keys, torch.rand(len(x), generator=generator)])
+                latents, errors = torch.cat([latents, z.flatten(1).cpu()]), torch.cat([errors, error.cpu()])
+                kept = keys.argsort()[: self.bank.size]
+                keys, latents, errors = keys[kept], latents[kept], errors[kept]
+        self.train(was_training)
+        self.bank.fit(latents.to(device), errors.to(device))
+
+    def export_facts(self) -> dict[str, float] | None:
+        """The latent bank's size; an unfilled bank would score every image as the error alone against
+        zero statistics, so it refuses to export."""
+        if self.bank is None:
+            return None
+        if not self.bank.fitted:
+            raise ValueError(f"{self.model_name}: the latent bank is not filled; refusing to export")
+        return {"latent_bank_items": float(len(self.bank.items))}
 
 
 @register_model("ae", AutoencoderConfig, "Plain autoencoder: the baselines' backbone (papers 000/001 §4)")

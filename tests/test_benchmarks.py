@@ -15,6 +15,8 @@ from mnemo import models
 from mnemo.benchmarks import accuracy, accuracy_plan, memory_addressing, one_class_scores, roco_scores, serve
 from mnemo.benchmarks.accuracy_report import render
 from mnemo.training import config as run_config
+from mnemo.training.datasets import idx_splits
+from mnemo.training.run import load_model
 
 
 def write_idx(directory: Path, split: str, images: np.ndarray, labels: np.ndarray) -> None:
@@ -137,6 +139,32 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
     assert "97.79±0.64" in markdown  # paper 000: Memorizer class 0
     ours = f"| 0 | {100 * records[0]['auroc']:.2f} (n=1) | 79.16±0.30 |"
     assert ours in markdown
+
+
+def test_a_bank_cell_trains_its_architecture_as_it_is_and_scores_with_every_training_image(
+    fake_mnist, tmp_path
+):
+    """``memorizer+bank``: the same training as ``memorizer`` (same seed, same losses), then the latent
+    bank of every training image; not in the default model lists."""
+    assert accuracy_plan.protocol_of("mnist", "memorizer+bank") == "roco"
+    assert accuracy_plan.protocol_of("mnist", "daad+bank") is None
+    assert accuracy_plan.protocol_of("textures", "memorizer+bank") is None
+    results, work = tmp_path / "accuracy.json", tmp_path / "work"
+    cells = accuracy_plan.plan(["mnist"], ["memorizer", "memorizer+bank"], [0], [2022], max_epochs=2)
+    markdown = results.with_suffix(".md")
+    _, bank = accuracy.run(cells, fake_mnist, results, work, keep_runs=True, markdown_path=markdown)[
+        "records"
+    ]
+    assert bank["model"] == "memorizer+bank"
+    assert bank["model_config"] == {"memory_size": 8, "latent_bank": accuracy_plan.BANK_SIZE}
+    runs = [accuracy.run_dir(cell, work) for cell in cells]
+    histories = [json.loads((run / "history.json").read_text()) for run in runs]
+    assert [h["loss"] for h in histories[0]] == [h["loss"] for h in histories[1]]
+    trained = [load_model(run) for run in runs]
+    assert trained[0].bank is None and len(trained[1].bank.items) == len(
+        idx_splits(fake_mnist / "mnist", "roco", 0).train
+    )
+    assert "| memorizer ours | memorizer paper | memorizer+bank ours |" in markdown.read_text()
 
 
 def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_mnist, tmp_path, capsys):

@@ -1,0 +1,89 @@
+"""A second memory, of examples: the encoder latents of normal training images (our extension, issue 16).
+
+Papers 000/001 score by reconstruction error alone, and on ROCO it fails two ways
+(benchmarks/results/roco-scores.md): a held-out class with less ink than the normal ones (MNIST's 1s)
+scores *below* normal however badly it is rebuilt, and a held-out class that looks like a normal one
+(Fashion-MNIST's T-shirts among shirts) is rebuilt well. Its encoder still places such images away from
+every normal image. The bank keeps the latents z = f_e(x) of up to ``size`` training images and scores a
+test image by its distance to the nearest, as Euclidean and as cosine distance:
+
+    d_euc(z) = min_j ‖z − b_j‖₂          d_cos(z) = min_j ‖z/‖z‖ − b_j/‖b_j‖‖₂
+    s(x) = Σ_c (c(x) − μ_c) / σ_c,  c ∈ {e, d_euc, d_cos}
+
+with e the image's mean squared reconstruction error (the papers' score), and μ_c, σ_c each cue's mean
+and spread over training images scored against the bank with their own entry left out (what a new normal
+image sees). The sum keeps the papers' score as one of three equal cues rather than replacing it:
+measured on 10-epoch Memorizer runs, either distance alone or the error alone is beaten by the sum on
+MNIST and Fashion-MNIST alike (benchmarks/results/roco-scores.md).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STAT_PROBES = 2048  # bank entries scored leave-one-out for μ_c, σ_c
+CHUNK = 256  # probes per distance block while fitting: CHUNK × size floats at a time
+MAX_VALUES = 64 * 2**20  # size × latent dimension: 256 MB of float32 at most
+
+
+class LatentBank(nn.Module):
+    """Up to ``size`` normal latents of dimension ``dim`` and the cue statistics; empty until ``fit``."""
+
+    def __init__(self, size: int, dim: int) -> None:
+        super().__init__()
+        if size < 2:
+            raise ValueError(f"latent_bank must be 0 (off) or at least 2, got {size}")
+        if size * dim > MAX_VALUES:
+            raise ValueError(
+                f"latent_bank {size} × latent dimension {dim} = {size * dim:,} values, over {MAX_VALUES:,}:"
+                " lower latent_bank"
+            )
+        self.size = size
+        self.register_buffer("items", torch.zeros(0, dim))
+        self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * 3))  # (μ, σ) of e, d_euc, d_cos
+
+    @property
+    def fitted(self) -> bool:
+        return len(self.items) > 0
+
+    def fit(self, latents: torch.Tensor, errors: torch.Tensor) -> None:
+        """Keep ``latents`` [n, dim] (n ≤ size, in random order) and fit each cue's μ, σ on the first
+        ``STAT_PROBES`` of them, each against the others (``errors``: their reconstruction errors)."""
+        if len(latents) < 2:
+            raise ValueError(f"the latent bank needs at least 2 training images, got {len(latents)}")
+        self.items = latents.detach().float().clone()
+        probes = min(STAT_PROBES, len(latents))
+        starts = range(0, probes, CHUNK)
+        blocks = [self.distances(self.items[i : min(i + CHUNK, probes)], skip=i) for i in starts]
+        euc, cos = (torch.cat(cue) for cue in zip(*blocks))
+        cues = torch.stack([errors[:probes].float(), euc, cos])
+        self.stats = torch.stack([cues.mean(dim=1), cues.std(dim=1).clamp_min(1e-12)], dim=1)
+
+    def distances(self, z: torch.Tensor, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(d_euc, d_cos) of each row of ``z`` [B, dim] to its nearest entry. ``skip`` (fitting only): row
+        i is entry ``skip`` + i itself, left out. The nearest entry is found by one [B, size] product
+        (‖z‖² − 2 z·b + ‖b‖², the graph the export keeps), its distance then taken directly: the
+        expansion cancels near zero, where a float32 rounding apart becomes a large standardised one."""
+        bank, unit, z_unit = self.items, F.normalize(self.items, dim=1), F.normalize(z, dim=1)
+        squared = (bank * bank).sum(1) - 2 * z @ bank.t()  # ‖z‖² is the same for every entry
+        similar = z_unit @ unit.t()
+        if skip is not None:
+            own = torch.arange(len(z), device=z.device)
+            squared[own, own + skip] = float("inf")
+            similar[own, own + skip] = -float("inf")
+        euc = (z - bank[squared.argmin(dim=1)]).norm(dim=1)
+        cos = (z_unit - unit[similar.argmax(dim=1)]).norm(dim=1)
+        return euc, cos
+
+    def score(self, z: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
+        """s(x): the three cues standardised and summed, [B]."""
+        cues = torch.stack([errors, *self.distances(z)], dim=1)
+        return ((cues - self.stats[:, 0]) / self.stats[:, 1]).sum(dim=1)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A fitted bank holds as many entries as it kept: take the saved shape before loading."""
+        if (key := prefix + "items") in state_dict:
+            self.items = torch.empty_like(state_dict[key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

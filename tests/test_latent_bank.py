@@ -1,0 +1,95 @@
+"""models/memory/latent_bank.py: the memory autoencoders scored with a bank of training latents."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import cdist
+
+from mnemo import models
+from mnemo.models.memory import latent_bank
+from mnemo.training.run import load_model, save_model
+from tests.conftest import TINY_CONFIGS
+from tests.export_check import assert_exports_match
+
+
+def banked(name: str = "memorizer", size: int = 64, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return models.create(name, **TINY_CONFIGS[name], latent_bank=size)
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    return torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def latents_and_errors(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    with torch.no_grad():
+        z = model.backbone.encode(x)
+        errors = ((x - model.decode(z)[0]) ** 2).mean(dim=(1, 2, 3))
+    return z.flatten(1).double().numpy(), errors.double().numpy()
+
+
+@pytest.mark.parametrize("name", ["ae", "memae", "memorizer", "rftm"])
+def test_the_score_sums_the_standardised_error_and_nearest_latent_distances(name):
+    """Checked against scipy: each cue's mean and spread on the training images, each against the others
+    (leave-one-out), then a test image's error and distances to its nearest training latent."""
+    model, train, test = banked(name).eval(), images(40), images(5, seed=9)
+    model.after_fit(iter(train.split(16)))
+    z, e = latents_and_errors(model, train)
+    unit = z / np.linalg.norm(z, axis=1, keepdims=True)
+    own = np.eye(len(z), dtype=bool)
+    loo = [np.where(own, np.inf, cdist(a, a)).min(axis=1) for a in (z, unit)]
+    stats = [(c.mean(), c.std(ddof=1)) for c in (e, *loo)]
+    zt, et = latents_and_errors(model, test)
+    cues = (
+        et,
+        cdist(zt, z).min(axis=1),
+        cdist(zt / np.linalg.norm(zt, axis=1, keepdims=True), unit).min(axis=1),
+    )
+    expected = sum((c - m) / s for c, (m, s) in zip(cues, stats))
+    with torch.no_grad():
+        score, heat = model.score(test)
+        plain = models.create(name, **TINY_CONFIGS[name])
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("bank.")})
+        plain_heat = plain.eval().score(test)[1]
+    np.testing.assert_allclose(score.numpy(), expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(heat, plain_heat)  # the heatmap stays the reconstruction error's
+    with torch.no_grad():  # a training image is its own nearest latent: both distances vanish
+        assert all(
+            float(d.max()) < 1e-5 for d in model.bank.distances(model.backbone.encode(train[:3]).flatten(1))
+        )
+
+
+def test_the_bank_keeps_the_same_uniform_sample_however_the_images_are_batched():
+    whole, by_sevens = banked(size=16), banked(size=16)
+    train = images(60)
+    whole.after_fit(iter([train]))
+    by_sevens.after_fit(iter(train.split(7)))
+    torch.testing.assert_close(whole.bank.items, by_sevens.bank.items)
+    torch.testing.assert_close(whole.bank.stats, by_sevens.bank.stats)
+    z, _ = latents_and_errors(whole.eval(), train)
+    kept = [int(np.argmin(np.abs(z - item).sum(axis=1))) for item in whole.bank.items.double().numpy()]
+    assert len(set(kept)) == 16 and max(kept) > 16  # 16 distinct training images, not just the first 16
+
+
+def test_a_banked_model_saves_loads_and_exports_what_it_scores(tmp_path):
+    model, train = banked(), images(30)
+    with pytest.raises(ValueError, match="latent bank is not filled; refusing to export"):
+        model.export_facts()
+    model.after_fit(iter([train]))
+    assert model.export_facts() == {"latent_bank_items": 30.0}  # fewer images than the bank holds: all
+    save_model(model.eval(), tmp_path / "model.pt")  # the bank's shape is the images it kept, not 64
+    loaded, test = load_model(tmp_path), images(4, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])
+    assert_exports_match(model, test[:2], test, tmp_path)
+
+
+def test_bank_sizes_out_of_reach_are_refused_when_the_model_is_made():
+    with pytest.raises(ValueError, match="latent_bank must be 0 \\(off\\) or at least 2, got 1"):
+        banked(size=1)
+    with pytest.raises(ValueError, match="over 67,108,864: lower latent_bank"):
+        banked(size=latent_bank.MAX_VALUES)
+    with pytest.raises(ValueError, match="needs at least 2 training images, got 1"):
+        banked().after_fit(iter([images(1)]))
