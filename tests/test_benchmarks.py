@@ -557,10 +557,11 @@ def test_roco_scores_rescore_kept_runs_and_show_what_ink_alone_says(fake_mnist, 
     out = accuracy.run(cells, fake_mnist, tmp_path / "r.json", tmp_path / "work", keep_runs=True)
     assert roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "work")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |"))
-    model, ink, _, positional = (float(v) for v in row.strip("| ").split(" | ")[1:])
+    model, ink, _, positional, banked = (float(v) for v in row.strip("| ").split(" | ")[1:])
     assert model == pytest.approx(100 * out["records"][0]["auroc"], abs=0.05)  # the model's own score
     assert ink == 100.0  # held-out 0s are the bright squares: ink alone finds them
     assert positional > 90.0  # a bright square errs far beyond any position's spread on faint noise
+    assert banked > 90.0  # and lies far from every faint-noise latent
     with pytest.raises(SystemExit):
         roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "empty")])
 
