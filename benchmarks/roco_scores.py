@@ -1,7 +1,8 @@
 """Why the reconstruction score fails on some held-out ROCO classes: it counts ink.
 
 For each kept ROCO run (``mnemo bench accuracy --keep-runs``), per held-out class, the test AUROC of:
-the model's own score (the mean squared error), the images' *ink* alone (mean pixel value above the
+the model's own score (the mean squared error; a ``+bank`` run's own score is its bank's, and the
+variance column then means nothing: rescore a plain run), the images' *ink* alone (mean pixel value above the
 image's darkest, no model at all), the squared error divided by the image's pixel variance (the share
 of the image the reconstruction misses), the error standardised per pixel position over training
 images (restore's lever on real defects), and the same trained model scored with a latent bank of its

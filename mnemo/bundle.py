@@ -37,7 +37,9 @@ class Manifest:
     preprocessing: dict[str, Any]  # mnemo.imaging.Preprocessing.to_dict(): channels, size, mean, std…
     calibration: dict[str, Any]  # mnemo.calibration.Calibration.to_dict(): threshold, how chosen, quantiles
     files: dict[str, str]  # file name -> sha256
-    score_scaling: dict[str, float] | None = None  # DAAD+ min-max constants (also baked into the graph)
+    # export_facts(): DAAD+'s min-max constants, restore's and a latent bank's image counts (the values
+    # themselves are baked into the graph)
+    score_scaling: dict[str, float] | None = None
     roi: dict[str, Any] | None = None  # {"file": "roi.png"}: only that part of the frame counts (mnemo.roi)
     tiling: dict[str, Any] | None = None  # {"tile", "overlap", "scale"}: scored tile by tile (mnemo.tiling)
     training: dict[str, Any] = field(default_factory=dict)  # data summary, epochs, seed, run config

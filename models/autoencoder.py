@@ -79,8 +79,10 @@ class MemoryAutoencoder(ReconstructionModel):
             dim *= self.backbone.latent_side**2
         self.memory: nn.Module | None = memory_factory(dim) if memory_factory else None
         self.entropy_weight = entropy_weight
-        flat = self.backbone.latent_dim * (self.backbone.latent_side**2 if config.backbone == "conv" else 1)
-        self.bank = LatentBank(config.latent_bank, flat) if config.latent_bank else None
+        latent_values = self.backbone.latent_dim * (
+            self.backbone.latent_side**2 if config.backbone == "conv" else 1
+        )  # per image, flattened: the bank keeps whole latents whatever the memory's granularity
+        self.bank = LatentBank(config.latent_bank, latent_values) if config.latent_bank else None
 
     def to_queries(self, z: torch.Tensor) -> torch.Tensor:
         if z.dim() == 2:
@@ -108,36 +110,45 @@ class MemoryAutoencoder(ReconstructionModel):
                 aux["entropy"] = self.entropy_weight * attention_entropy(weights)
         return self.backbone.decode(z), aux
 
+    def latent_and_error_map(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the flattened latent [B, F], ``error_map(x)``) from one encoder pass: what the bank reads."""
+        z = self.backbone.encode(x)
+        return z.flatten(1), ((x - self.decode(z)[0]) ** 2).mean(dim=1, keepdim=True)
+
     def score(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The papers' reconstruction score, or with a latent bank its three standardised cues; the
         heatmap is the reconstruction error's either way."""
         if self.bank is None:
             return super().score(x)
-        z = self.backbone.encode(x)
-        err = ((x - self.decode(z)[0]) ** 2).mean(dim=1, keepdim=True)
-        return self.bank.score(z.flatten(1), err.mean(dim=(1, 2, 3))), self.blur(err)
+        z, err = self.latent_and_error_map(x)
+        return self.bank.score(z, err.mean(dim=(1, 2, 3))), self.blur(err)
 
     def after_fit(self, batches: Iterable[torch.Tensor]) -> None:
-        """Fill the latent bank (when configured) from the training images: a uniform sample of
-        ``latent_bank`` of them, kept in one pass by random keys (reproducible: a fixed generator)."""
+        """Fill the latent bank (when configured) from the training images, as the trained model sees them."""
         if self.bank is None:
             return
-        device = next(self.parameters()).device
-        keys, latents, errors = torch.empty(0), torch.empty(0, self.bank.items.shape[1]), torch.empty(0)
-        generator = torch.Generator().manual_seed(0)
         was_training = self.training
         self.eval()
+        latents, errors = self._sample_latents(batches)
+        self.train(was_training)
+        device = next(self.parameters()).device
+        self.bank.fit(latents.to(device), errors.to(device))
+
+    def _sample_latents(self, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A uniform sample of ``latent_bank`` training latents and their errors, in random order, kept in
+        one pass: each image draws a random key and the smallest keys stay (a fixed generator, so a run
+        keeps the same sample however its images are batched)."""
+        device, generator = next(self.parameters()).device, torch.Generator().manual_seed(0)
+        keys, latents, errors = torch.empty(0), torch.empty(0, self.bank.items.shape[1]), torch.empty(0)
         with torch.inference_mode():
             for batch in batches:
-                x = batch.to(device)
-                z = self.backbone.encode(x)
-                error = ((x - self.decode(z)[0]) ** 2).mean(dim=(1, 2, 3))
-                keys = torch.cat([keys, torch.rand(len(x), generator=generator)])
-                latents, errors = torch.cat([latents, z.flatten(1).cpu()]), torch.cat([errors, error.cpu()])
-                kept = keys.argsort()[: self.bank.size]
+                z, err = self.latent_and_error_map(batch.to(device))
+                keys = torch.cat([keys, torch.rand(len(z), generator=generator)])
+                latents = torch.cat([latents, z.cpu()])
+                errors = torch.cat([errors, err.mean(dim=(1, 2, 3)).cpu()])
+                kept = keys.argsort(stable=True)[: self.bank.size]
                 keys, latents, errors = keys[kept], latents[kept], errors[kept]
-        self.train(was_training)
-        self.bank.fit(latents.to(device), errors.to(device))
+        return latents, errors
 
     def export_facts(self) -> dict[str, float] | None:
         """The latent bank's size; an unfilled bank would score every image as the error alone against

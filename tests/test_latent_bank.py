@@ -30,17 +30,27 @@ def latents_and_errors(model, x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return z.flatten(1).double().numpy(), errors.double().numpy()
 
 
+def kept_order(model, train: torch.Tensor) -> list[int]:
+    """The training images' indices in the order the bank holds their latents."""
+    z, _ = latents_and_errors(model.eval(), train)
+    return [int(np.abs(z - item).sum(axis=1).argmin()) for item in model.bank.items.double().numpy()]
+
+
 @pytest.mark.parametrize("name", ["ae", "memae", "memorizer", "rftm"])
-def test_the_score_sums_the_standardised_error_and_nearest_latent_distances(name):
-    """Checked against scipy: each cue's mean and spread on the training images, each against the others
-    (leave-one-out), then a test image's error and distances to its nearest training latent."""
+def test_the_score_sums_the_standardised_error_and_nearest_latent_distances(name, monkeypatch):
+    """Checked against scipy: each cue's mean and spread over the first STAT_PROBES kept images, each
+    against all the others (leave-one-out, in blocks of CHUNK), then a test image's error and distances to
+    its nearest training latent."""
+    monkeypatch.setattr(latent_bank, "CHUNK", 7)  # 3 blocks, the last one short
+    monkeypatch.setattr(latent_bank, "STAT_PROBES", 18)
     model, train, test = banked(name).eval(), images(40), images(5, seed=9)
     model.after_fit(iter(train.split(16)))
     z, e = latents_and_errors(model, train)
     unit = z / np.linalg.norm(z, axis=1, keepdims=True)
     own = np.eye(len(z), dtype=bool)
-    loo = [np.where(own, np.inf, cdist(a, a)).min(axis=1) for a in (z, unit)]
-    stats = [(c.mean(), c.std(ddof=1)) for c in (e, *loo)]
+    probes = kept_order(model, train)[:18]
+    loo = [np.where(own, np.inf, cdist(a, a)).min(axis=1)[probes] for a in (z, unit)]
+    stats = [(c.mean(), c.std(ddof=1)) for c in (e[probes], *loo)]
     zt, et = latents_and_errors(model, test)
     cues = (
         et,
@@ -68,9 +78,8 @@ def test_the_bank_keeps_the_same_uniform_sample_however_the_images_are_batched()
     by_sevens.after_fit(iter(train.split(7)))
     torch.testing.assert_close(whole.bank.items, by_sevens.bank.items)
     torch.testing.assert_close(whole.bank.stats, by_sevens.bank.stats)
-    z, _ = latents_and_errors(whole.eval(), train)
-    kept = [int(np.argmin(np.abs(z - item).sum(axis=1))) for item in whole.bank.items.double().numpy()]
-    assert len(set(kept)) == 16 and max(kept) > 16  # 16 distinct training images, not just the first 16
+    keys = torch.rand(60, generator=torch.Generator().manual_seed(0))
+    assert kept_order(whole, train) == keys.argsort()[:16].tolist()  # the 16 smallest keys, in key order
 
 
 def test_a_banked_model_saves_loads_and_exports_what_it_scores(tmp_path):
@@ -84,6 +93,18 @@ def test_a_banked_model_saves_loads_and_exports_what_it_scores(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])
     assert_exports_match(model, test[:2], test, tmp_path)
+
+
+def test_an_unfilled_or_mismatched_bank_is_refused_with_a_reason():
+    with pytest.raises(ValueError, match="latent bank is not filled yet"):
+        banked().eval().score(images(2))
+    filled = banked(size=64)
+    filled.after_fit(iter([images(30)]))
+    with pytest.raises(ValueError, match=r"shape \(30, 16\) does not fit this model's \(at most 20 latents"):
+        banked(size=20).load_state_dict(filled.state_dict())
+    smaller = banked(size=30)
+    smaller.load_state_dict(filled.state_dict())  # a bank of up to 30 takes the 30 kept
+    assert len(smaller.bank.items) == 30
 
 
 def test_bank_sizes_out_of_reach_are_refused_when_the_model_is_made():

@@ -188,12 +188,14 @@ class SampleDataset(Dataset):
         """A file's pixels (``decode_image``); with ``labels``, as ``defect_pixels`` of a mask instead."""
         try:
             opened = open_image(path, max_pixels=self.max_pixels)
-            palette = opened.image.mode in ("P", "PA")
-            pixels = decode_image(opened)
-        except ImageDecodeError as exc:  # opening names the path, decoding does not
-            message = str(exc) if str(exc).startswith(str(path)) else f"{path}: {exc}"
-            raise DatasetError(f"cannot read {message}") from None
+        except ImageDecodeError as exc:  # its message starts with the path
+            raise DatasetError(f"cannot read {exc}") from None
         except OSError as exc:
+            raise DatasetError(f"cannot read {path}: {exc}") from None
+        palette = opened.image.mode in ("P", "PA")
+        try:
+            pixels = decode_image(opened)
+        except ImageDecodeError as exc:
             raise DatasetError(f"cannot read {path}: {exc}") from None
         return defect_pixels(pixels, palette=palette) if labels else pixels
 

@@ -11,10 +11,11 @@ test image by its distance to the nearest, as Euclidean and as cosine distance:
     s(x) = Σ_c (c(x) − μ_c) / σ_c,  c ∈ {e, d_euc, d_cos}
 
 with e the image's mean squared reconstruction error (the papers' score), and μ_c, σ_c each cue's mean
-and spread over training images scored against the bank with their own entry left out (what a new normal
-image sees). The sum keeps the papers' score as one of three equal cues rather than replacing it:
-measured on 10-epoch Memorizer runs, either distance alone or the error alone is beaten by the sum on
-MNIST and Fashion-MNIST alike (benchmarks/results/roco-scores.md).
+and spread over up to ``STAT_PROBES`` kept training images, each scored against the others: left out of
+the bank, an image's distances are what a new normal image's are (its error, from weights trained on it,
+runs a little lower than a new image's). The sum keeps the papers' score as one of three equal cues
+rather than replacing it: measured on 10-epoch Memorizer runs, either distance alone or the error alone
+is beaten by the sum on MNIST and Fashion-MNIST alike (benchmarks/results/roco-scores.md).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 STAT_PROBES = 2048  # bank entries scored leave-one-out for μ_c, σ_c
 CHUNK = 256  # probes per distance block while fitting: CHUNK × size floats at a time
 MAX_VALUES = 64 * 2**20  # size × latent dimension: 256 MB of float32 at most
+SPREAD_FLOOR = 1e-3  # × a cue's mean: near-identical training images must not make its spread vanish
 
 
 class LatentBank(nn.Module):
@@ -59,7 +61,9 @@ class LatentBank(nn.Module):
         blocks = [self.distances(self.items[i : min(i + CHUNK, probes)], skip=i) for i in starts]
         euc, cos = (torch.cat(cue) for cue in zip(*blocks))
         cues = torch.stack([errors[:probes].float(), euc, cos])
-        self.stats = torch.stack([cues.mean(dim=1), cues.std(dim=1).clamp_min(1e-12)], dim=1)
+        mean = cues.mean(dim=1)
+        spread = cues.std(dim=1).maximum(SPREAD_FLOOR * mean.abs()).clamp_min(1e-12)
+        self.stats = torch.stack([mean, spread], dim=1)
 
     def distances(self, z: torch.Tensor, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(d_euc, d_cos) of each row of ``z`` [B, dim] to its nearest entry. ``skip`` (fitting only): row
@@ -79,11 +83,19 @@ class LatentBank(nn.Module):
 
     def score(self, z: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
         """s(x): the three cues standardised and summed, [B]."""
+        if not self.fitted:
+            raise ValueError("the latent bank is not filled yet: the model's after_fit fills it")
         cues = torch.stack([errors, *self.distances(z)], dim=1)
         return ((cues - self.stats[:, 0]) / self.stats[:, 1]).sum(dim=1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A fitted bank holds as many entries as it kept: take the saved shape before loading."""
         if (key := prefix + "items") in state_dict:
-            self.items = torch.empty_like(state_dict[key])
+            saved = state_dict[key].shape
+            if len(saved) != 2 or saved[1] != self.items.shape[1] or saved[0] > self.size:
+                raise ValueError(
+                    f"a saved latent bank of shape {tuple(saved)} does not fit this model's "
+                    f"(at most {self.size} latents of {self.items.shape[1]})"
+                )
+            self.items = self.items.new_empty(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
