@@ -151,8 +151,7 @@ class MemoryAutoencoder(ReconstructionModel):
         return latents, errors
 
     def export_facts(self) -> dict[str, float] | None:
-        """The latent bank's size; an unfilled bank would score every image as the error alone against
-        zero statistics, so it refuses to export."""
+        """How many latents the bank kept; an unfilled bank cannot score, so it refuses to export."""
         if self.bank is None:
             return None
         if not self.bank.fitted:
