@@ -326,7 +326,7 @@ def _check_jpeg(data: bytes) -> None:
         return  # no image data: Pillow says so
     pos, pixels, weight = first
     most = max(1, min(JPEG_MAX_SCANS, JPEG_SCAN_PIXELS // max(pixels * weight, 1)))
-    coding = ", arithmetic-coded: each weighing 4" if weight > 1 else ""
+    coding = f", arithmetic-coded: each weighing {weight}" if weight > 1 else ""
     scans = others = 0
     while (found := _JPEG_MARKER.search(data, pos)) is not None:
         pos, marker = found.start(), data[found.start() + 1]
