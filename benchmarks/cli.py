@@ -37,6 +37,16 @@ def _names(text: str) -> list[str]:
     return [t for t in text.split(",") if t]
 
 
+def _protocols(text: str) -> list[str]:
+    from mnemo.benchmarks.accuracy_plan import PROTOCOLS
+
+    if unknown := [t for t in _names(text) if t not in PROTOCOLS]:
+        raise argparse.ArgumentTypeError(
+            f"unknown protocol {', '.join(unknown)}: one of {', '.join(PROTOCOLS)}"
+        )
+    return _names(text)
+
+
 def _accuracy(sub) -> None:
     p = sub.add_parser(
         "accuracy",
@@ -48,10 +58,9 @@ def _accuracy(sub) -> None:
         "Cells already in the JSON are skipped, so an interrupted run resumes; a cell stopped mid-training "
         "continues from its last epoch's checkpoint in --work (not one under a time budget). Seeds run "
         "one after the other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX "
-        "dataset); daad, daad_plus, anomem (one-class, MNIST only); all eight on `textures`, our "
-        "synthetic-defect "
-        "benchmark (brick, grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel AUROC "
-        "and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
+        "dataset, and one-class on MNIST); daad, daad_plus, anomem (one-class, MNIST only); all eight on "
+        "`textures`, our synthetic-defect benchmark (brick, grass, gravel as classes 0-2; generated on the "
+        "spot; image AUROC, pixel AUROC and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
     )
     p.add_argument(
         "--data",
@@ -75,6 +84,13 @@ def _accuracy(sub) -> None:
         help="comma-separated model names (default all; each runs where its paper applies it, every one "
         "on textures and on real-defect folders, each with its shipped recipe there); ae, memae, memorizer "
         "or rftm with +bank (memorizer+bank) runs ROCO scored with a latent bank of the training images",
+    )
+    p.add_argument(
+        "--protocols",
+        type=_protocols,
+        default=None,
+        help="comma-separated: roco, one_class, synthetic, real (default every protocol each model runs "
+        "on each dataset)",
     )
     p.add_argument(
         "--classes",
@@ -251,7 +267,9 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
 
         set_threads(args.threads)
     datasets = [d for d in args.datasets if _dataset_present(d, Path(args.data))]
-    cells = accuracy_plan.plan(datasets, args.models, args.classes, args.seeds, args.max_epochs)
+    cells = accuracy_plan.plan(
+        datasets, args.models, args.classes, args.seeds, args.max_epochs, protocols=args.protocols
+    )
     accuracy.run(
         cells,
         Path(args.data),

@@ -48,9 +48,12 @@ def test_plan_applies_each_model_where_its_paper_does():
     cells = accuracy_plan.plan(["mnist", "fashion-mnist"], ["ae", "daad"], [0, 1], [2022, 1997], max_epochs=3)
     assert {(c.dataset, c.model, c.protocol) for c in cells} == {
         ("mnist", "ae", "roco"),
+        ("mnist", "ae", "one_class"),  # paper 003 table 2 sets DAAD beside MemAE on one-class MNIST
         ("fashion-mnist", "ae", "roco"),
         ("mnist", "daad", "one_class"),
     }
+    only = accuracy_plan.plan(["mnist"], ["ae", "daad"], [0], [2022], protocols=["one_class"])
+    assert [(c.model, c.protocol) for c in only] == [("ae", "one_class"), ("daad", "one_class")]
     assert [c.seed for c in cells[: len(cells) // 2]] == [2022] * (len(cells) // 2)  # one seed over all first
     assert accuracy_plan.model_overrides("mnist", "memorizer")["memory_size"] == 8
     assert "memory_size" not in accuracy_plan.model_overrides("fashion-mnist", "memorizer")
@@ -64,7 +67,7 @@ def test_plan_runs_every_model_on_the_three_textures_for_at_most_20_epochs():
     }
     assert {c.protocol for c in textures} == {"synthetic"} and {c.max_epochs for c in textures} == {20}
     mnist = {(c.model, c.protocol) for c in cells if c.dataset == "mnist"}
-    assert mnist == {("ae", "roco"), ("daad_plus", "one_class")}  # paper 003's full method, one-class
+    assert mnist == {("ae", "roco"), ("ae", "one_class"), ("daad_plus", "one_class")}
     assert accuracy_plan.model_overrides("textures", "ae")["backbone"] == "conv"
 
 
@@ -91,7 +94,7 @@ def test_texture_cell_records_pixel_metrics_and_renders_them(tmp_path, monkeypat
 
 def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path, monkeypatch):
     results = tmp_path / "results" / "accuracy.json"
-    cells = accuracy_plan.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1)
+    cells = accuracy_plan.plan(["mnist"], ["ae", "memorizer"], [0], [2022], max_epochs=1, protocols=["roco"])
     out = accuracy.run(
         cells, fake_mnist, results, tmp_path / "work", markdown_path=results.with_suffix(".md")
     )
@@ -146,11 +149,14 @@ def test_a_bank_cell_trains_its_architecture_as_it_is_and_scores_with_every_trai
 ):
     """``memorizer+bank``: the same training as ``memorizer`` (same seed, same losses), then the latent
     bank of every training image; not in the default model lists."""
-    assert accuracy_plan.protocol_of("mnist", "memorizer+bank") == "roco"
-    assert accuracy_plan.protocol_of("mnist", "daad+bank") is None
-    assert accuracy_plan.protocol_of("textures", "memorizer+bank") is None
+    assert accuracy_plan.protocols_of("mnist", "memorizer+bank") == ("roco", "one_class")
+    assert accuracy_plan.protocols_of("fashion-mnist", "memorizer+bank") == ("roco",)
+    assert accuracy_plan.protocols_of("mnist", "daad+bank") == ()
+    assert accuracy_plan.protocols_of("textures", "memorizer+bank") == ()
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
-    cells = accuracy_plan.plan(["mnist"], ["memorizer", "memorizer+bank"], [0], [2022], max_epochs=2)
+    cells = accuracy_plan.plan(
+        ["mnist"], ["memorizer", "memorizer+bank"], [0], [2022], max_epochs=2, protocols=["roco"]
+    )
     markdown = results.with_suffix(".md")
     _, bank = accuracy.run(cells, fake_mnist, results, work, keep_runs=True, markdown_path=markdown)[
         "records"
@@ -171,7 +177,18 @@ def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_m
     from mnemo.cli import main
 
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
-    args = ["bench", "accuracy", "--data", str(fake_mnist), "--datasets", "mnist", "--models", "ae,memae"]
+    args = [
+        "bench",
+        "accuracy",
+        "--data",
+        str(fake_mnist),
+        "--datasets",
+        "mnist",
+        "--protocols",
+        "roco",
+        "--models",
+        "ae,memae",
+    ]
     args += ["--classes", "0", "--seeds", "2022", "--max-epochs", "1", "--jobs", "2", "--threads", "1"]
     assert main([*args, "--results", str(results), "--work", str(work)]) == 0
     records = accuracy.load_results(results)["records"]
@@ -185,7 +202,7 @@ def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_m
 
 def test_jobs_keep_the_cells_that_finish_beside_one_that_fails(fake_mnist, tmp_path):
     results = tmp_path / "accuracy.json"
-    good, later = accuracy_plan.plan(["mnist"], ["ae"], [0, 1], [2022], max_epochs=1)
+    good, later = accuracy_plan.plan(["mnist"], ["ae"], [0, 1], [2022], max_epochs=1, protocols=["roco"])
     broken = dataclasses.replace(good, model="no_such_model")
     with pytest.raises(Exception, match="no_such_model"):
         accuracy.run([broken, good, later], fake_mnist, results, tmp_path / "work", jobs=2, threads=1)
@@ -213,7 +230,7 @@ def test_ctrl_c_stops_the_cell_mid_epoch_records_nothing_and_a_rerun_continues_i
     from mnemo.training import trainer
 
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
-    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3, protocols=["roco"])
     real_epoch = trainer.train_epoch
 
     def ctrl_c_at_step_2_of_epoch_2(model, loader, optimizers, cfg, state, *args):
@@ -256,8 +273,8 @@ def test_jobs_stop_their_cells_on_ctrl_c_or_a_sigint_to_the_command_alone(fake_m
 
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
     command = [sys.executable, "-m", "mnemo", "bench", "accuracy", "--data", str(fake_mnist), "--datasets",
-               "mnist", "--models", "ae", "--classes", "0,1", "--seeds", "2022", "--max-epochs", "5000",
-               "--patience", "5000", "--jobs", "2", "--results", str(results),
+               "mnist", "--protocols", "roco", "--models", "ae", "--classes", "0,1", "--seeds", "2022",
+               "--max-epochs", "5000", "--patience", "5000", "--jobs", "2", "--results", str(results),
                "--work", str(work)]  # fmt: skip
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -280,7 +297,7 @@ def test_jobs_stop_their_cells_on_ctrl_c_or_a_sigint_to_the_command_alone(fake_m
 def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp_path, monkeypatch):
     from mnemo.training.run import train_run
 
-    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3)
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=3, protocols=["roco"])
     cfg = accuracy.run_config(cell, fake_mnist, tmp_path / "work", 10, "cpu")
     last = cfg.output_path / "last.pt"
 
@@ -318,7 +335,7 @@ def test_a_cell_stopped_mid_training_resumes_from_its_last_epoch(fake_mnist, tmp
 
 
 def test_a_cell_under_a_time_budget_never_resumes_and_never_loads_an_earlier_checkpoint(fake_mnist, tmp_path):
-    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    (cell,) = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1, protocols=["roco"])
     cfg = accuracy.run_config(cell, fake_mnist, tmp_path / "work", 10, "cpu")
     cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, max_minutes=5))
     cfg.output_path.mkdir(parents=True)
@@ -553,7 +570,7 @@ def test_highres_bench_trains_both_arms_judges_them_on_the_same_pixels_and_times
 
 
 def test_roco_scores_rescore_kept_runs_and_show_what_ink_alone_says(fake_mnist, tmp_path, capsys):
-    cells = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    cells = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1, protocols=["roco"])
     out = accuracy.run(cells, fake_mnist, tmp_path / "r.json", tmp_path / "work", keep_runs=True)
     assert roco_scores.main(["--data", str(fake_mnist / "mnist"), "--runs", str(tmp_path / "work")]) == 0
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0 |"))
@@ -588,7 +605,7 @@ def test_one_class_scores_split_a_runs_auroc_by_anomalous_class(fake_mnist, tmp_
         kept_normal, kept_anomalous = (float(v) for v in kept.split(" / "))
         assert n == "500" and 1 <= kept_normal <= 500 and 1 <= kept_anomalous <= 500
         assert float(effective.split(" / ")[0]) <= kept_normal + 0.05
-    roco = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1)
+    roco = accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], max_epochs=1, protocols=["roco"])
     accuracy.run(roco, fake_mnist, tmp_path / "roco.json", tmp_path / "roco", keep_runs=True)
     with pytest.raises(SystemExit, match="not a one_class run"):  # refused, not misread
         one_class_scores.main(["--data", data, "--runs", str(tmp_path / "roco")])
