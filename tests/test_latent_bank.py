@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
+from onnx import numpy_helper
 from scipy.spatial.distance import cdist
 
 from mnemo import models
@@ -91,8 +93,12 @@ def test_a_banked_model_saves_loads_and_exports_what_it_scores(tmp_path):
     save_model(model.eval(), tmp_path / "model.pt")  # the bank's shape is the images it kept, not 64
     loaded, test = load_model(tmp_path), images(4, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])
+        torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])  # unit columns rebuilt
+    assert "bank.unit_columns" not in torch.load(tmp_path / "model.pt")["model"]
     assert_exports_match(model, test[:2], test, tmp_path)
+    graph = onnx.load(tmp_path / "model.onnx").graph  # the entries and their unit columns, no third copy
+    tensors = [*graph.initializer, *(n.attribute[0].t for n in graph.node if n.op_type == "Constant")]
+    assert sum(numpy_helper.to_array(t).size == model.bank.items.numel() for t in tensors) == 2
 
 
 def test_an_unfilled_or_mismatched_bank_is_refused_with_a_reason():

@@ -45,6 +45,11 @@ class LatentBank(nn.Module):
         self.size = size
         self.register_buffer("items", torch.zeros(0, dim))
         self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * 3))  # (μ, σ) of e, d_euc, d_cos
+        # derived from items on fit and load, never saved (a kept run stays loadable): the unit entries
+        # b_j/‖b_j‖ as the columns of a [dim, size] matrix (the product's operand as it is stored: an
+        # export folds no transposed copy of the bank), and ‖b_j‖
+        self.register_buffer("unit_columns", torch.zeros(dim, 0), persistent=False)
+        self.register_buffer("norms", torch.zeros(0), persistent=False)
 
     @property
     def fitted(self) -> bool:
@@ -56,6 +61,7 @@ class LatentBank(nn.Module):
         if len(latents) < 2:
             raise ValueError(f"the latent bank needs at least 2 training images, got {len(latents)}")
         self.items = latents.detach().float().clone()
+        self._derive()
         probes = min(STAT_PROBES, len(latents))
         starts = range(0, probes, CHUNK)
         blocks = [self.distances(self.items[i : min(i + CHUNK, probes)], skip=i) for i in starts]
@@ -67,18 +73,19 @@ class LatentBank(nn.Module):
 
     def distances(self, z: torch.Tensor, skip: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(d_euc, d_cos) of each row of ``z`` [B, dim] to its nearest entry. ``skip`` (fitting only): row
-        i is entry ``skip`` + i itself, left out. The nearest entry is found by one [B, size] product
-        (‖z‖² − 2 z·b + ‖b‖², the graph the export keeps), its distance then taken directly: the
+        i is entry ``skip`` + i itself, left out. One [B, size] product p_j = z·b_j/‖b_j‖ ranks the
+        entries for both cues (‖z − b_j‖² = ‖z‖² − 2‖b_j‖ p_j + ‖b_j‖², and the cosine orders as p_j):
+        scoring one image streams the bank once, and the export holds two copies of it (the entries and
+        their unit columns), not three. The nearest entry's distances are then taken directly: the
         expansion cancels near zero, where a float32 rounding apart becomes a large standardised one."""
-        bank, unit, z_unit = self.items, F.normalize(self.items, dim=1), F.normalize(z, dim=1)
-        squared = (bank * bank).sum(1) - 2 * z @ bank.t()  # ‖z‖² is the same for every entry
-        similar = z_unit @ unit.t()
+        product = z @ self.unit_columns
+        squared = self.norms * (self.norms - 2 * product)  # ‖z‖² is the same for every entry
         if skip is not None:
             own = torch.arange(len(z), device=z.device)
             squared[own, own + skip] = float("inf")
-            similar[own, own + skip] = -float("inf")
-        euc = (z - bank[squared.argmin(dim=1)]).norm(dim=1)
-        cos = (z_unit - unit[similar.argmax(dim=1)]).norm(dim=1)
+            product[own, own + skip] = -float("inf")
+        euc = (z - self.items[squared.argmin(dim=1)]).norm(dim=1)
+        cos = (F.normalize(z, dim=1) - F.normalize(self.items[product.argmax(dim=1)], dim=1)).norm(dim=1)
         return euc, cos
 
     def score(self, z: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
@@ -99,3 +106,9 @@ class LatentBank(nn.Module):
                 )
             self.items = self.items.new_empty(saved)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._derive()
+
+    def _derive(self) -> None:
+        """The unit columns and norms the distances read, from ``items``."""
+        self.norms = self.items.norm(dim=1)
+        self.unit_columns = F.normalize(self.items, dim=1).t().contiguous()
