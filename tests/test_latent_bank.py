@@ -120,3 +120,23 @@ def test_bank_sizes_out_of_reach_are_refused_when_the_model_is_made():
         banked(size=latent_bank.MAX_VALUES)
     with pytest.raises(ValueError, match="needs at least 2 training images, got 1"):
         banked().after_fit(iter([images(1)]))
+
+
+def test_bank_cost_times_the_banked_graph_beside_the_same_weights_without_it(tmp_path, capsys):
+    from mnemo.benchmarks import bank_cost
+
+    model, run = banked(size=64), tmp_path / "run"
+    model.after_fit(iter([images(40)]))
+    run.mkdir()
+    save_model(model.eval(), run / "model.pt")
+    assert bank_cost.main([str(run), "--rounds", "1", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("40 latents; ONNX plain") and len(lines) == 1 + len(bank_cost.BATCHES)
+    plain = bank_cost.without_bank(model)
+    with torch.no_grad():  # the plain graph is the papers' score of the same weights
+        errors = model.error_map(images(3)).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(plain.score(images(3))[0], errors)
+    save_model(plain, run / "model.pt")
+    with pytest.raises(SystemExit):
+        bank_cost.main([str(run)])
+    assert "has no latent bank" in capsys.readouterr().err
