@@ -138,6 +138,8 @@ def plan(
     """Every applicable cell, seed-major: one seed over every cell first, then the next (issue 6).
     ``protocols``: only these (default every protocol a model runs, ``protocols_of``)."""
     wanted = None if protocols is None else set(protocols)
+    if wanted is not None and (unknown := wanted - set(PROTOCOLS)):
+        raise ValueError(f"unknown protocol(s) {sorted(unknown)}: one of {', '.join(PROTOCOLS)}")
     cells = []
     for seed in seeds:
         for dataset in datasets:

@@ -40,11 +40,10 @@ def _names(text: str) -> list[str]:
 def _protocols(text: str) -> list[str]:
     from mnemo.benchmarks.accuracy_plan import PROTOCOLS
 
-    if unknown := [t for t in _names(text) if t not in PROTOCOLS]:
-        raise argparse.ArgumentTypeError(
-            f"unknown protocol {', '.join(unknown)}: one of {', '.join(PROTOCOLS)}"
-        )
-    return _names(text)
+    names = _names(text)
+    if not names or any(t not in PROTOCOLS for t in names):
+        raise argparse.ArgumentTypeError(f"unknown protocol {text!r}: one or more of {', '.join(PROTOCOLS)}")
+    return names
 
 
 def _accuracy(sub) -> None:

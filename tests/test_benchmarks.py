@@ -54,6 +54,8 @@ def test_plan_applies_each_model_where_its_paper_does():
     }
     only = accuracy_plan.plan(["mnist"], ["ae", "daad"], [0], [2022], protocols=["one_class"])
     assert [(c.model, c.protocol) for c in only] == [("ae", "one_class"), ("daad", "one_class")]
+    with pytest.raises(ValueError, match="unknown protocol"):  # a bare string is not a list of protocols
+        accuracy_plan.plan(["mnist"], ["ae"], [0], [2022], protocols="roco")
     assert [c.seed for c in cells[: len(cells) // 2]] == [2022] * (len(cells) // 2)  # one seed over all first
     assert accuracy_plan.model_overrides("mnist", "memorizer")["memory_size"] == 8
     assert "memory_size" not in accuracy_plan.model_overrides("fashion-mnist", "memorizer")
