@@ -139,7 +139,7 @@ class MemoryAutoencoder(ReconstructionModel):
         one pass: each image draws a random key and the smallest keys stay (a fixed generator, so a run
         keeps the same sample however its images are batched)."""
         device, generator = next(self.parameters()).device, torch.Generator().manual_seed(0)
-        keys, latents, errors = torch.empty(0), torch.empty(0, self.bank.items.shape[1]), torch.empty(0)
+        keys, latents, errors = torch.empty(0), torch.empty(0, self.bank.dim), torch.empty(0)
         with torch.inference_mode():
             for batch in batches:
                 z, err = self.latent_and_error_map(batch.to(device))

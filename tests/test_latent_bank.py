@@ -94,11 +94,26 @@ def test_a_banked_model_saves_loads_and_exports_what_it_scores(tmp_path):
     loaded, test = load_model(tmp_path), images(4, seed=3)
     with torch.no_grad():
         torch.testing.assert_close(loaded.score(test)[0], model.score(test)[0])  # unit columns rebuilt
-    assert "bank.unit_columns" not in torch.load(tmp_path / "model.pt")["model"]
     assert_exports_match(model, test[:2], test, tmp_path)
-    graph = onnx.load(tmp_path / "model.onnx").graph  # the entries and their unit columns, no third copy
+    graph = onnx.load(tmp_path / "model.onnx").graph  # the unit columns, no second copy of the entries
     tensors = [*graph.initializer, *(n.attribute[0].t for n in graph.node if n.op_type == "Constant")]
-    assert sum(numpy_helper.to_array(t).size == model.bank.items.numel() for t in tensors) == 2
+    assert sum(numpy_helper.to_array(t).size == model.bank.items.numel() for t in tensors) == 1
+    scripted = torch.jit.load(tmp_path / "model.ts")
+    assert sum(t.numel() == model.bank.items.numel() for t in scripted.state_dict().values()) == 1
+
+
+def test_a_bank_saved_as_its_latents_before_the_unit_columns_loads_and_scores_the_same():
+    """Kept runs and bundles from before the bank stored unit columns hold ``bank.items`` [n, dim]."""
+    model, test = banked(), images(4, seed=3)
+    model.after_fit(iter([images(30)]))
+    saved = model.eval().state_dict()
+    saved["bank.items"] = model.bank.items.clone()
+    old_format = {k: v for k, v in saved.items() if k not in ("bank.unit_columns", "bank.norms")}
+    loaded = banked()
+    loaded.load_state_dict(old_format)  # strict: no key left over, none missing
+    torch.testing.assert_close(loaded.bank.unit_columns, model.bank.unit_columns)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval().score(test)[0], model.score(test)[0])
 
 
 def test_an_unfilled_or_mismatched_bank_is_refused_with_a_reason():
@@ -106,7 +121,8 @@ def test_an_unfilled_or_mismatched_bank_is_refused_with_a_reason():
         banked().eval().score(images(2))
     filled = banked(size=64)
     filled.after_fit(iter([images(30)]))
-    with pytest.raises(ValueError, match=r"shape \(30, 16\) does not fit this model's \(at most 20 latents"):
+    refused = r"shape \(16, 30\) \(dimension × latents\) does not fit this model's \(at most 20 latents"
+    with pytest.raises(ValueError, match=refused):
         banked(size=20).load_state_dict(filled.state_dict())
     smaller = banked(size=30)
     smaller.load_state_dict(filled.state_dict())  # a bank of up to 30 takes the 30 kept

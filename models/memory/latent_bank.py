@@ -43,28 +43,38 @@ class LatentBank(nn.Module):
                 " lower latent_bank"
             )
         self.size = size
-        self.register_buffer("items", torch.zeros(0, dim))
+        # the entries b_j as unit columns b_j/‖b_j‖ of a [dim, size] matrix (the distances' operand as it
+        # is stored, so an export folds no second or transposed copy of the bank) and their norms ‖b_j‖
+        self.register_buffer("unit_columns", torch.zeros(dim, 0))
+        self.register_buffer("norms", torch.zeros(0))
         self.register_buffer("stats", torch.tensor([[0.0, 1.0]] * 3))  # (μ, σ) of e, d_euc, d_cos
-        # derived from items on fit and load, never saved (a kept run stays loadable): the unit entries
-        # b_j/‖b_j‖ as the columns of a [dim, size] matrix (the product's operand as it is stored: an
-        # export folds no transposed copy of the bank), and ‖b_j‖
-        self.register_buffer("unit_columns", torch.zeros(dim, 0), persistent=False)
-        self.register_buffer("norms", torch.zeros(0), persistent=False)
 
     @property
     def fitted(self) -> bool:
-        return len(self.items) > 0
+        return len(self.norms) > 0
+
+    @property
+    def dim(self) -> int:
+        return self.unit_columns.shape[0]
+
+    @property
+    def items(self) -> torch.Tensor:
+        """The kept latents b_j, [n, dim], rebuilt from the unit columns and norms."""
+        return self.entries(torch.arange(len(self.norms), device=self.norms.device))
+
+    def entries(self, index: torch.Tensor) -> torch.Tensor:
+        """b_j for each j in ``index``, [len(index), dim]: only the entries asked for are rebuilt."""
+        return self.unit_columns[:, index].t() * self.norms[index, None]
 
     def fit(self, latents: torch.Tensor, errors: torch.Tensor) -> None:
         """Keep ``latents`` [n, dim] (n ≤ size, in random order) and fit each cue's μ, σ on the first
         ``STAT_PROBES`` of them, each against the others (``errors``: their reconstruction errors)."""
         if len(latents) < 2:
             raise ValueError(f"the latent bank needs at least 2 training images, got {len(latents)}")
-        self.items = latents.detach().float().clone()
-        self._derive()
+        self._keep(latents.detach().float())
         probes = min(STAT_PROBES, len(latents))
-        starts = range(0, probes, CHUNK)
-        blocks = [self.distances(self.items[i : min(i + CHUNK, probes)], skip=i) for i in starts]
+        kept = self.entries(torch.arange(probes, device=self.norms.device))
+        blocks = [self.distances(kept[i : i + CHUNK], skip=i) for i in range(0, probes, CHUNK)]
         euc, cos = (torch.cat(cue) for cue in zip(*blocks))
         cues = torch.stack([errors[:probes].float(), euc, cos])
         mean = cues.mean(dim=1)
@@ -75,17 +85,17 @@ class LatentBank(nn.Module):
         """(d_euc, d_cos) of each row of ``z`` [B, dim] to its nearest entry. ``skip`` (fitting only): row
         i is entry ``skip`` + i itself, left out. One [B, size] product p_j = z·b_j/‖b_j‖ ranks the
         entries for both cues (‖z − b_j‖² = ‖z‖² − 2‖b_j‖ p_j + ‖b_j‖², and the cosine orders as p_j):
-        scoring one image streams the bank once, and the export holds two copies of it (the entries and
-        their unit columns), not three. The nearest entry's distances are then taken directly: the
-        expansion cancels near zero, where a float32 rounding apart becomes a large standardised one."""
+        scoring one image streams the bank once, and the export holds one copy of it. The nearest entry's
+        distances are then taken directly: the expansion cancels near zero, where a float32 rounding apart
+        becomes a large standardised one."""
         product = z @ self.unit_columns
         squared = self.norms * (self.norms - 2 * product)  # ‖z‖² is the same for every entry
         if skip is not None:
             own = torch.arange(len(z), device=z.device)
             squared[own, own + skip] = float("inf")
             product[own, own + skip] = -float("inf")
-        euc = (z - self.items[squared.argmin(dim=1)]).norm(dim=1)
-        cos = (F.normalize(z, dim=1) - F.normalize(self.items[product.argmax(dim=1)], dim=1)).norm(dim=1)
+        euc = (z - self.entries(squared.argmin(dim=1))).norm(dim=1)
+        cos = (F.normalize(z, dim=1) - self.unit_columns[:, product.argmax(dim=1)].t()).norm(dim=1)
         return euc, cos
 
     def score(self, z: torch.Tensor, errors: torch.Tensor) -> torch.Tensor:
@@ -96,19 +106,24 @@ class LatentBank(nn.Module):
         return ((cues - self.stats[:, 0]) / self.stats[:, 1]).sum(dim=1)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
-        """A fitted bank holds as many entries as it kept: take the saved shape before loading."""
+        """A fitted bank holds as many entries as it kept: take the saved shape before loading. A bank
+        saved before the unit columns were stored (its latents as ``items`` [n, dim]) loads too."""
         if (key := prefix + "items") in state_dict:
+            items = state_dict.pop(key).float()
+            state_dict[prefix + "unit_columns"] = F.normalize(items, dim=1).t()
+            state_dict[prefix + "norms"] = items.norm(dim=1)
+        if (key := prefix + "unit_columns") in state_dict:
             saved = state_dict[key].shape
-            if len(saved) != 2 or saved[1] != self.items.shape[1] or saved[0] > self.size:
+            if len(saved) != 2 or saved[0] != self.dim or saved[1] > self.size:
                 raise ValueError(
-                    f"a saved latent bank of shape {tuple(saved)} does not fit this model's "
-                    f"(at most {self.size} latents of {self.items.shape[1]})"
+                    f"a saved latent bank of shape {tuple(saved)} (dimension × latents) does not fit this "
+                    f"model's (at most {self.size} latents of {self.dim})"
                 )
-            self.items = self.items.new_empty(saved)
+            self.unit_columns = self.unit_columns.new_empty(saved)
+            self.norms = self.norms.new_empty(saved[1])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        self._derive()
 
-    def _derive(self) -> None:
-        """The unit columns and norms the distances read, from ``items``."""
-        self.norms = self.items.norm(dim=1)
-        self.unit_columns = F.normalize(self.items, dim=1).t().contiguous()
+    def _keep(self, latents: torch.Tensor) -> None:
+        """Store ``latents`` [n, dim] as unit columns and norms."""
+        self.norms = latents.norm(dim=1)
+        self.unit_columns = F.normalize(latents, dim=1).t().contiguous()
