@@ -41,6 +41,7 @@ from mnemo.benchmarks.accuracy_plan import (
     TEXTURE_SET,
     Cell,
     architecture,
+    bank_override,
     model_overrides,
 )
 from mnemo.benchmarks.accuracy_report import write_markdown
@@ -183,10 +184,11 @@ def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
     --max-minutes 15`` does; only an epoch cap below the papers' (a quick check) is imposed on it."""
     from mnemo.training import config as run_cfg
 
-    cfg = run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[cell.model]))
+    cfg = run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[architecture(cell.model)]))
     epochs = cfg.optim.max_epochs if cell.max_epochs >= PAPER_MAX_EPOCHS else cell.max_epochs
     return dataclasses.replace(
         cfg,
+        model_config={**cfg.model_config, **bank_override(cell.dataset, cell.model)},
         data=dataclasses.replace(cfg.data, path=str(data_root / REAL_DATASETS[cell.dataset])),
         optim=dataclasses.replace(cfg.optim, max_epochs=epochs, max_minutes=REAL_MINUTES),
         seed=cell.seed,
@@ -285,7 +287,7 @@ def run_cell(
         "best_epoch": report["best_epoch"],
         "train_seconds": report.get("train_seconds"),
         "stop_reason": report.get("stop_reason"),
-        **({"recipe": REAL_RECIPES[cell.model]} if cell.dataset in REAL_DATASETS else {}),
+        **({"recipe": REAL_RECIPES[architecture(cell.model)]} if cell.dataset in REAL_DATASETS else {}),
         "seconds": round(seconds, 1),  # the cell's wall time, earlier sittings' training included
         "resumed": earlier is not None,
         "device": report["device"],

@@ -6,7 +6,8 @@ Which models run where (papers 000/001, paper 003 table 2):
 
 * ``roco`` on every IDX dataset: ae, memae, memorizer (N = 8 on MNIST, 10 elsewhere, paper 000 §4.5), rftm;
   and each of them with ``+bank`` (``memorizer+bank``): the same training, scored with a latent bank of
-  every training image (``models/memory/latent_bank.py``; our extension, asked for by name only);
+  every training image (``models/memory/latent_bank.py``; our extension, asked for by name only, and run
+  wherever its model runs: one-class, textures and real defects too);
 * ``one_class`` on MNIST: daad and daad_plus (paper 003 table 2: its full method is daad_plus, with the
   adversarial alignment score) and anomem, all at 32 px gray (see ``MODEL_OVERRIDES``); and the ROCO
   models too, as they are (28 px, papers 000/001's networks): paper 003 table 2 compares DAAD with MemAE
@@ -38,7 +39,9 @@ PROTOCOLS = ("roco", "one_class", "synthetic", "real")
 ROCO_MODELS = ("ae", "memae", "memorizer", "rftm")
 ONE_CLASS_MODELS = ("daad", "daad_plus", "anomem")
 BANK = "+bank"  # a ROCO model's name + this: scored with a latent bank (never in the default lists)
-BANK_SIZE = 65536  # latents kept: every training image of a ROCO split (about 48 000–54 000)
+BANK_SIZE = 65536  # latents kept on IDX data: every training image of a ROCO split (about 48 000–54 000)
+# on image folders: every training image (textures 450, elpv-mono about 420) of up to 16 384 latent values
+IMAGE_BANK_SIZE = 1024
 ONE_CLASS_DATASETS = ("mnist",)
 TEXTURE_MODELS = ("ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore")
 # Real defects (issue "real defects"): MVTec-layout folders under --data, each model trained with its
@@ -119,11 +122,17 @@ def architecture(model: str) -> str:
     return model.removesuffix(BANK)
 
 
+def bank_override(dataset: str, model: str) -> dict[str, Any]:
+    """``latent_bank`` for a ``+bank`` model: room for every training image of the data set."""
+    if model == architecture(model):
+        return {}
+    return {"latent_bank": BANK_SIZE if dataset in DATASETS else IMAGE_BANK_SIZE}
+
+
 def model_overrides(dataset: str, model: str) -> dict[str, Any]:
+    base, bank = architecture(model), bank_override(dataset, model)
     if dataset == TEXTURE_DATASET:
-        return dict(TEXTURE_OVERRIDES[model])
-    base = architecture(model)
-    bank = {"latent_bank": BANK_SIZE} if model != base else {}
+        return {**TEXTURE_OVERRIDES[base], **bank}
     return {**MODEL_OVERRIDES.get(("*", base), {}), **MODEL_OVERRIDES.get((dataset, base), {}), **bank}
 
 
@@ -161,13 +170,17 @@ def classes_of(dataset: str, classes: Iterable[int]) -> list[int]:
 
 def protocols_of(dataset: str, model: str) -> tuple[str, ...]:
     """The protocols a model runs on a dataset (module docstring): ``roco`` and, on MNIST, ``one_class``
-    for the papers 000/001 models (with or without ``+bank``), ``one_class`` for DAAD/AnoMem on MNIST,
-    ``synthetic`` for every model on the textures, ``real`` on real-defect folders; none elsewhere."""
+    for the papers 000/001 models, ``one_class`` for DAAD/AnoMem on MNIST, ``synthetic`` for every model
+    on the textures, ``real`` on real-defect folders; none elsewhere. A ``+bank`` model runs where its
+    model does; only the papers 000/001 models take a bank."""
+    base = architecture(model)
+    if model != base and base not in ROCO_MODELS:
+        return ()
     if dataset == TEXTURE_DATASET:
-        return ("synthetic",) if model in TEXTURE_MODELS else ()
+        return ("synthetic",) if base in TEXTURE_MODELS else ()
     if dataset in REAL_DATASETS:
-        return ("real",) if model in REAL_RECIPES else ()
+        return ("real",) if base in REAL_RECIPES else ()
     one_class = ("one_class",) if dataset in ONE_CLASS_DATASETS else ()
-    if model in ROCO_MODELS or (model.endswith(BANK) and architecture(model) in ROCO_MODELS):
+    if base in ROCO_MODELS:
         return ("roco", *one_class)
     return one_class if model in ONE_CLASS_MODELS else ()

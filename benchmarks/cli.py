@@ -82,7 +82,8 @@ def _accuracy(sub) -> None:
         default=["ae", "memae", "memorizer", "rftm", "daad", "daad_plus", "anomem", "restore"],
         help="comma-separated model names (default all; each runs where its paper applies it, every one "
         "on textures and on real-defect folders, each with its shipped recipe there); ae, memae, memorizer "
-        "or rftm with +bank (memorizer+bank) runs ROCO scored with a latent bank of the training images",
+        "or rftm with +bank (memorizer+bank) trains that model wherever it runs and scores it with a latent "
+        "bank of the training images",
     )
     p.add_argument(
         "--protocols",

@@ -150,11 +150,15 @@ def test_a_bank_cell_trains_its_architecture_as_it_is_and_scores_with_every_trai
     fake_mnist, tmp_path
 ):
     """``memorizer+bank``: the same training as ``memorizer`` (same seed, same losses), then the latent
-    bank of every training image; not in the default model lists."""
+    bank of every training image; not in the default model lists. It runs wherever its model runs."""
     assert accuracy_plan.protocols_of("mnist", "memorizer+bank") == ("roco", "one_class")
     assert accuracy_plan.protocols_of("fashion-mnist", "memorizer+bank") == ("roco",)
-    assert accuracy_plan.protocols_of("mnist", "daad+bank") == ()
-    assert accuracy_plan.protocols_of("textures", "memorizer+bank") == ()
+    assert accuracy_plan.protocols_of("textures", "memorizer+bank") == ("synthetic",)
+    assert accuracy_plan.protocols_of("elpv-mono", "memorizer+bank") == ("real",)
+    for bankless in ("daad+bank", "restore+bank", "anomem+bank"):
+        assert not any(accuracy_plan.protocols_of(d, bankless) for d in ("mnist", "textures", "elpv-mono"))
+    textures = accuracy_plan.model_overrides("textures", "memae+bank")
+    assert textures == {**accuracy_plan.model_overrides("textures", "memae"), "latent_bank": 1024}
     results, work = tmp_path / "accuracy.json", tmp_path / "work"
     cells = accuracy_plan.plan(
         ["mnist"], ["memorizer", "memorizer+bank"], [0], [2022], max_epochs=2, protocols=["roco"]
@@ -513,13 +517,21 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     generate(tmp_path / "elpv-mono", size=32, n_train=20, n_test_good=4, n_test_defect=1)
     assert _dataset_present("elpv-mono", tmp_path)
     assert set(accuracy_plan.REAL_RECIPES) == set(models.list_models())  # every architecture has a recipe
-    cells = accuracy_plan.plan(["elpv-mono"], ["restore"], range(10), [7], max_epochs=1)
-    assert [(c.model, c.protocol, c.target_class) for c in cells] == [("restore", "real", 0)]
+    cells = accuracy_plan.plan(["elpv-mono"], ["restore", "ae+bank"], range(10), [7], max_epochs=1)
+    assert [(c.model, c.protocol, c.target_class) for c in cells] == [
+        ("restore", "real", 0), ("ae+bank", "real", 0),
+    ]  # fmt: skip
     monkeypatch.setattr(accuracy, "REAL_MINUTES", 5.0)
     results = tmp_path / "real.json"
     out = accuracy.run(cells, tmp_path, results, tmp_path / "work", markdown_path=results.with_suffix(".md"))
-    (record,) = out["records"]
+    record, banked = out["records"]
     assert record["recipe"] == "restore" and record["stop_reason"] == "max epochs"  # a cap below 100 holds
+    ae_recipe = run_config.load(run_config.recipe_path("ae-cpu")).model_config
+    assert banked["recipe"] == "ae-cpu"  # the recipe as shipped, and a bank of every training image
+    assert {**ae_recipe, "latent_bank": accuracy_plan.IMAGE_BANK_SIZE}.items() <= banked[
+        "model_config"
+    ].items()
+    assert banked["resolved_model_config"]["latent_bank"] == accuracy_plan.IMAGE_BANK_SIZE
     full = accuracy.real_run_config(dataclasses.replace(cells[0], max_epochs=100), tmp_path, tmp_path, "cpu")
     recipe = run_config.load(run_config.recipe_path("restore")).optim
     assert (full.optim.max_epochs, full.optim.max_steps, full.optim.patience) == (
