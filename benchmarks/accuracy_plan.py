@@ -7,7 +7,8 @@ Which models run where (papers 000/001, paper 003 table 2):
 * ``roco`` on every IDX dataset: ae, memae, memorizer (N = 8 on MNIST, 10 elsewhere, paper 000 §4.5), rftm;
   and each of them with ``+bank`` (``memorizer+bank``): the same training, scored with a latent bank of
   every training image (``models/memory/latent_bank.py``; our extension, asked for by name only, and run
-  wherever its model runs: one-class, textures and real defects too);
+  wherever its model runs: one-class, textures and real defects too, where the wall-clock budget may stop
+  its training at another epoch);
 * ``one_class`` on MNIST: daad and daad_plus (paper 003 table 2: its full method is daad_plus, with the
   adversarial alignment score) and anomem, all at 32 px gray (see ``MODEL_OVERRIDES``); and the ROCO
   models too, as they are (28 px, papers 000/001's networks): paper 003 table 2 compares DAAD with MemAE

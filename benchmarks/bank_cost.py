@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
             sizes[name] = path.stat().st_size / 2**20
             sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         plain_mb, bank_mb = sizes["plain"], sizes["bank"]
-        print(f"{len(banked.bank.items)} latents; ONNX plain {plain_mb:.1f} MB, bank {bank_mb:.1f} MB")
+        print(f"{len(banked.bank.norms)} latents; ONNX plain {plain_mb:.1f} MiB, bank {bank_mb:.1f} MiB")
         for size in BATCHES:
             batch = np.random.default_rng(0).random((size, *shape[1:]), dtype=np.float32)
             ms = median_ms(sessions, batch, args.rounds, args.repeats)

@@ -156,7 +156,7 @@ class MemoryAutoencoder(ReconstructionModel):
             return None
         if not self.bank.fitted:
             raise ValueError(f"{self.model_name}: the latent bank is not filled; refusing to export")
-        return {"latent_bank_items": float(len(self.bank.items))}
+        return {"latent_bank_items": float(len(self.bank.norms))}
 
 
 @register_model("ae", AutoencoderConfig, "Plain autoencoder: the baselines' backbone (papers 000/001 §4)")

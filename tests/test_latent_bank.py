@@ -114,6 +114,11 @@ def test_a_bank_saved_as_its_latents_before_the_unit_columns_loads_and_scores_th
     torch.testing.assert_close(loaded.bank.unit_columns, model.bank.unit_columns)
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval().score(test)[0], model.score(test)[0])
+    with pytest.raises(ValueError, match=r"shape \(30, 16\) \(latents × dimension\) does not fit"):
+        banked(size=20).load_state_dict(old_format)  # reported as it was saved
+    half = {k: v for k, v in model.state_dict().items() if k != "bank.norms"}
+    with pytest.raises(ValueError, match="needs both its unit columns and their norms"):
+        banked().load_state_dict(half, strict=False)  # never a bank of uninitialised norms
 
 
 def test_an_unfilled_or_mismatched_bank_is_refused_with_a_reason():

@@ -108,20 +108,29 @@ class LatentBank(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         """A fitted bank holds as many entries as it kept: take the saved shape before loading. A bank
         saved before the unit columns were stored (its latents as ``items`` [n, dim]) loads too."""
+        columns, norms = prefix + "unit_columns", prefix + "norms"
         if (key := prefix + "items") in state_dict:
-            items = state_dict.pop(key).float()
-            state_dict[prefix + "unit_columns"] = F.normalize(items, dim=1).t()
-            state_dict[prefix + "norms"] = items.norm(dim=1)
-        if (key := prefix + "unit_columns") in state_dict:
-            saved = state_dict[key].shape
-            if len(saved) != 2 or saved[0] != self.dim or saved[1] > self.size:
-                raise ValueError(
-                    f"a saved latent bank of shape {tuple(saved)} (dimension × latents) does not fit this "
-                    f"model's (at most {self.size} latents of {self.dim})"
-                )
-            self.unit_columns = self.unit_columns.new_empty(saved)
-            self.norms = self.norms.new_empty(saved[1])
+            items = state_dict.pop(key)
+            self._refuse_unless_fits(items.shape, latents_axis=0)
+            state_dict[columns] = F.normalize(items.float(), dim=1).t().contiguous()
+            state_dict[norms] = items.float().norm(dim=1)
+        if (columns in state_dict) != (norms in state_dict):
+            raise ValueError("a saved latent bank needs both its unit columns and their norms")
+        if columns in state_dict:
+            self._refuse_unless_fits(state_dict[columns].shape, latents_axis=1)
+            kept = state_dict[columns].shape[1]
+            self.unit_columns = self.unit_columns.new_empty(self.dim, kept)
+            self.norms = self.norms.new_empty(kept)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _refuse_unless_fits(self, shape: torch.Size, latents_axis: int) -> None:
+        """A saved bank of another latent dimension, or of more latents than ``size``, cannot load."""
+        if len(shape) != 2 or shape[1 - latents_axis] != self.dim or shape[latents_axis] > self.size:
+            layout = "latents × dimension" if latents_axis == 0 else "dimension × latents"
+            raise ValueError(
+                f"a saved latent bank of shape {tuple(shape)} ({layout}) does not fit this model's "
+                f"(at most {self.size} latents of {self.dim})"
+            )
 
     def _keep(self, latents: torch.Tensor) -> None:
         """Store ``latents`` [n, dim] as unit columns and norms."""
