@@ -1,11 +1,13 @@
-"""What a latent bank costs at scoring time: a kept ``+bank`` run beside the same weights without it.
+"""What a latent bank costs and buys: a kept ``+bank`` run beside the same weights without it.
 
-Exports both scoring graphs to ONNX (``training.export.export_onnx``, as a bundle holds them) and times
-them in one process, interleaved round by round, on ONNX Runtime with one thread (the service's setting
-for a small model), at batch 1, 8 and 64: file sizes, median milliseconds per batch, and their ratio.
+Buys: the image AUROC of both on the run's labelled test split (its ``config.yaml``'s data, or
+``--data``), when that split is at hand. Costs: exports both scoring graphs to ONNX
+(``training.export.export_onnx``, as a bundle holds them) and times them in one process, interleaved round
+by round, on ONNX Runtime with one thread (the service's setting for a small model), at batch 1, 8 and 64:
+file sizes, median milliseconds per batch, and their ratio.
 
-Usage: python -m mnemo.benchmarks.bank_cost RUN  (a run of ``mnemo bench accuracy --models memorizer+bank
---keep-runs``, or any run trained with ``model_config.latent_bank``)
+Usage: python -m mnemo.benchmarks.bank_cost RUN [--data DIR]  (a run of ``mnemo bench accuracy --models
+memorizer+bank --keep-runs``, or any run trained with ``model_config.latent_bank``)
 """
 
 from __future__ import annotations
@@ -22,8 +24,19 @@ import onnxruntime as ort
 import torch
 
 from mnemo import models
+from mnemo.training import config as run_config
+from mnemo.training.evaluate import compute_metrics
 from mnemo.training.export import INPUT_NAME, export_onnx
-from mnemo.training.run import load_model
+from mnemo.training.run import (
+    CONFIG_FILE,
+    load_model,
+    load_splits,
+    loader,
+    preprocessing_of,
+    score_split,
+    scoring_batch_size,
+    tiling_of,
+)
 
 BATCHES = (1, 8, 64)
 
@@ -33,6 +46,29 @@ def without_bank(model: torch.nn.Module) -> torch.nn.Module:
     plain = models.create(model.model_name, **{**dataclasses.asdict(model.config), "latent_bank": 0})
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("bank.")})
     return plain.eval()
+
+
+def aurocs_on_test_split(run: Path, models_by_name: dict[str, torch.nn.Module], data: str | None):
+    """Image AUROC % of each model on the run's labelled test split; None (and why) when it is not here."""
+    if not (run / CONFIG_FILE).exists():
+        return None, f"no {CONFIG_FILE} in {run}"
+    cfg = run_config.load(run / CONFIG_FILE, [f"data.path={data}"] if data else [])
+    model = next(iter(models_by_name.values()))
+    tiling = tiling_of(model, cfg.data)
+    try:
+        test = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize), tiling).test
+    except (OSError, ValueError) as error:
+        return None, str(error)
+    if test is None:
+        return None, f"{cfg.data.path} has no labelled test split"
+    batch = scoring_batch_size(model, run_config.resolve_optim(cfg.optim, model.config).batch_size)
+    aurocs = {}
+    for name, candidate in models_by_name.items():
+        scored = score_split(candidate, test, tiling, loader(test, batch, 0), torch.device("cpu"), False)
+        if "image" not in (metrics := compute_metrics(scored)):
+            return None, "the test split holds one kind of image only (good or anomalous)"
+        aurocs[name] = 100 * metrics["image"]["auroc"]
+    return aurocs, None
 
 
 def median_ms(sessions: dict[str, ort.InferenceSession], batch: np.ndarray, rounds: int, repeats: int):
@@ -53,18 +89,26 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("run", type=Path, help="a run directory whose model has a filled latent bank")
+    parser.add_argument("--data", help="the test data's path, when not where the run's config.yaml says")
     parser.add_argument("--rounds", type=int, default=5, help="rounds, each timing every graph (default 5)")
     parser.add_argument("--repeats", type=int, default=20, help="runs per graph per round (default 20)")
     args = parser.parse_args(argv)
     banked = load_model(args.run).eval()
     if getattr(banked, "bank", None) is None:
         parser.error(f"{args.run}: its model has no latent bank (train with model_config.latent_bank)")
+    graphs = {"plain": without_bank(banked), "bank": banked}
+    aurocs, why_not = aurocs_on_test_split(args.run, graphs, args.data)
+    if aurocs is None:
+        print(f"test AUROC not measured: {why_not}")
+    else:
+        gain = aurocs["bank"] - aurocs["plain"]
+        print(f"test AUROC: plain {aurocs['plain']:.2f}, bank {aurocs['bank']:.2f} ({gain:+.2f})")
     options = ort.SessionOptions()
     options.intra_op_num_threads = options.inter_op_num_threads = 1
     shape = (1, banked.config.in_channels, banked.config.image_size, banked.config.image_size)
     with tempfile.TemporaryDirectory() as tmp:
         sessions, sizes = {}, {}
-        for name, model in (("plain", without_bank(banked)), ("bank", banked)):
+        for name, model in graphs.items():
             path = Path(tmp) / f"{name}.onnx"
             export_onnx(model, path, torch.rand(shape))
             sizes[name] = path.stat().st_size / 2**20

@@ -12,7 +12,15 @@ import numpy as np
 import pytest
 
 from mnemo import models
-from mnemo.benchmarks import accuracy, accuracy_plan, memory_addressing, one_class_scores, roco_scores, serve
+from mnemo.benchmarks import (
+    accuracy,
+    accuracy_plan,
+    bank_cost,
+    memory_addressing,
+    one_class_scores,
+    roco_scores,
+    serve,
+)
 from mnemo.benchmarks.accuracy_report import render
 from mnemo.training import config as run_config
 from mnemo.training.datasets import idx_splits
@@ -147,7 +155,7 @@ def test_accuracy_runs_caches_and_renders_beside_the_paper(fake_mnist, tmp_path,
 
 
 def test_a_bank_cell_trains_its_architecture_as_it_is_and_scores_with_every_training_image(
-    fake_mnist, tmp_path
+    fake_mnist, tmp_path, capsys
 ):
     """``memorizer+bank``: the same training as ``memorizer`` (same seed, same losses), then the latent
     bank of every training image; not in the default model lists. It runs wherever its model runs."""
@@ -177,6 +185,10 @@ def test_a_bank_cell_trains_its_architecture_as_it_is_and_scores_with_every_trai
         idx_splits(fake_mnist / "mnist", "roco", 0).train
     )
     assert "| memorizer ours | memorizer paper | memorizer+bank ours |" in markdown.read_text()
+    plain = next(r for r in json.loads(results.read_text())["records"] if r["model"] == "memorizer")
+    bank_cost.main([str(runs[1]), "--rounds", "1", "--repeats", "1"])  # the same weights, with and without
+    gain = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("test AUROC"))
+    assert gain.startswith(f"test AUROC: plain {100 * plain['auroc']:.2f}, bank {100 * bank['auroc']:.2f} (")
 
 
 def test_jobs_train_cells_side_by_side_with_one_writer_and_their_own_logs(fake_mnist, tmp_path, capsys):
