@@ -48,7 +48,9 @@ def without_bank(model: torch.nn.Module) -> torch.nn.Module:
     return plain.eval()
 
 
-def aurocs_on_test_split(run: Path, models_by_name: dict[str, torch.nn.Module], data: str | None):
+def aurocs_on_test_split(
+    run: Path, models_by_name: dict[str, torch.nn.Module], data: str | None
+) -> tuple[dict[str, float] | None, str | None]:
     """Image AUROC % of each model on the run's labelled test split; None (and why) when it is not here."""
     if not (run / CONFIG_FILE).exists():
         return None, f"no {CONFIG_FILE} in {run}"
