@@ -24,19 +24,9 @@ import onnxruntime as ort
 import torch
 
 from mnemo import models
-from mnemo.training import config as run_config
 from mnemo.training.evaluate import compute_metrics
 from mnemo.training.export import INPUT_NAME, export_onnx
-from mnemo.training.run import (
-    CONFIG_FILE,
-    load_model,
-    load_splits,
-    loader,
-    preprocessing_of,
-    score_split,
-    scoring_batch_size,
-    tiling_of,
-)
+from mnemo.training.run import CONFIG_FILE, RunTestSplit, load_model
 
 BATCHES = (1, 8, 64)
 
@@ -51,23 +41,17 @@ def without_bank(model: torch.nn.Module) -> torch.nn.Module:
 def aurocs_on_test_split(
     run: Path, models_by_name: dict[str, torch.nn.Module], data: str | None
 ) -> tuple[dict[str, float] | None, str | None]:
-    """Image AUROC % of each model on the run's labelled test split; None (and why) when it is not here."""
+    """Image AUROC % of each model on the run's labelled test split, scored as ``mnemo evaluate`` scores
+    it; None (and why) when that split is not here."""
     if not (run / CONFIG_FILE).exists():
         return None, f"no {CONFIG_FILE} in {run}"
-    cfg = run_config.load(run / CONFIG_FILE, [f"data.path={data}"] if data else [])
-    model = next(iter(models_by_name.values()))
-    tiling = tiling_of(model, cfg.data)
     try:
-        test = load_splits(cfg.data, preprocessing_of(model, cfg.data.resize), tiling).test
+        test = RunTestSplit.load(run, next(iter(models_by_name.values())), data)
     except (OSError, ValueError) as error:
         return None, str(error)
-    if test is None:
-        return None, f"{cfg.data.path} has no labelled test split"
-    batch = scoring_batch_size(model, run_config.resolve_optim(cfg.optim, model.config).batch_size)
     aurocs = {}
-    for name, candidate in models_by_name.items():
-        scored = score_split(candidate, test, tiling, loader(test, batch, 0), torch.device("cpu"), False)
-        if "image" not in (metrics := compute_metrics(scored)):
+    for name, model in models_by_name.items():
+        if "image" not in (metrics := compute_metrics(test.score(model, torch.device("cpu"), False))):
             return None, "the test split holds one kind of image only (good or anomalous)"
         aurocs[name] = 100 * metrics["image"]["auroc"]
     return aurocs, None

@@ -376,6 +376,34 @@ def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
 # ----------------------------------------------------------------------------------------- evaluate
 
 
+@dataclasses.dataclass(frozen=True)
+class RunTestSplit:
+    """A run's data set (or another path) split as its model sees it: what scoring its labelled test split
+    takes, so ``mnemo evaluate`` and the benchmarks that rescore kept runs score it one way."""
+
+    run_dir: Path
+    splits: datasets.Splits
+    tiling: Tiling | None
+    prep: Preprocessing
+    batch: int
+
+    @classmethod
+    def load(cls, run_dir: Path, model: AnomalyModel, data: str | None = None) -> RunTestSplit:
+        cfg = run_config.load(run_dir / CONFIG_FILE, [f"data.path={data}"] if data else [])
+        tiling, prep = tiling_of(model, cfg.data), preprocessing_of(model, cfg.data.resize)
+        splits = load_splits(cfg.data, prep, tiling)
+        if splits.test is None:
+            raise ValueError(f"{cfg.data.path} has no labelled test split to evaluate on")
+        batch = scoring_batch_size(model, run_config.resolve_optim(cfg.optim, model.config).batch_size)
+        return cls(run_dir, splits, tiling, prep, batch)
+
+    def score(self, model: AnomalyModel, device: torch.device, progress: bool) -> ScoredSet:
+        """The test split scored by ``model``, judged inside the run's region of interest if it has one."""
+        test = self.splits.test
+        scored = score_split(model, test, self.tiling, loader(test, self.batch, 0), device, progress)
+        return judged_in_roi(scored, run_roi(self.run_dir), self.prep, self.tiling)
+
+
 def evaluate_run(
     run_dir: Path,
     data: str | None = None,
@@ -386,23 +414,16 @@ def evaluate_run(
     """Score the labelled test split of the run's dataset (or of ``data``) with the run's threshold;
     writes the report and plots to ``out`` (default ``<run>/eval``) and returns it."""
     run_dir = Path(run_dir)
-    cfg = run_config.load(run_dir / CONFIG_FILE, [f"data.path={data}"] if data else [])
     torch_device = pick_device(device)
     model = load_model(run_dir, torch_device)
-    tiling, prep = tiling_of(model, cfg.data), preprocessing_of(model, cfg.data.resize)
-    splits = load_splits(cfg.data, prep, tiling)
-    if splits.test is None:
-        raise ValueError(f"{cfg.data.path} has no labelled test split to evaluate on")
-    batch = scoring_batch_size(model, run_config.resolve_optim(cfg.optim, model.config).batch_size)
-    test_loader = loader(splits.test, batch, 0)
-    scored = score_split(model, splits.test, tiling, test_loader, torch_device, progress)
-    scored = judged_in_roi(scored, run_roi(run_dir), prep, tiling)
+    test = RunTestSplit.load(run_dir, model, data)
+    scored = test.score(model, torch_device, progress)
     calibration = Calibration.from_dict(read_json(run_dir / CALIBRATION_FILE))
     out = Path(out) if out else run_dir / "eval"
     out.mkdir(parents=True, exist_ok=True)
-    report = {"data": splits.summary, "test": evaluation_report(scored, calibration)}
+    report = {"data": test.splits.summary, "test": evaluation_report(scored, calibration)}
     write_json(out / REPORT_FILE, report)
-    write_plots(model, splits.test, scored, calibration, out / PLOTS_DIR, torch_device, tiling)
+    write_plots(model, test.splits.test, scored, calibration, out / PLOTS_DIR, torch_device, test.tiling)
     print(summary_line(report, calibration))
     return out
 

@@ -71,10 +71,11 @@ class LatentBank(nn.Module):
         ``STAT_PROBES`` of them, each against the others (``errors``: their reconstruction errors)."""
         if len(latents) < 2:
             raise ValueError(f"the latent bank needs at least 2 training images, got {len(latents)}")
-        self._keep(latents.detach().float())
+        latents = latents.detach().float()
+        self._keep(latents)
         probes = min(STAT_PROBES, len(latents))
-        kept = self.entries(torch.arange(probes, device=self.norms.device))
-        blocks = [self.distances(kept[i : i + CHUNK], skip=i) for i in range(0, probes, CHUNK)]
+        starts = range(0, probes, CHUNK)
+        blocks = [self.distances(latents[i : min(i + CHUNK, probes)], skip=i) for i in starts]
         euc, cos = (torch.cat(cue) for cue in zip(*blocks))
         cues = torch.stack([errors[:probes].float(), euc, cos])
         mean = cues.mean(dim=1)
