@@ -169,7 +169,7 @@ def run_config(cell: Cell, data_root: Path, work: Path, patience: int, device: s
     optim = TEXTURE_OPTIM if cell.dataset == TEXTURE_DATASET else {}
     return run_cfg.RunConfig(
         model=architecture(cell.model),
-        model_config=model_overrides(cell.dataset, cell.model),
+        model_config=cell_model_config(cell),
         data=data_config(cell, data_root, work),
         optim=run_cfg.OptimConfig(max_epochs=cell.max_epochs, patience=patience, **optim),
         seed=cell.seed,
@@ -182,13 +182,11 @@ def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
     """The model's shipped recipe on the real-defect folder, under ``REAL_MINUTES`` of training: its own
     caps and patience (``restore`` counts steps, not epochs), so a cell is what ``mnemo train --data DIR
     --max-minutes 15`` does; only an epoch cap below the papers' (a quick check) is imposed on it."""
-    from mnemo.training import config as run_cfg
-
-    cfg = run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[architecture(cell.model)]))
+    cfg = real_recipe(cell)
     epochs = cfg.optim.max_epochs if cell.max_epochs >= PAPER_MAX_EPOCHS else cell.max_epochs
     return dataclasses.replace(
         cfg,
-        model_config={**cfg.model_config, **bank_override(cell.dataset, cell.model)},
+        model_config=cell_model_config(cell),
         data=dataclasses.replace(cfg.data, path=str(data_root / REAL_DATASETS[cell.dataset])),
         optim=dataclasses.replace(cfg.optim, max_epochs=epochs, max_minutes=REAL_MINUTES),
         seed=cell.seed,
@@ -197,19 +195,36 @@ def real_run_config(cell: Cell, data_root: Path, work: Path, device: str):
     )
 
 
-def planned_model_config(cell: Cell) -> dict[str, Any] | None:
-    """The model configuration the plan trains an IDX cell with (JSON-normalised); None for the
-    texture and real-defect cells, whose configuration comes with their data set or recipe."""
-    if cell.protocol not in ("roco", "one_class"):
-        return None
-    return json.loads(json.dumps(model_overrides(cell.dataset, cell.model)))
+def real_recipe(cell: Cell):
+    """The shipped recipe a real-defect cell trains its model with."""
+    from mnemo.training import config as run_cfg
+
+    return run_cfg.load(run_cfg.recipe_path(REAL_RECIPES[architecture(cell.model)]))
+
+
+def cell_model_config(cell: Cell) -> dict[str, Any]:
+    """The model configuration the plan trains a cell with: the plan's overrides (IDX and texture cells)
+    or the model's recipe (real-defect cells), plus the latent bank of a ``+bank`` model."""
+    if cell.dataset in REAL_DATASETS:
+        return {**real_recipe(cell).model_config, **bank_override(cell.dataset, cell.model)}
+    return model_overrides(cell.dataset, cell.model)
+
+
+def planned_model_config(cell: Cell) -> dict[str, Any]:
+    """``cell_model_config`` as a record stores it (JSON-normalised)."""
+    return json.loads(json.dumps(cell_model_config(cell)))
 
 
 def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
     """Whether a cached record was trained with another model configuration than the plan now gives its
-    cell (the key names the cell, not its configuration), so that it is run again rather than mixed in."""
+    cell (the key names the cell, not its configuration: a recipe, an override or ``IMAGE_BANK_SIZE``
+    changed), so that it is run again rather than mixed in. What a folder run filled from its own images
+    (``IMAGE_FITTED``) and the plan leaves unset is not a difference."""
+    from mnemo.training.run import IMAGE_FITTED
+
     planned = planned_model_config(cell)
-    return planned is not None and json.loads(json.dumps(record.get("model_config", {}))) != planned
+    trained = json.loads(json.dumps(record.get("model_config", {})))
+    return {k: v for k, v in trained.items() if k in planned or k not in IMAGE_FITTED} != planned
 
 
 RESUMABLE_CHANGES = ("max_epochs", "max_minutes", "max_steps")  # optim caps a resumed cell may raise

@@ -557,6 +557,23 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
         "## elpv-mono, real" in text and "| restore | restore |" in text and "40-line plain conv AE" in text
     )
 
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a cached cell was trained again")
+
+    monkeypatch.setattr(accuracy, "run_cell", must_not_train)  # in_channels read from the images: no change
+    assert accuracy.run(cells, tmp_path, results, tmp_path / "work")["records"] == out["records"]
+    retrained = []
+
+    def fake_cell(cell, *args, **kwargs):
+        retrained.append(cell.key)
+        return {**banked, "model_config": accuracy.cell_model_config(cell)}
+
+    monkeypatch.setattr(accuracy, "run_cell", fake_cell)
+    monkeypatch.setattr(accuracy_plan, "IMAGE_BANK_SIZE", accuracy_plan.IMAGE_BANK_SIZE // 2)
+    again = accuracy.run(cells, tmp_path, results, tmp_path / "work")["records"]
+    assert retrained == [banked["key"]]  # the bank's size changed: that cell, and only it, is trained again
+    assert again[1]["model_config"]["latent_bank"] == accuracy_plan.IMAGE_BANK_SIZE
+
 
 def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist, tmp_path):
     from mnemo.benchmarks import train_speed

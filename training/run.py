@@ -358,6 +358,9 @@ def run_report(
     }
 
 
+IMAGE_FITTED = ("in_channels", "mean", "std")  # model_config keys with_image_channels may fill
+
+
 def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
     """Fill ``in_channels`` from a folder's own images (1 for grayscale files, else 3) unless the config
     sets it; a per-channel mean/std of the wrong length collapses to its first value (broadcast)."""
@@ -366,7 +369,7 @@ def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
     defaults = models.make_config(cfg.model, **cfg.model_config)  # an unknown model fails first
     channels = datasets.image_channels(cfg.data.path)
     fitted: dict[str, Any] = {"in_channels": channels}
-    for key in ("mean", "std"):
+    for key in IMAGE_FITTED[1:]:
         values = tuple(getattr(defaults, key))
         if len(values) not in (1, channels):
             fitted[key] = values[:1]
