@@ -50,16 +50,17 @@ def _accuracy(sub) -> None:
     p = sub.add_parser(
         "accuracy",
         help="train and evaluate every (dataset, protocol, model, class, seed) cell; resumable",
-        description="Train and evaluate each cell with `mnemo train`'s pipeline (Adam 1e-3, batch 256, "
-        "early stopping with patience 10 on a 10 % validation split, up to 100 epochs), append its AUROC, "
-        "AUPRC and best F1 to the results JSON at once, and rewrite the markdown table (ours beside the "
-        "papers'). "
-        "Cells already in the JSON are skipped, so an interrupted run resumes; a cell stopped mid-training "
-        "continues from its last epoch's checkpoint in --work (not one under a time budget). Seeds run "
-        "one after the other over every selected cell. Models: ae, memae, memorizer, rftm (ROCO, every IDX "
-        "dataset, and one-class on MNIST); daad, daad_plus, anomem (one-class, MNIST only); all eight on "
-        "`textures`, our synthetic-defect benchmark (brick, grass, gravel as classes 0-2; generated on the "
-        "spot; image AUROC, pixel AUROC and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
+        description="Train and evaluate each cell with `mnemo train`'s pipeline (Adam 1e-3, batch 256, early "
+        "stopping with patience 10 on a 10 % validation split, up to 100 epochs), append its AUROC, "
+        "AUPRC and best F1 to the results JSON at once, and rewrite the markdown table (ours beside "
+        "the papers'). Cells already in the JSON are skipped, so an interrupted run resumes (one "
+        "whose record was trained with another model configuration than the plan now gives it runs "
+        "again); a cell stopped mid-training continues from its last epoch's checkpoint in --work "
+        "(not one under a time budget). Seeds run one after the other over every selected cell. "
+        "Models: ae, memae, memorizer, rftm (ROCO, every IDX dataset, and one-class on MNIST); daad, "
+        "daad_plus, anomem (one-class, MNIST only); all eight on `textures`, our synthetic-defect "
+        "benchmark (brick, grass, gravel as classes 0-2; generated on the spot; image AUROC, pixel "
+        "AUROC and PRO; 64 px, Adam 1e-3, batch 16, at most 20 epochs).",
     )
     p.add_argument(
         "--data",
