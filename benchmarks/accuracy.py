@@ -217,14 +217,30 @@ def planned_model_config(cell: Cell) -> dict[str, Any]:
 
 def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
     """Whether a cached record was trained with another model configuration than the plan now gives its
-    cell (the key names the cell, not its configuration: a recipe, an override or ``IMAGE_BANK_SIZE``
-    changed), so that it is run again rather than mixed in. What a folder run filled from its own images
-    (``IMAGE_FITTED``) and the plan leaves unset is not a difference."""
-    from mnemo.training.run import IMAGE_FITTED
-
+    cell (the key names the cell, not its configuration: an override, a real-defect recipe, ``BANK_SIZE``
+    or ``IMAGE_BANK_SIZE`` changed), so that it is run again rather than mixed in. The configuration as
+    set is compared, not the model's defaults."""
     planned = planned_model_config(cell)
     trained = json.loads(json.dumps(record.get("model_config", {})))
-    return {k: v for k, v in trained.items() if k in planned or k not in IMAGE_FITTED} != planned
+    if cell.dataset not in DATASETS:
+        trained = without_image_fitting(trained, planned)
+    return trained != planned
+
+
+def without_image_fitting(trained: dict[str, Any], planned: dict[str, Any]) -> dict[str, Any]:
+    """A folder run's configuration as trained, less what ``with_image_channels`` filled from its images
+    when the plan left ``in_channels`` unset: the channel count, and a mean/std cut to its first value."""
+    from mnemo.training.run import IMAGE_STATS
+
+    if "in_channels" in planned:
+        return trained
+    trained = {k: v for k, v in trained.items() if k != "in_channels"}
+    for key in IMAGE_STATS:
+        if key not in planned:
+            trained.pop(key, None)
+        elif trained.get(key) == planned[key][:1]:
+            trained[key] = planned[key]
+    return trained
 
 
 RESUMABLE_CHANGES = ("max_epochs", "max_minutes", "max_steps")  # optim caps a resumed cell may raise
@@ -390,7 +406,7 @@ def cells_to_run(results: dict[str, Any], cells: list[Cell], work: Path, keep_ru
     planned = {c.key: c for c in cells}
     outdated = [r for r in results["records"] if r["key"] in planned and is_outdated(r, planned[r["key"]])]
     for record in outdated:
-        print(f"accuracy: {record['key']} was trained with {record['model_config']}; the plan now says "
+        print(f"accuracy: {record['key']} was trained with {record.get('model_config')}; the plan now says "
               f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
     results["records"] = [r for r in results["records"] if r not in outdated]
     done = {r["key"] for r in results["records"]}

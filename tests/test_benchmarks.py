@@ -575,6 +575,35 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     assert again[1]["model_config"]["latent_bank"] == accuracy_plan.IMAGE_BANK_SIZE
 
 
+def test_a_record_is_outdated_only_where_the_plan_now_sets_another_configuration(monkeypatch):
+    def record(config):
+        return {"model_config": json.loads(json.dumps(config))}  # as the results JSON holds it
+
+    (real,) = accuracy_plan.plan(["elpv-mono"], ["anomem"], [0], [7])
+    planned = accuracy.cell_model_config(real)
+    assert "in_channels" not in planned and "mean" not in planned  # the recipe leaves both to the images
+    as_trained = {**planned, "in_channels": 1, "mean": (0.485,), "std": (0.229,)}  # a grayscale folder's
+    assert not accuracy.is_outdated(record(as_trained), real)
+    assert accuracy.is_outdated(record({**as_trained, "image_size": planned["image_size"] * 2}), real)
+
+    (idx,) = accuracy_plan.plan(["mnist"], ["memorizer"], [0], [7], protocols=["roco"])
+    plain = accuracy.cell_model_config(idx)
+    assert not accuracy.is_outdated(record(plain), idx)
+    assert accuracy.is_outdated(record({**plain, "in_channels": 3}), idx)  # IDX runs fill nothing
+
+    (texture,) = accuracy_plan.plan(["textures"], ["ae+bank"], [0], [7])
+    trained_with = accuracy.cell_model_config(texture)
+    assert not accuracy.is_outdated(record(trained_with), texture)  # its tuples stored as lists
+    monkeypatch.setattr(accuracy_plan, "IMAGE_BANK_SIZE", accuracy_plan.IMAGE_BANK_SIZE // 2)
+    assert accuracy.is_outdated(record(trained_with), texture)
+
+    # a per-channel mean the plan sets, cut to one value on gray images, is what the plan asked for
+    rgb_mean = {**planned, "mean": (0.5, 0.4, 0.3)}
+    monkeypatch.setattr(accuracy, "cell_model_config", lambda cell: rgb_mean)
+    assert not accuracy.is_outdated(record({**rgb_mean, "in_channels": 1, "mean": (0.5,)}), real)
+    assert accuracy.is_outdated(record({**rgb_mean, "in_channels": 1, "mean": (0.4,)}), real)
+
+
 def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist, tmp_path):
     from mnemo.benchmarks import train_speed
 

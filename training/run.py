@@ -358,7 +358,7 @@ def run_report(
     }
 
 
-IMAGE_FITTED = ("in_channels", "mean", "std")  # model_config keys with_image_channels may fill
+IMAGE_STATS = ("mean", "std")  # per-channel model_config values with_image_channels may cut to one
 
 
 def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
@@ -369,7 +369,7 @@ def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
     defaults = models.make_config(cfg.model, **cfg.model_config)  # an unknown model fails first
     channels = datasets.image_channels(cfg.data.path)
     fitted: dict[str, Any] = {"in_channels": channels}
-    for key in IMAGE_FITTED[1:]:
+    for key in IMAGE_STATS:
         values = tuple(getattr(defaults, key))
         if len(values) not in (1, channels):
             fitted[key] = values[:1]
