@@ -216,31 +216,30 @@ def planned_model_config(cell: Cell) -> dict[str, Any]:
 
 
 def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
-    """Whether a cached record was trained with another model configuration than the plan now gives its
-    cell (the key names the cell, not its configuration: an override, a real-defect recipe, ``BANK_SIZE``
-    or ``IMAGE_BANK_SIZE`` changed), so that it is run again rather than mixed in. The configuration as
-    set is compared, not the model's defaults."""
-    planned = planned_model_config(cell)
-    trained = json.loads(json.dumps(record.get("model_config", {})))
-    if cell.dataset not in DATASETS:
-        trained = without_image_fitting(trained, planned)
-    return trained != planned
+    """Whether a cached record was trained with another model configuration than the plan would train its
+    cell with now (the key names the cell, not its configuration: an override, a real-defect recipe,
+    ``BANK_SIZE``, ``IMAGE_BANK_SIZE`` or a model default changed), so that it is run again rather than
+    mixed in. Fields one side lacks (added or removed since) are not a difference; a record without its
+    resolved configuration (older) is resolved with today's defaults."""
+    model = architecture(cell.model)
+    try:
+        trained = record.get("resolved_model_config") or resolved(model, record.get("model_config", {}))
+    except TypeError:  # it set a field the model no longer has
+        return True
+    config = cell_model_config(cell)
+    if cell.dataset not in DATASETS and "in_channels" not in config and "in_channels" in trained:
+        from mnemo.training.run import channels_filled  # a folder run fills them from its images
+
+        config = channels_filled(model, config, trained["in_channels"])
+    planned = resolved(model, config)
+    return any(trained[k] != v for k, v in planned.items() if k in trained)
 
 
-def without_image_fitting(trained: dict[str, Any], planned: dict[str, Any]) -> dict[str, Any]:
-    """A folder run's configuration as trained, less what ``with_image_channels`` filled from its images
-    when the plan left ``in_channels`` unset: the channel count, and a mean/std cut to its first value."""
-    from mnemo.training.run import IMAGE_STATS
+def resolved(model: str, config: dict[str, Any]) -> dict[str, Any]:
+    """Every field of ``model``'s configuration with ``config`` applied, as a record stores it (JSON)."""
+    from mnemo import models
 
-    if "in_channels" in planned:
-        return trained
-    trained = {k: v for k, v in trained.items() if k != "in_channels"}
-    for key in IMAGE_STATS:
-        if key not in planned:
-            trained.pop(key, None)
-        elif trained.get(key) == planned[key][:1]:
-            trained[key] = planned[key]
-    return trained
+    return json.loads(json.dumps(dataclasses.asdict(models.make_config(model, **config))))
 
 
 RESUMABLE_CHANGES = ("max_epochs", "max_minutes", "max_steps")  # optim caps a resumed cell may raise

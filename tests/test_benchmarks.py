@@ -590,6 +590,10 @@ def test_a_record_is_outdated_only_where_the_plan_now_sets_another_configuration
     plain = accuracy.cell_model_config(idx)
     assert not accuracy.is_outdated(record(plain), idx)
     assert accuracy.is_outdated(record({**plain, "in_channels": 3}), idx)  # IDX runs fill nothing
+    as_resolved = accuracy.resolved("memorizer", plain)
+    assert not accuracy.is_outdated({"resolved_model_config": {**as_resolved, "gone": 1}}, idx)
+    changed_default = {**as_resolved, "rounds": as_resolved["rounds"] + 1}  # trained before a default changed
+    assert accuracy.is_outdated({"model_config": plain, "resolved_model_config": changed_default}, idx)
 
     (texture,) = accuracy_plan.plan(["textures"], ["ae+bank"], [0], [7])
     trained_with = accuracy.cell_model_config(texture)
@@ -600,8 +604,9 @@ def test_a_record_is_outdated_only_where_the_plan_now_sets_another_configuration
     # a per-channel mean the plan sets, cut to one value on gray images, is what the plan asked for
     rgb_mean = {**planned, "mean": (0.5, 0.4, 0.3)}
     monkeypatch.setattr(accuracy, "cell_model_config", lambda cell: rgb_mean)
-    assert not accuracy.is_outdated(record({**rgb_mean, "in_channels": 1, "mean": (0.5,)}), real)
-    assert accuracy.is_outdated(record({**rgb_mean, "in_channels": 1, "mean": (0.4,)}), real)
+    gray = {**as_trained, **rgb_mean, "mean": (0.5,)}
+    assert not accuracy.is_outdated(record(gray), real)
+    assert accuracy.is_outdated(record({**gray, "mean": (0.4,)}), real)
 
 
 def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist, tmp_path):

@@ -358,22 +358,26 @@ def run_report(
     }
 
 
-IMAGE_STATS = ("mean", "std")  # per-channel model_config values with_image_channels may cut to one
-
-
 def with_image_channels(cfg: run_config.RunConfig) -> run_config.RunConfig:
     """Fill ``in_channels`` from a folder's own images (1 for grayscale files, else 3) unless the config
-    sets it; a per-channel mean/std of the wrong length collapses to its first value (broadcast)."""
+    sets it (``channels_filled``)."""
     if cfg.data.kind != "folder" or not cfg.data.path or "in_channels" in cfg.model_config:
         return cfg
-    defaults = models.make_config(cfg.model, **cfg.model_config)  # an unknown model fails first
+    models.make_config(cfg.model, **cfg.model_config)  # an unknown model fails before the images are read
     channels = datasets.image_channels(cfg.data.path)
+    return dataclasses.replace(cfg, model_config=channels_filled(cfg.model, cfg.model_config, channels))
+
+
+def channels_filled(model: str, model_config: dict[str, Any], channels: int) -> dict[str, Any]:
+    """``model_config`` with ``in_channels: channels``, and a per-channel mean/std (set or default) of
+    another length cut to its first value (broadcast)."""
+    defaults = models.make_config(model, **model_config)
     fitted: dict[str, Any] = {"in_channels": channels}
-    for key in IMAGE_STATS:
+    for key in ("mean", "std"):
         values = tuple(getattr(defaults, key))
         if len(values) not in (1, channels):
             fitted[key] = values[:1]
-    return dataclasses.replace(cfg, model_config={**cfg.model_config, **fitted})
+    return {**model_config, **fitted}
 
 
 # ----------------------------------------------------------------------------------------- evaluate
