@@ -210,29 +210,26 @@ def cell_model_config(cell: Cell) -> dict[str, Any]:
     return model_overrides(cell.dataset, cell.model)
 
 
-def planned_model_config(cell: Cell) -> dict[str, Any]:
-    """``cell_model_config`` as a record stores it (JSON-normalised)."""
-    return json.loads(json.dumps(cell_model_config(cell)))
-
-
-def is_outdated(record: dict[str, Any], cell: Cell) -> bool:
-    """Whether a cached record was trained with another model configuration than the plan would train its
-    cell with now (the key names the cell, not its configuration: an override, a real-defect recipe,
-    ``BANK_SIZE``, ``IMAGE_BANK_SIZE`` or a model default changed), so that it is run again rather than
-    mixed in. Fields one side lacks (added or removed since) are not a difference; a record without its
-    resolved configuration (older) is resolved with today's defaults."""
+def config_changes(record: dict[str, Any], cell: Cell) -> dict[str, tuple[Any, Any]]:
+    """The fields of a cached record's model configuration the plan would now train its cell otherwise,
+    as {field: (trained, planned)} (the key names the cell, not its configuration: an override, a
+    real-defect recipe, ``BANK_SIZE``, ``IMAGE_BANK_SIZE`` or a model default changed); such a record is
+    outdated, and its cell is run again rather than mixed in. Fields one side lacks (added or removed
+    since) are no change; a record without its resolved configuration (older) is resolved with today's
+    defaults."""
     model = architecture(cell.model)
+    set_fields = record.get("model_config", {})
     try:
-        trained = record.get("resolved_model_config") or resolved(model, record.get("model_config", {}))
+        trained = record.get("resolved_model_config") or resolved(model, set_fields)
     except TypeError:  # it set a field the model no longer has
-        return True
+        return {name: (value, None) for name, value in set_fields.items()}
     config = cell_model_config(cell)
     if cell.dataset not in DATASETS and "in_channels" not in config and "in_channels" in trained:
         from mnemo.training.run import channels_filled  # a folder run fills them from its images
 
         config = channels_filled(model, config, trained["in_channels"])
     planned = resolved(model, config)
-    return any(trained[k] != v for k, v in planned.items() if k in trained)
+    return {k: (trained[k], v) for k, v in planned.items() if k in trained and trained[k] != v}
 
 
 def resolved(model: str, config: dict[str, Any]) -> dict[str, Any]:
@@ -403,10 +400,12 @@ def cells_to_run(results: dict[str, Any], cells: list[Cell], work: Path, keep_ru
     changed) are dropped from it; unless ``keep_runs``, the run directories of recorded cells are removed
     (a run stopped between saving its record and removing its directory left one)."""
     planned = {c.key: c for c in cells}
-    outdated = [r for r in results["records"] if r["key"] in planned and is_outdated(r, planned[r["key"]])]
-    for record in outdated:
-        print(f"accuracy: {record['key']} was trained with {record.get('model_config')}; the plan now says "
-              f"{planned_model_config(planned[record['key']])}: running it again", flush=True)  # fmt: skip
+    outdated = []
+    for record in results["records"]:
+        if record["key"] in planned and (changes := config_changes(record, planned[record["key"]])):
+            outdated.append(record)
+            said = ", ".join(f"{name} {old!r} -> {new!r}" for name, (old, new) in changes.items())
+            print(f"accuracy: {record['key']} was trained otherwise ({said}): running it again", flush=True)
     results["records"] = [r for r in results["records"] if r not in outdated]
     done = {r["key"] for r in results["records"]}
     for cell in cells:

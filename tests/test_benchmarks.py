@@ -572,41 +572,49 @@ def test_real_defect_cells_train_each_recipe_under_the_budget_and_render_the_ref
     monkeypatch.setattr(accuracy_plan, "IMAGE_BANK_SIZE", accuracy_plan.IMAGE_BANK_SIZE // 2)
     again = accuracy.run(cells, tmp_path, results, tmp_path / "work")["records"]
     assert retrained == [banked["key"]]  # the bank's size changed: that cell, and only it, is trained again
+    halved = accuracy_plan.IMAGE_BANK_SIZE
+    assert (
+        f"{banked['key']} was trained otherwise (latent_bank {2 * halved} -> {halved})"
+        in capsys.readouterr().out
+    )
     assert again[1]["model_config"]["latent_bank"] == accuracy_plan.IMAGE_BANK_SIZE
 
 
-def test_a_record_is_outdated_only_where_the_plan_now_sets_another_configuration(monkeypatch):
+def test_a_cached_record_is_outdated_by_exactly_the_fields_the_plan_now_trains_otherwise(monkeypatch):
     def record(config):
         return {"model_config": json.loads(json.dumps(config))}  # as the results JSON holds it
 
+    changes = accuracy.config_changes
     (real,) = accuracy_plan.plan(["elpv-mono"], ["anomem"], [0], [7])
     planned = accuracy.cell_model_config(real)
     assert "in_channels" not in planned and "mean" not in planned  # the recipe leaves both to the images
     as_trained = {**planned, "in_channels": 1, "mean": (0.485,), "std": (0.229,)}  # a grayscale folder's
-    assert not accuracy.is_outdated(record(as_trained), real)
-    assert accuracy.is_outdated(record({**as_trained, "image_size": planned["image_size"] * 2}), real)
+    assert changes(record(as_trained), real) == {}
+    size = planned["image_size"]
+    assert changes(record({**as_trained, "image_size": 2 * size}), real) == {"image_size": (2 * size, size)}
 
     (idx,) = accuracy_plan.plan(["mnist"], ["memorizer"], [0], [7], protocols=["roco"])
     plain = accuracy.cell_model_config(idx)
-    assert not accuracy.is_outdated(record(plain), idx)
-    assert accuracy.is_outdated(record({**plain, "in_channels": 3}), idx)  # IDX runs fill nothing
+    assert changes(record(plain), idx) == {}
+    assert set(changes(record({**plain, "in_channels": 3}), idx)) == {"in_channels"}  # IDX runs fill nothing
     as_resolved = accuracy.resolved("memorizer", plain)
-    assert not accuracy.is_outdated({"resolved_model_config": {**as_resolved, "gone": 1}}, idx)
+    assert changes({"resolved_model_config": {**as_resolved, "gone": 1}}, idx) == {}  # a field since removed
     changed_default = {**as_resolved, "rounds": as_resolved["rounds"] + 1}  # trained before a default changed
-    assert accuracy.is_outdated({"model_config": plain, "resolved_model_config": changed_default}, idx)
+    assert set(changes({"model_config": plain, "resolved_model_config": changed_default}, idx)) == {"rounds"}
+    assert set(changes(record({**plain, "no_such_field": 1}), idx)) == {"memory_size", "no_such_field"}
 
     (texture,) = accuracy_plan.plan(["textures"], ["ae+bank"], [0], [7])
     trained_with = accuracy.cell_model_config(texture)
-    assert not accuracy.is_outdated(record(trained_with), texture)  # its tuples stored as lists
+    assert changes(record(trained_with), texture) == {}  # its tuples stored as lists
     monkeypatch.setattr(accuracy_plan, "IMAGE_BANK_SIZE", accuracy_plan.IMAGE_BANK_SIZE // 2)
-    assert accuracy.is_outdated(record(trained_with), texture)
+    assert set(changes(record(trained_with), texture)) == {"latent_bank"}
 
     # a per-channel mean the plan sets, cut to one value on gray images, is what the plan asked for
     rgb_mean = {**planned, "mean": (0.5, 0.4, 0.3)}
     monkeypatch.setattr(accuracy, "cell_model_config", lambda cell: rgb_mean)
     gray = {**as_trained, **rgb_mean, "mean": (0.5,)}
-    assert not accuracy.is_outdated(record(gray), real)
-    assert accuracy.is_outdated(record({**gray, "mean": (0.4,)}), real)
+    assert changes(record(gray), real) == {}
+    assert changes(record({**gray, "mean": (0.4,)}), real) == {"mean": ([0.4], [0.5])}
 
 
 def test_train_speed_bench_times_three_loops_and_profiles_the_memory(fake_mnist, tmp_path):
